@@ -1,0 +1,3 @@
+from mobilemllm.cli import run
+
+run()

@@ -1,0 +1,85 @@
+"""The `mobilemllm` command: a thin table of typed commands, one module each under mobilemllm/cli/.
+
+Each module defines ``register(app)``. User mistakes (``mobilemllm.errors.UserError``) become one red
+line and a non-zero exit; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+# Command modules, in the order `--help` lists them. Each has register(app).
+COMMAND_MODULES = ["quickstart", "data", "info", "train", "eval", "export", "generate", "bench", "push", "demo",
+                   "import_"]
+
+app = typer.Typer(
+    name="mobilemllm",
+    help="Train, quantize, export and benchmark small multimodal LLMs (MobileVLM-style) for phones.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"mobilemllm.cli.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"mobilemllm.cli.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def _quiet_backends() -> None:
+    """Silence import-time chatter from optional backends (torchao's missing CUDA kernels etc.)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.export", "executorch", "coremltools", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mobilemllm.errors import UserError
+
+    _quiet_backends()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,193 @@
+"""LLaVA-format datasets: conversations and preference pairs over an image folder.
+
+Conversation record (JSON list or JSONL, one per line)::
+
+    {"id": "0001", "image": "0001.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is ...?"},
+                       {"from": "gpt", "value": "red"}, ...]}
+
+Preference record (DPO)::
+
+    {"id": "0001", "image": "0001.png", "prompt": "Describe the image.", "chosen": "...", "rejected": "..."}
+
+Records are validated when the file is read; an error names the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobilemllm.config import ModelConfig
+from mobilemllm.data.images import load_image, preprocess
+from mobilemllm.data.templates import IMAGE, Template, get_template
+from mobilemllm.data.tokenizer import encode_segments
+from mobilemllm.errors import DataError
+
+HUMAN_ROLES = ("human", "user")
+GPT_ROLES = ("gpt", "assistant")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list or a JSONL file of records."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of records "
+                            "in the LLaVA format") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
+    return records
+
+
+def _where(path: Path, i: int, rec: dict) -> str:
+    rid = rec.get("id")
+    return f"{path}: record {i}" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def validate_conversation(rec: dict, where: str) -> list[tuple[str, str]]:
+    """Check one LLaVA record; return its (human, gpt) turns."""
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} turns")
+    turns: list[tuple[str, str]] = []
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{j}] needs 'from' and 'value'")
+        if not isinstance(turn["value"], str):
+            raise DataError(f"{where}: conversations[{j}].value must be a string")
+        want = HUMAN_ROLES if j % 2 == 0 else GPT_ROLES
+        if turn["from"] not in want:
+            raise DataError(f"{where}: conversations[{j}].from is {turn['from']!r}, expected one of {want} "
+                            "(turns must alternate human, gpt)")
+    if len(conv) % 2:
+        raise DataError(f"{where}: conversations end with a human turn; each question needs a gpt answer")
+    for j in range(0, len(conv), 2):
+        turns.append((conv[j]["value"], conv[j + 1]["value"]))
+    if "image" in rec:
+        if not isinstance(rec["image"], str) or not rec["image"]:
+            raise DataError(f"{where}: field 'image' must be a file name")
+        if IMAGE not in turns[0][0]:
+            raise DataError(f"{where}: the first human turn has no '{IMAGE}' placeholder for the record's image")
+        if sum(h.count(IMAGE) for h, _ in turns) != 1:
+            raise DataError(f"{where}: exactly one '{IMAGE}' placeholder is supported per conversation")
+    return turns
+
+
+def validate_preference(rec: dict, where: str) -> None:
+    for key in ("image", "prompt", "chosen", "rejected"):
+        if not isinstance(rec.get(key), str) or not rec.get(key):
+            raise DataError(f"{where}: field {key!r} is missing or not a non-empty string "
+                            "(preference records need image, prompt, chosen, rejected)")
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """LLaVA conversations -> tokenised samples with labels on the answers only."""
+
+    def __init__(self, path: str | Path, image_folder: str | Path | None, tokenizer, config: ModelConfig,
+                 template: str | Template | None = None, max_length: int | None = None):
+        self.path = Path(path)
+        self.image_folder = Path(image_folder) if image_folder else self.path.parent / "images"
+        self.tokenizer = tokenizer
+        self.config = config
+        self.template = template if isinstance(template, Template) else get_template(template or config.template)
+        self.max_length = max_length or config.llm.max_position_embeddings
+        self.records = read_records(self.path)
+        self.turns = [validate_conversation(r, _where(self.path, i, r)) for i, r in enumerate(self.records)]
+        self._image_cache: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, name: str) -> torch.Tensor:
+        if name not in self._image_cache:
+            self._image_cache[name] = preprocess(load_image(self.image_folder / name), self.config.vision)
+        return self._image_cache[name]
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[i]
+        segments = self.template.segments(self.turns[i])
+        if "image" not in rec:
+            segments = [(t, a) for t, a in segments if t != IMAGE]
+        ids, labels = encode_segments(self.tokenizer, segments, self.config.num_visual_tokens)
+        if len(ids) > self.max_length:
+            raise DataError(f"{_where(self.path, i, rec)}: {len(ids)} tokens (with visual tokens) exceed the "
+                            f"context of {self.max_length}; shorten it or raise llm.max_position_embeddings")
+        pix = self.image(rec["image"]) if "image" in rec else None
+        return Sample(ids, labels, pix)
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """DPO pairs: each item is (chosen Sample, rejected Sample) sharing the prompt and image."""
+
+    def __init__(self, path: str | Path, image_folder: str | Path | None, tokenizer, config: ModelConfig,
+                 template: str | None = None):
+        self.path = Path(path)
+        self.image_folder = Path(image_folder) if image_folder else self.path.parent / "images"
+        self.tokenizer = tokenizer
+        self.config = config
+        self.template = get_template(template or config.template)
+        self.records = read_records(self.path)
+        for i, r in enumerate(self.records):
+            validate_preference(r, _where(self.path, i, r))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[Sample, Sample]:
+        rec = self.records[i]
+        pix = preprocess(load_image(self.image_folder / rec["image"]), self.config.vision)
+        out = []
+        for key in ("chosen", "rejected"):
+            turns = [(f"{IMAGE}\n{rec['prompt']}", rec[key])]
+            ids, labels = encode_segments(self.tokenizer, self.template.segments(turns),
+                                          self.config.num_visual_tokens)
+            out.append(Sample(ids, labels, pix))
+        return out[0], out[1]
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; images stacked for the rows that have them."""
+    from mobilemllm.models.vlm import IGNORE_INDEX
+
+    n = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for r, s in enumerate(samples):
+        ids[r, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[r, : len(s.labels)] = torch.tensor(s.labels)
+        mask[r, : len(s.input_ids)] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    if pix:
+        batch["pixel_values"] = torch.stack(pix)
+    return batch

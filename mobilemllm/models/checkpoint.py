@@ -1,0 +1,128 @@
+"""Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files, loadable offline.
+
+Folders are written atomically: into a temporary sibling, then renamed over the target, so an
+interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from mobilemllm.config import ModelConfig
+from mobilemllm.errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_dir(target: str | Path) -> Path:
+    """A fresh temporary folder beside ``target``; pass it to :func:`commit_dir` when complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, target: str | Path) -> Path:
+    """Replace ``target`` with the completed ``tmp`` folder (old contents removed only after the swap)."""
+    target = Path(target)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
+    """Save model config, weights and tokenizer into ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = atomic_dir(path)
+    try:
+        cfg = model.config.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
+        cfg.save(tmp / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if cfg.llm.tie_word_embeddings:
+            state.pop("llm.lm_head.weight", None)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mobilemllm": "1"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra:
+            (tmp / "training_state.json").write_text(json.dumps(extra, indent=2))
+        return commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {path} does not exist. Make one with `mobilemllm train ...`, import one with "
+            "`mobilemllm import ...`, or use a preset name such as `tiny`")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).exists()]
+    if missing:
+        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise CheckpointError(f"checkpoint folder {path} is missing {', '.join(missing)} (it has: {present})")
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-save or re-download it") from None
+
+
+def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, naming every missing, unexpected or mismatched tensor."""
+    own = model.state_dict()
+    if model.config.llm.tie_word_embeddings:
+        state = dict(state)
+        state.setdefault("llm.lm_head.weight", state.get("llm.model.embed_tokens.weight"))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{len(items)} {label} tensor(s): {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, with_tokenizer: bool = True, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a checkpoint folder. tokenizer is None if absent or not asked for."""
+    from mobilemllm.models.vlm import MobileVLM
+
+    path = check_checkpoint_dir(path)
+    cfg = ModelConfig.load(path / CONFIG_NAME)
+    cfg = cfg.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
+    state = load_state_dict_file(path / WEIGHTS_NAME)
+    model = MobileVLM(cfg, load_weights=False)
+    load_weights_into(model, state, str(path / WEIGHTS_NAME))
+    model.to(dtype).eval()
+    tokenizer = None
+    if with_tokenizer and ((path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()):
+        from mobilemllm.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    return model, tokenizer
