@@ -44,7 +44,7 @@ import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -590,3 +590,21 @@ def write_synthetic(
     }
     _atomic_write_json(out / "meta.json", meta)
     return meta
+
+
+def corpus_lines(num_images: int = 400, seed: int = 0) -> Iterator[str]:
+    """The world's text (captions, questions, answers, detailed captions) without writing any files,
+    for training the tiny tokenizer in memory."""
+    for idx in range(num_images):
+        scene = sample_scene(_rng(seed, idx, "scene"), idx, seed=seed)
+        rng = _rng(seed, idx, "corpus")
+        yield caption(scene)
+        yield detailed_caption(scene, rng, hallucination_rate=0.5)[0]
+        for q in sample_questions(scene, rng, 5):
+            yield q.text
+            yield q.answer
+        for split in POPE_SPLITS[:1]:
+            for q, a, _ in pope_probes(scene, rng, split):
+                yield q
+                yield a
+    yield DETAIL_PROMPT
