@@ -1,0 +1,71 @@
+"""Parity metrics shared by every exporter and runner: exported vs eager logits and greedy tokens.
+
+- :func:`max_rel_diff`: ``max|a - b| / max|b|`` -- the largest error relative to the reference's scale
+  (element-wise relative error is meaningless for logits near zero).
+- :func:`logit_cosine`: mean cosine similarity of the logit rows.
+- :func:`greedy_agreement`: fraction of positions where two greedy token sequences agree, counted up to
+  the first divergence (after that the contexts differ and the comparison means nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().float().cpu()
+
+
+def max_rel_diff(actual, reference) -> float:
+    a, b = _as_tensor(actual), _as_tensor(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    scale = b.abs().max().clamp(min=1e-12)
+    return float((a - b).abs().max() / scale)
+
+
+def logit_cosine(actual, reference) -> float:
+    a, b = _as_tensor(actual), _as_tensor(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def first_divergence(actual: Sequence[int], reference: Sequence[int]) -> int:
+    """Index of the first differing token (len of the shorter one if one is a prefix of the other)."""
+    n = min(len(actual), len(reference))
+    for i in range(n):
+        if int(actual[i]) != int(reference[i]):
+            return i
+    return n
+
+
+def greedy_agreement(actual: Sequence[int], reference: Sequence[int]) -> float:
+    """Matching prefix length / reference length (1.0 = identical)."""
+    if not reference:
+        return 1.0 if not actual else 0.0
+    if list(map(int, actual)) == list(map(int, reference)):
+        return 1.0
+    return first_divergence(actual, reference) / len(reference)
+
+
+def check(name: str, value: Any, threshold: Any = None, passed: bool | None = None) -> dict[str, Any]:
+    """One entry of ``manifest["parity"]["checks"]``; ``passed=None`` means reported, not gated."""
+    if isinstance(value, float):
+        value = float(f"{value:.6g}")
+    return {"name": name, "value": value, "threshold": threshold, "passed": passed}
+
+
+def summarize(checks: list[dict[str, Any]], forced: bool = False, skipped_reason: str | None = None) -> dict[str, Any]:
+    """``manifest["parity"]``: passed when no gated check failed."""
+    passed = all(c["passed"] is not False for c in checks)
+    return {"passed": passed, "forced": bool(forced and not passed), "skipped_reason": skipped_reason,
+            "checks": checks}
+
+
+def failures(parity: dict[str, Any]) -> list[str]:
+    return [f"{c['name']} = {c['value']} (needs {c['threshold']})" for c in parity["checks"] if c["passed"] is False]
