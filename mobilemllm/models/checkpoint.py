@@ -92,10 +92,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, naming every missing, unexpected or mismatched tensor."""
     own = model.state_dict()
-    if model.config.llm.tie_word_embeddings:
+    if model.config.llm.tie_word_embeddings and "llm.model.embed_tokens.weight" in state:
         state = dict(state)
-        state.setdefault("llm.lm_head.weight", state.get("llm.model.embed_tokens.weight"))
-    missing = sorted(set(own) - set(state))
+        state.setdefault("llm.lm_head.weight", state["llm.model.embed_tokens.weight"])
+    tied_head = {"llm.lm_head.weight"} if model.config.llm.tie_word_embeddings else set()
+    missing = sorted(set(own) - set(state) - tied_head)
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
