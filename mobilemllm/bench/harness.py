@@ -1,0 +1,164 @@
+"""Warm-up runs, then N timed repetitions of one case (a backend + a bundle or checkpoint).
+
+A backend implements :class:`Backend`: ``load()`` (timed here), ``prepare()`` (build the request, check it
+fits) and ``run_once()`` (one request: image encode, prefill, ``new_tokens`` decode steps with EOS
+ignored) returning a :class:`Repetition`. The harness owns what is common: timing the load, resetting
+and reading peak memory, warm-ups, repeats, checking every run decoded the requested count, and the
+roofline figures.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from mobilemllm.bench import metrics
+from mobilemllm.bench.prompt import BenchPrompt
+
+
+@dataclass
+class Repetition:
+    """One timed request. Times in seconds; ``image_encode_s`` None where the runtime times it inside prefill."""
+
+    prefill_tokens: int  # text + visual tokens the LLM consumed before the first generated token
+    decode_tokens: int  # tokens produced by decode steps (after the first token, which prefill produces)
+    ttft_s: float  # request start -> first generated token (image encode + prefill + first sampling)
+    prefill_s: float  # LLM prefill; includes the image encode when image_encode_s is None
+    decode_s: float  # the decode steps
+    total_s: float
+    image_encode_s: float | None = None
+    methods: dict[str, dict[str, float]] | None = None  # per method: {"calls": n, "seconds": s}
+    runner_stats: dict[str, Any] | None = None  # the C++ runner's own stats (PyTorchObserver JSON)
+    index: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float | None:
+        return metrics.tokens_per_second(self.prefill_tokens, self.prefill_s)
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        return metrics.tokens_per_second(self.decode_tokens, self.decode_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prefill_tok_s"] = self.prefill_tok_s
+        d["decode_tok_s"] = self.decode_tok_s
+        return d
+
+
+@dataclass
+class CaseInfo:
+    """What a backend knows about the model it runs (filled by ``load``)."""
+
+    model_name: str = "?"
+    format: str = "?"  # executorch | onnx | pytorch
+    quantization: str = "fp32"
+    size_bytes: int | None = None  # the bundle (or checkpoint) on disk
+    decode_bytes_per_token: int | None = None  # weights + KV cache read per decode step (roofline)
+    max_context: int | None = None
+    num_visual_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Backend(ABC):
+    """One runtime running one bundle or checkpoint."""
+
+    name: str = "?"
+
+    def __init__(self, target: str, threads: int | None = None):
+        self.target = str(target)
+        self.threads = threads
+        self.info = CaseInfo()
+        self.extra_load_s = 0.0  # load work a runtime defers to its first request (added to load time)
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
+        """Build the request (and check it fits the context) before any timed run."""
+
+    @abstractmethod
+    def run_once(self) -> Repetition: ...
+
+    def on_warmup_done(self, reps: list[Repetition]) -> None:
+        """Hook after warm-up (e.g. the ExecuTorch runner re-picks its filler when EOS cut a run short)."""
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class CaseResult:
+    label: str
+    backend: str
+    target: str
+    info: CaseInfo
+    load_s: float
+    peak_rss_bytes: int
+    prompt_tokens: int
+    new_tokens: int
+    threads: int
+    repetitions: list[Repetition]
+    warmup: int
+    roofline: dict[str, Any] | None = None
+
+    def summary(self, metric: str) -> metrics.Summary | None:
+        return metrics.summarize(getattr(r, metric) for r in self.repetitions)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.repetitions[0].prefill_tokens if self.repetitions else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "label": self.label, "backend": self.backend, "target": self.target, "info": asdict(self.info),
+            "load_s": self.load_s, "peak_rss_bytes": self.peak_rss_bytes, "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens, "threads": self.threads, "warmup": self.warmup,
+            "prefill_tokens": self.prefill_tokens, "roofline": self.roofline,
+            "summary": {}, "repetitions": [r.to_dict() for r in self.repetitions],
+        }
+        for m in SUMMARY_METRICS:
+            s = self.summary(m)
+            out["summary"][m] = s.to_dict() if s else None
+        return out
+
+
+SUMMARY_METRICS = ("image_encode_s", "prefill_s", "prefill_tok_s", "ttft_s", "decode_s", "decode_tok_s", "total_s")
+
+
+def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: int, warmup: int, repeat: int,
+             on_step: Callable[[str], None] | None = None) -> CaseResult:
+    """Load ``backend``, run ``warmup`` untimed + ``repeat`` timed requests, and collect the numbers."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    step = on_step or (lambda _msg: None)
+    metrics.release_memory()
+    metrics.reset_peak_rss()
+    t0 = metrics.now()
+    backend.load()
+    load_s = metrics.now() - t0
+    step("loaded")
+    backend.prepare(prompt_tokens, new_tokens)
+    warm: list[Repetition] = []
+    for _ in range(warmup):
+        warm.append(backend.run_once())
+        step("warmup")
+    backend.on_warmup_done(warm)
+    reps: list[Repetition] = []
+    for i in range(repeat):
+        rep = backend.run_once()
+        rep.index = i
+        reps.append(rep)
+        step("repeat")
+    short = [r.decode_tokens for r in reps if r.decode_tokens != new_tokens]
+    if short:
+        backend.info.notes.append(f"decoded {sorted(set(short))} tokens instead of {new_tokens} in {len(short)} "
+                                  "run(s) (the runtime stopped at EOS)")
+    result = CaseResult(label=label, backend=backend.name, target=backend.target, info=backend.info,
+                        load_s=load_s + backend.extra_load_s, peak_rss_bytes=metrics.peak_rss_bytes(),
+                        prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                        threads=backend.threads or metrics.cpu_threads_default(), repetitions=reps, warmup=warmup)
+    backend.close()
+    return result
