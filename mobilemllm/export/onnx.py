@@ -1,0 +1,466 @@
+"""ONNX export: three graphs (``vision.onnx``, ``embed.onnx``, ``decoder.onnx``) the way ONNX Runtime
+GenAI ships vision-language models, plus int8 / 4-bit weight quantization and parity against eager.
+
+- ``vision.onnx``: uint8 image views (V, 3, S, S) -> image embeddings (1, V*T, D). Scaling by 1/255
+  and the tower's mean/std happen inside the graph, so an app only resizes/pads (see the manifest).
+- ``embed.onnx``: token ids (1, n) -> embeddings (1, n, D). Image placeholder ids (-200) are clamped
+  to 0 inside the graph; the runner overwrites those rows with the image embeddings.
+- ``decoder.onnx``: inputs_embeds (1, n, D), attention_mask (1, past+n), position_ids (1, n) and
+  ``past_key_values.{i}.key/value`` (1, H, past, hd) -> ``logits`` of the last position (1, 1, V)
+  and ``present.{i}.key/value`` (1, H, past+n, hd). Dynamic n and past: one graph for prefill and
+  decode. Only the last position's logits leave the graph: the runner never needs the others, and
+  skipping the vocabulary projection for every prompt token shortens time to first token.
+
+All three are ``torch.onnx.export(..., dynamo=True, opset 18)`` of thin wrappers around our
+``MobileVLM`` parts, so they carry the same weights the eager model runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mobilemllm.errors import ConfigError, UserError
+
+OPSET = 18
+GRAPH_FILES = {"vision_encoder": "vision.onnx", "token_embedding": "embed.onnx", "text_decoder": "decoder.onnx"}
+# Graphs above this size are written with external data (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+# Quantization schemes by name. ``parts`` says which graphs each scheme touches; the rest stay fp32.
+QUANT_SCHEMES: dict[str, dict[str, Any]] = {
+    "fp32": {"description": "no quantization"},
+    "int8": {"description": "int8 dynamic quantization of MatMul/Gather weights (onnxruntime quantize_dynamic)",
+             "backend": "onnxruntime.quantization.quantize_dynamic"},
+    "int4": {"description": "4-bit weight-only MatMulNBits, symmetric, per block (matmul_nbits_quantizer)",
+             "backend": "onnxruntime.quantization.matmul_nbits_quantizer"},
+}
+BLOCK_SIZES = (32, 64, 128)
+# Gates for parity at export. fp32 must match eager; quantized graphs are held to stated bounds.
+PARITY_GATES = {
+    "fp32": {"max_rel_diff": 1e-3, "min_cosine": 0.9999, "min_greedy_agreement": 1.0},
+    "int8": {"min_cosine": 0.99, "min_greedy_agreement": None},
+    "int4": {"min_cosine": 0.95, "min_greedy_agreement": None},
+}
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+# ---- export-ready wrappers ---------------------------------------------------------------------
+class VisionGraph(nn.Module):
+    """uint8 views (V, 3, S, S) -> image embeddings (1, V*T, D), normalisation inside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vision = model.vision
+        self.connector = model.connector
+        cfg = model.config.vision
+        self.register_buffer("mean", torch.tensor(cfg.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(cfg.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.to(torch.float32) - self.mean) / self.std
+        tokens = self.connector(self.vision(x))
+        return tokens.reshape(1, tokens.shape[0] * tokens.shape[1], tokens.shape[2])
+
+
+class EmbedGraph(nn.Module):
+    """Token ids (1, n) -> embeddings (1, n, D); negative ids (image placeholders) read row 0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.llm.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids.clamp(min=0))
+
+
+class DecoderGraph(nn.Module):
+    """One decoder step over flat past key/values, rebuilt into transformers' DynamicCache."""
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(past):
+            cache.update(k, v, i)
+        out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             position_ids=position_ids, cache=cache, use_cache=True)
+        logits = self.llm.lm_head(out.last_hidden_state[:, -1:, :])
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_shapes: Any, large: bool) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                                 input_names=input_names, output_names=output_names, verbose=False,
+                                 external_data=large, optimize=True)
+        if prog is None:  # pragma: no cover - dynamo=True always returns a program
+            raise RuntimeError("torch.onnx.export returned nothing")
+        prog.save(str(path), external_data=large)
+
+
+def _bytes_of(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_graphs(model, out_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
+    """Write the three fp32 graphs of ``model`` into ``out_dir``; returns {part: path}."""
+    from torch.export import Dim
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    model = model.float().eval()
+    paths = {part: out_dir / name for part, name in GRAPH_FILES.items()}
+    ctx = cfg.llm.max_position_embeddings
+    views, size = cfg.vision.num_views, cfg.vision.image_size
+
+    t0 = time.perf_counter()
+    vision = VisionGraph(model).eval()
+    pixels = torch.randint(0, 256, (views, 3, size, size), dtype=torch.uint8)
+    _export(vision, (pixels,), paths["vision_encoder"], ["pixel_values"], ["image_embeds"], None,
+            _bytes_of(vision) > EXTERNAL_DATA_BYTES)
+    log(f"vision.onnx written ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    n = Dim("sequence_length", min=1, max=ctx)
+    embed = EmbedGraph(model).eval()
+    _export(embed, (torch.tensor([[1, 5, 7, 2, 3]]),), paths["token_embedding"], ["input_ids"], ["inputs_embeds"],
+            {"input_ids": {1: n}}, _bytes_of(embed) > EXTERNAL_DATA_BYTES)
+    log(f"embed.onnx written ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    layers, heads, hd = cfg.llm.num_layers, cfg.llm.kv_heads, cfg.llm.head_dim
+    seq = Dim("sequence_length", min=1, max=ctx)
+    past_len = Dim("past_sequence_length", min=0, max=ctx - 1)
+    total = Dim("total_sequence_length", min=1, max=ctx)
+    s, p = 5, 3  # example sizes other than 0/1 so the exporter keeps them symbolic
+    past = [(torch.randn(1, heads, p, hd), torch.randn(1, heads, p, hd)) for _ in range(layers)]
+    args = (torch.randn(1, s, cfg.llm.hidden_size), torch.ones(1, p + s, dtype=torch.int64),
+            torch.arange(p, p + s).unsqueeze(0), past)
+    dyn = {"inputs_embeds": {1: seq}, "attention_mask": {1: total}, "position_ids": {1: seq},
+           "past": [({2: past_len}, {2: past_len}) for _ in range(layers)]}
+    decoder = DecoderGraph(model.llm).eval()
+    _export(decoder, args, paths["text_decoder"], ["inputs_embeds", "attention_mask", "position_ids"]
+            + past_names(layers), ["logits"] + present_names(layers), dyn, _bytes_of(decoder) > EXTERNAL_DATA_BYTES)
+    log(f"decoder.onnx written ({time.perf_counter() - t0:.1f} s)")
+    return paths
+
+
+# ---- quantization -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OnnxQuantization:
+    """What to quantize: a scheme per graph part, and the 4-bit block size."""
+
+    vision_encoder: str = "fp32"
+    token_embedding: str = "fp32"
+    text_decoder: str = "fp32"
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
+
+    def scheme(self, part: str) -> str:
+        return getattr(self, part)
+
+    def summary(self) -> str:
+        return "/".join(self.scheme(p) for p in GRAPH_FILES)
+
+    @property
+    def strongest(self) -> str:
+        """The most lossy scheme used anywhere (picks the parity gate)."""
+        used = {self.scheme(p) for p in GRAPH_FILES}
+        return "int4" if "int4" in used else "int8" if "int8" in used else "fp32"
+
+    def to_manifest(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for part in GRAPH_FILES:
+            scheme = self.scheme(part)
+            entry: dict[str, Any] = {"scheme": {"int8": "int8", "int4": "int4_weight"}.get(scheme, scheme),
+                                     "group_size": self.block_size if scheme == "int4" else None}
+            if scheme != "fp32":
+                entry["backend"] = QUANT_SCHEMES[scheme]["backend"]
+            out[part] = entry
+        return out
+
+
+def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
+    """A recipe's ``quantization`` value -> OnnxQuantization, with every problem reported together.
+
+    ``spec`` is a scheme name for the decoder (``int4``: decoder 4-bit, vision and embedding fp32), or a
+    dict ``{vision_encoder: ..., token_embedding: ..., text_decoder: ..., block_size: 32}``.
+    """
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    if spec is None:
+        spec = "fp32"
+    if isinstance(spec, str):
+        values["text_decoder"] = spec
+        if spec == "int8":  # int8 dynamic is cheap for every graph; int4 keeps the small ones in fp32
+            values["vision_encoder"] = values["token_embedding"] = "int8"
+    elif isinstance(spec, dict):
+        for key, value in spec.items():
+            if key in GRAPH_FILES:
+                values[key] = value
+            elif key in ("block_size", "accuracy_level"):
+                values[key] = value
+            else:
+                errors.append(f"unknown quantization key {key!r} (valid: {', '.join(list(GRAPH_FILES) + ['block_size', 'accuracy_level'])})")
+    else:
+        errors.append(f"quantization must be a scheme name or a mapping, got {spec!r}")
+    if block_size is not None:
+        values["block_size"] = block_size
+    for part in GRAPH_FILES:
+        scheme = values.get(part, "fp32")
+        if scheme not in QUANT_SCHEMES:
+            errors.append(f"unknown ONNX quantization {scheme!r} for {part}; valid: {', '.join(QUANT_SCHEMES)}")
+    if values.get("token_embedding") == "int4":
+        errors.append("token_embedding cannot be int4 (MatMulNBits quantizes MatMul only); use fp32 or int8")
+    bs = values.get("block_size", 32)
+    if not isinstance(bs, int) or bs not in BLOCK_SIZES:
+        errors.append(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {bs!r}")
+    lvl = values.get("accuracy_level", 4)
+    if lvl not in (0, 1, 2, 3, 4):
+        errors.append(f"accuracy_level must be 0-4, got {lvl!r}")
+    if errors:
+        raise ConfigError("invalid ONNX quantization: " + "; ".join(errors))
+    return OnnxQuantization(**values)
+
+
+def _save_model(model_proto, path: Path) -> None:
+    import onnx
+
+    large = model_proto.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model_proto, "ByteSize") else False
+    onnx.save_model(model_proto, str(path), save_as_external_data=large,
+                    location=path.name + ".data" if large else None)
+
+
+def quantize_graph(src: Path, dst: Path, scheme: str, q: OnnxQuantization) -> None:
+    """Quantize one graph file ``src`` into ``dst`` (a different path) with ``scheme``."""
+    if scheme == "fp32":
+        if src != dst:
+            shutil.copyfile(src, dst)
+        return
+    import logging
+
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    large = src.stat().st_size > EXTERNAL_DATA_BYTES or Path(str(src) + ".data").exists()
+    if scheme == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=large,
+                         extra_options={"MatMulConstBOnly": True})
+        return
+    if scheme == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+
+        cfg = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True,
+                                           accuracy_level=q.accuracy_level, op_types_to_quantize=("MatMul",))
+        quant = MatMulNBitsQuantizer(str(src), bits=4, block_size=q.block_size, is_symmetric=True,
+                                     accuracy_level=q.accuracy_level, algo_config=cfg)
+        quant.process()
+        quant.model.save_model_to_file(str(dst), use_external_data_format=large)
+        return
+    raise ConfigError(f"unknown ONNX quantization {scheme!r}; valid: {', '.join(QUANT_SCHEMES)}")
+
+
+def quantize_graphs(fp32_paths: dict[str, Path], out_dir: Path, q: OnnxQuantization) -> dict[str, Path]:
+    """Quantize each graph per ``q`` into ``out_dir`` (same file names); fp32 parts are moved as they are."""
+    out: dict[str, Path] = {}
+    for part, src in fp32_paths.items():
+        dst = out_dir / src.name
+        scheme = q.scheme(part)
+        if scheme == "fp32":
+            os.replace(src, dst)
+            data = Path(str(src) + ".data")
+            if data.exists():
+                os.replace(data, Path(str(dst) + ".data"))
+        else:
+            quantize_graph(src, dst, scheme, q)
+        out[part] = dst
+    return out
+
+
+def count_ops(path: str | Path) -> dict[str, int]:
+    """Operator histogram of an ONNX file (used by tests and the manifest to show what ran)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def graph_io(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Inputs/outputs of an ONNX file as manifest tensor entries (name, dtype, shape with symbolic dims)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def entry(v) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+
+
+# ---- parity -------------------------------------------------------------------------------------
+PARITY_QUESTION = "What is in the image?"
+
+
+def parity_image(vision_cfg, seed: int = 0):
+    """A deterministic test image (smooth gradients plus noise) at the encoder's size."""
+    import numpy as np
+    from PIL import Image
+
+    s = vision_cfg.image_size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
+    base = np.stack([xx, yy, 1 - xx * yy], -1) * 200
+    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img, "RGB")
+
+
+@torch.inference_mode()
+def eager_reference(model, ids: list[int], image, num_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """Eager greedy tokens after ``ids`` and the logits (num_tokens, V) that chose each of them."""
+    from mobilemllm.data.images import preprocess
+
+    pix = preprocess(image, model.config.vision).unsqueeze(0)
+    tokens = model.generate(torch.tensor([ids]), pix, max_new_tokens=num_tokens, eos_ids=())
+    full = torch.tensor([ids + tokens[:-1]])
+    logits = model(full, pix).logits[0, len(ids) - 1:].float()
+    return logits, tokens
+
+
+def onnx_teacher_forced(runner, ids: list[int], image, tokens: list[int]):
+    """ONNX logits (len(tokens), V) when fed the reference tokens one by one after the prompt."""
+    import numpy as np
+
+    emb = runner.embed(ids, runner.encode_image(image))
+    past = runner.empty_past()
+    rows = []
+    for tok in tokens:
+        logits, past = runner.step(emb, past)
+        rows.append(logits)
+        emb = runner.embed([tok])
+    return np.stack(rows)
+
+
+def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16) -> list[dict[str, Any]]:
+    """Parity checks of an ONNX runner against the eager model, gated per PARITY_GATES[scheme]."""
+    from mobilemllm.export import parity
+    from mobilemllm.inference import prompt_ids
+
+    cfg = model.config
+    image = parity_image(cfg.vision)
+    ids = prompt_ids(cfg, tokenizer, PARITY_QUESTION)
+    num_tokens = max(1, min(num_tokens, cfg.llm.max_position_embeddings - len(ids)))
+    ref_logits, ref_tokens = eager_reference(model, ids, image, num_tokens)
+    got_logits = torch.from_numpy(onnx_teacher_forced(runner, ids, image, ref_tokens))
+    got_tokens, _, _ = runner.generate_ids(ids, image, max_new_tokens=num_tokens)
+    gates = PARITY_GATES[scheme]
+    rel = parity.max_rel_diff(got_logits, ref_logits)
+    cos = parity.logit_cosine(got_logits, ref_logits)
+    agree = parity.greedy_agreement(got_tokens, ref_tokens)
+    checks = []
+    g = gates.get("max_rel_diff")
+    checks.append(parity.check("logits_max_rel_diff", rel, g, None if g is None else rel <= g))
+    g = gates.get("min_cosine")
+    checks.append(parity.check("logits_cosine", cos, g, None if g is None else cos >= g))
+    g = gates.get("min_greedy_agreement")
+    checks.append(parity.check(f"greedy_agreement_{num_tokens}_tokens", agree, g, None if g is None else agree >= g))
+    checks.append(parity.check("logits_max_abs_diff", float((got_logits - ref_logits).abs().max())))
+    checks.append(parity.check("prompt_tokens", len(ids)))
+    return checks
+
+
+# ---- bundle -------------------------------------------------------------------------------------
+def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, target: str = "onnx",
+                 recipe: dict[str, Any] | None = None, source: str | None = None, force: bool = False,
+                 parity_tokens: int = 16, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Export, quantize, check parity and write an ONNX bundle folder at ``out_dir`` (atomically)."""
+    from mobilemllm.export import bundle as bundle_mod
+    from mobilemllm.export import parity
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    if tokenizer is None:
+        raise UserError("an ONNX bundle needs a tokenizer; export from a checkpoint folder that has tokenizer.json")
+    bundle_mod.check_out_dir(out_dir)
+    t_start = time.perf_counter()
+    staging = bundle_mod.new_bundle_dir(out_dir)
+    try:
+        work = staging / "_fp32"
+        fp32 = export_graphs(model, work, log=log)
+        if q.strongest != "fp32":
+            log(f"quantizing: {q.summary()} (vision/embed/decoder), 4-bit block size {q.block_size}")
+        paths = quantize_graphs(fp32, staging, q)
+        shutil.rmtree(work)
+        tokenizer.save_pretrained(staging / bundle_mod.TOKENIZER_DIR)
+
+        runner = OnnxRunner(staging, model.config, tokenizer)
+        checks = measure_parity(model, tokenizer, runner, q.strongest, num_tokens=parity_tokens)
+        del runner
+        result = parity.summarize(checks, forced=force)
+        for c in checks:
+            log(f"parity {c['name']}: {c['value']}" + (f" (needs {c['threshold']})" if c["threshold"] is not None
+                                                        else ""))
+        if not result["passed"] and not force:
+            raise UserError("ONNX export failed parity against eager: " + "; ".join(parity.failures(result))
+                            + ". Re-run with --force to write the bundle anyway")
+
+        cfg = model.config
+        ctx = cfg.llm.max_position_embeddings
+        graphs = {part: {"file": p.name, **graph_io(p)} for part, p in paths.items()}
+        manifest: dict[str, Any] = {
+            "schema_version": bundle_mod.SCHEMA_VERSION,
+            "format": "onnx",
+            "target": target,
+            "model": bundle_mod.model_section(model, source),
+            "graphs": graphs,
+            "tokenizer": bundle_mod.tokenizer_section(tokenizer, cfg.llm.vocab_size),
+            "prompt": bundle_mod.prompt_section(cfg, tokenizer),
+            "preprocessing": bundle_mod.preprocessing_section(cfg.vision, "uint8", True),
+            "context": {"max_seq_len": ctx, "max_context_len": ctx},
+            "quantization": q.to_manifest(),
+            "parity": result,
+            "export": {"recipe": dict(recipe or {"quantization": q.summary()}),
+                       "seconds": round(time.perf_counter() - t_start, 2),
+                       "versions": bundle_mod.versions(), "backend": "onnxruntime",
+                       "opset": OPSET, "kv_cache": {"layers": cfg.llm.num_layers, "heads": cfg.llm.kv_heads,
+                                                    "head_dim": cfg.llm.head_dim, "layout": "BHSD"}},
+        }
+        roles = {p.name: "graph" for p in paths.values()}
+        roles.update({p.name + ".data": "weights" for p in paths.values()})
+        return bundle_mod.finish_bundle(staging, out_dir, manifest, roles)
+    except BaseException:
+        bundle_mod.discard(staging)
+        raise

@@ -1,0 +1,259 @@
+"""Run an ONNX bundle (``vision.onnx`` + ``embed.onnx`` + ``decoder.onnx``) with ONNX Runtime.
+
+The prompt is built exactly as eager inference builds it (``mobilemllm.inference.prompt_ids``):
+text ids with IMAGE_TOKEN_ID at the visual-token positions; ``embed.onnx`` embeds the ids and the
+image embeddings from ``vision.onnx`` overwrite the placeholder rows. One prefill call of
+``decoder.onnx`` over the whole prompt, then one call per generated token, feeding ``present.*``
+back as ``past_key_values.*``. Text streams through ``TextStreamer`` (UTF-8 safe).
+
+The execution providers are a list (default ``CPUExecutionProvider``) so NNAPI, CoreML or QNN can be
+named on devices whose onnxruntime build has them; unknown names fail with the list that exists.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mobilemllm.errors import BackendUnavailable, CheckpointError, UserError
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    ttft_s: float  # image encode + prompt embedding + prefill, until the first token is picked
+    decode_s: float  # time for the tokens after the first
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def check_providers(providers: Sequence[str] | None) -> list[str]:
+    """Validate execution provider names against this onnxruntime build."""
+    import onnxruntime as ort
+
+    providers = list(providers or DEFAULT_PROVIDERS)
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise BackendUnavailable(f"execution provider(s) {', '.join(missing)} are not in this onnxruntime build; "
+                                 f"available: {', '.join(available)}")
+    return providers
+
+
+def _session(path: Path, providers: list[str], threads: int | None):
+    import onnxruntime as ort
+
+    if not path.exists():
+        raise CheckpointError(f"ONNX graph {path} is missing; re-export the bundle with `mobilemllm export`")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CheckpointError(f"ONNX Runtime cannot load {path}: {e}") from None
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature <= 0, else nucleus sampling (the same rule as eager ``generate``)."""
+    logits = logits.astype(np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_p = probs[order]
+        keep = np.cumsum(sorted_p) - sorted_p < top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_p[keep]
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class OnnxRunner:
+    """Three ONNX Runtime sessions and the generation loop over them."""
+
+    def __init__(self, graph_dir: str | Path, config, tokenizer, *, files: dict[str, str] | None = None,
+                 providers: Sequence[str] | None = None, threads: int | None = None):
+        from mobilemllm.export.onnx import GRAPH_FILES
+
+        self.dir = Path(graph_dir)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.providers = check_providers(providers)
+        files = files or GRAPH_FILES
+        self.vision = _session(self.dir / files["vision_encoder"], self.providers, threads)
+        self.embed_session = _session(self.dir / files["token_embedding"], self.providers, threads)
+        self.decoder = _session(self.dir / files["text_decoder"], self.providers, threads)
+        self.num_layers = config.llm.num_layers
+        self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.decoder.get_outputs()]
+        if len(self.past_names) != 2 * self.num_layers:
+            raise CheckpointError(f"{files['text_decoder']} has {len(self.past_names)} past inputs; the config's "
+                                  f"{self.num_layers} layers need {2 * self.num_layers}")
+
+    # ---- bundle ------------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, manifest: dict | None = None, *,
+                    providers: Sequence[str] | None = None, threads: int | None = None) -> "OnnxRunner":
+        from mobilemllm.config import ModelConfig
+        from mobilemllm.data.tokenizer import load_tokenizer
+
+        bundle = Path(bundle)
+        if manifest is None:
+            manifest = read_manifest(bundle)
+        if manifest.get("format") != "onnx":
+            raise UserError(f"{bundle} is a {manifest.get('format')!r} bundle, not an ONNX bundle")
+        config = ModelConfig.from_dict(manifest["model"]["config"])
+        tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
+        files = {part: entry["file"] for part, entry in manifest["graphs"].items()}
+        return cls(bundle, config, tokenizer, files=files, providers=providers, threads=threads)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.config.llm.max_position_embeddings
+
+    def encode_image(self, image) -> np.ndarray:
+        """PIL image -> image embeddings (1, num_visual_tokens, D)."""
+        from mobilemllm.data.images import to_uint8_views
+
+        pixels = to_uint8_views(image, self.config.vision)
+        return self.vision.run(None, {"pixel_values": pixels})[0]
+
+    def embed(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
+        from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+
+        ids_arr = np.asarray([ids], dtype=np.int64)
+        emb = self.embed_session.run(None, {"input_ids": ids_arr})[0]
+        slots = ids_arr[0] == IMAGE_TOKEN_ID
+        if slots.any():
+            if image_embeds is None:
+                raise UserError("the prompt has an image placeholder but no image was given")
+            if int(slots.sum()) != image_embeds.shape[1]:
+                raise UserError(f"the prompt has {int(slots.sum())} visual-token slots but the image gives "
+                                f"{image_embeds.shape[1]} embeddings")
+            emb[0, slots] = image_embeds[0].astype(emb.dtype)
+        return emb
+
+    def empty_past(self) -> list[np.ndarray]:
+        heads, hd = self.config.llm.kv_heads, self.config.llm.head_dim
+        return [np.zeros((1, heads, 0, hd), dtype=np.float32) for _ in self.past_names]
+
+    def step(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (1, n, D) embeddings after ``past`` -> last logits (V,), new past."""
+        p = past[0].shape[2]
+        n = embeds.shape[1]
+        feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, p + n), dtype=np.int64),
+                "position_ids": np.arange(p, p + n, dtype=np.int64)[None]}
+        feed.update(zip(self.past_names, past))
+        out = self.decoder.run(self.output_names, feed)
+        return out[0][0, -1], out[1:]
+
+    def prompt_ids(self, question: str) -> list[int]:
+        from mobilemllm.inference import prompt_ids
+
+        return prompt_ids(self.config, self.tokenizer, question)
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        if len(ids) >= self.max_context:
+            raise UserError(f"the prompt is {len(ids)} tokens (with the image's visual tokens) but the bundle's "
+                            f"context is {self.max_context}; shorten the prompt")
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate_ids(self, ids: Sequence[int], image=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, eos_ids: Sequence[int] = (),
+                     on_token: Callable[[int], None] | None = None,
+                     image_embeds: np.ndarray | None = None) -> tuple[list[int], float, float]:
+        """Generate after prompt ``ids``; returns (tokens, ttft_s, decode_s)."""
+        self.check_prompt(ids)
+        max_new_tokens = min(max_new_tokens, self.max_context - len(ids))
+        rng = np.random.default_rng(seed)
+        eos = set(int(e) for e in eos_ids)
+        t0 = time.perf_counter()
+        if image_embeds is None and image is not None:
+            image_embeds = self.encode_image(image)
+        emb = self.embed(ids, image_embeds)
+        past = self.empty_past()
+        tokens: list[int] = []
+        ttft = 0.0
+        t_first = t0
+        for step in range(max_new_tokens):
+            logits, past = self.step(emb, past)
+            token = pick_token(logits, temperature, top_p, rng)
+            if step == 0:
+                t_first = time.perf_counter()
+                ttft = t_first - t0
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in eos or step == max_new_tokens - 1:
+                break
+            emb = self.embed_session.run(None, {"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
+        decode = time.perf_counter() - t_first
+        return tokens, ttft, decode
+
+    def generate(self, image, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Answer ``question`` about ``image`` (a PIL image or a path), streaming text to ``on_text``."""
+        from mobilemllm.data.images import load_image
+        from mobilemllm.data.tokenizer import eos_ids
+        from mobilemllm.inference import TextStreamer
+
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        ids = self.prompt_ids(question)
+        eos = eos_ids(self.tokenizer)
+        streamer = TextStreamer(self.tokenizer, on_text) if on_text else None
+        tokens, ttft, decode = self.generate_ids(ids, image, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, seed=seed, eos_ids=eos,
+                                                 on_token=streamer.put if streamer else None)
+        text = self.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+        return GenerationResult(tokens, text.strip(), len(ids), ttft, decode)
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    """The bundle's manifest, validated by the shared bundle module when it is present."""
+    import json
+
+    bundle = Path(bundle)
+    try:
+        from mobilemllm.export.bundle import read_manifest as shared_read
+    except ImportError:
+        shared_read = None
+    if shared_read is not None:
+        return shared_read(bundle)
+    path = bundle / "manifest.json"
+    if not path.exists():
+        raise CheckpointError(f"{bundle} has no manifest.json; export a bundle with `mobilemllm export`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+
+
+def run_onnx_bundle(bundle: str | Path, image, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                    providers: Sequence[str] | None = None, manifest: dict | None = None,
+                    threads: int | None = None) -> GenerationResult:
+    """What ``mobilemllm generate --bundle`` calls for an ONNX bundle."""
+    runner = OnnxRunner.from_bundle(bundle, manifest, providers=providers, threads=threads)
+    return runner.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seed=seed, on_text=on_text)
