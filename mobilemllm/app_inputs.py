@@ -1,0 +1,206 @@
+"""What a phone app does with a bundle before it calls the runner, written out step by step in Python.
+
+The demo apps (``android_demo/.../BundleInputs.kt``, ``ios_demo/.../BundleInputs.swift``) are line-by-line
+ports of this file, and it reads nothing but the bundle's ``manifest.json`` and decoded RGB pixels:
+
+1. **Image** (``manifest["preprocessing"]``): pad to a square with ``pad_color`` (or stretch), resize
+   with Pillow's bicubic filter reproduced in integer fixed point (22 fraction bits, the same
+   coefficients, rounding, clamping and pass order as Pillow 13's ``Resample.c``), cut tiles when ``hires`` is
+   ``tiles``, and lay the views out as uint8 ``(V, 3, S, S)``. The result is byte-identical to
+   :func:`mobilemllm.data.images.to_uint8_views` (tests/test_apps.py checks it on many shapes).
+2. **Prompt** (``manifest["prompt"]``): the template's segments in order, ``{question}`` replaced by the
+   stripped question; BOS once before the first segment when ``add_bos``. Each text segment is
+   tokenized on its own without special tokens (as ExecuTorch's MultimodalRunner does), so the ids
+   equal :func:`mobilemllm.inference.prompt_ids`.
+
+Decoding the file (PNG/JPEG -> RGB) is the platform's job and is not covered: PNG decodes exactly
+everywhere, JPEG decoders may differ by a level or two. EXIF orientation is ignored, as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mobilemllm.errors import UserError
+
+PRECISION_BITS = 22  # fixed-point fraction bits of the 8-bit resampler (32 - 8 - 2)
+BICUBIC_SUPPORT = 2.0
+QUESTION = "{question}"
+
+
+# ---- image ---------------------------------------------------------------------------------------
+def bicubic(x: float) -> float:
+    """The bicubic convolution kernel with a = -0.5."""
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def _c_int(x: float) -> int:
+    """C's (int) cast: truncate toward zero."""
+    return int(x)
+
+
+def resample_coefficients(in_size: int, out_size: int) -> tuple[list[int], list[list[int]]]:
+    """For each output pixel: the first input index and the integer weights of the input pixels it mixes."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = BICUBIC_SUPPORT * filter_scale
+    starts: list[int] = []
+    weights: list[list[int]] = []
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        inv = 1.0 / filter_scale
+        xmin = max(_c_int(center - support + 0.5), 0)
+        xmax = min(_c_int(center + support + 0.5), in_size)
+        w = [bicubic((x + xmin - center + 0.5) * inv) for x in range(xmax - xmin)]
+        total = sum(w)
+        if total != 0.0:
+            w = [v / total for v in w]
+        one = float(1 << PRECISION_BITS)
+        starts.append(xmin)
+        weights.append([_c_int(v * one - 0.5) if v < 0 else _c_int(v * one + 0.5) for v in w])
+    return starts, weights
+
+
+def _resample_axis(pixels: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """Resample uint8 (H, W, 3) along ``axis`` (1: horizontal, 0: vertical) with rounding and clamping."""
+    starts, weights = resample_coefficients(pixels.shape[axis], out_size)
+    src = np.moveaxis(pixels.astype(np.int64), axis, 0)
+    out = np.empty((out_size,) + src.shape[1:], dtype=np.int64)
+    for i, (start, w) in enumerate(zip(starts, weights)):
+        acc = np.full(src.shape[1:], 1 << (PRECISION_BITS - 1), dtype=np.int64)
+        for j, k in enumerate(w):
+            acc += src[start + j] * k
+        out[i] = np.clip(acc >> PRECISION_BITS, 0, 255)
+    return np.moveaxis(out, 0, axis).astype(np.uint8)
+
+
+def vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
+    pixels as the width does (older Pillow always went horizontal first; the order changes the bytes)."""
+    shrink_h = in_h - out_h
+    return shrink_h > 0 and shrink_h > (in_w - out_w) * 2
+
+
+def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3) in two separable passes, each only if its size changes."""
+    in_h, in_w = pixels.shape[:2]
+    if vertical_first(in_w, in_h, width, height):
+        if in_h != height:
+            pixels = _resample_axis(pixels, height, axis=0)
+        if in_w != width:
+            pixels = _resample_axis(pixels, width, axis=1)
+        return pixels
+    if in_w != width:
+        pixels = _resample_axis(pixels, width, axis=1)
+    if in_h != height:
+        pixels = _resample_axis(pixels, height, axis=0)
+    return pixels
+
+
+def pad_to_square(pixels: np.ndarray, color: Sequence[int]) -> np.ndarray:
+    """Centre the image on a square canvas of ``color`` (offsets rounded down)."""
+    h, w = pixels.shape[:2]
+    if h == w:
+        return pixels
+    side = max(h, w)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:, :] = np.asarray(color, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = pixels
+    return canvas
+
+
+def image_views(pixels: np.ndarray, pre: Mapping[str, Any]) -> np.ndarray:
+    """Decoded RGB uint8 (H, W, 3) -> uint8 (V, 3, S, S), following ``manifest["preprocessing"]``."""
+    check_preprocessing(pre)
+    if pre["aspect"] == "pad":
+        pixels = pad_to_square(pixels, pre["pad_color"])
+    s = int(pre["image_size"])
+    views = []
+    if pre.get("hires", "direct") == "tiles":
+        rows, cols = pre["tile_grid"]
+        big = resize(pixels, cols * s, rows * s)
+        for r in range(rows):
+            for c in range(cols):
+                views.append(big[r * s:(r + 1) * s, c * s:(c + 1) * s])
+    views.append(resize(pixels, s, s))
+    return np.stack([v.transpose(2, 0, 1) for v in views])
+
+
+def check_preprocessing(pre: Mapping[str, Any]) -> None:
+    """The manifest's preprocessing must be one the apps implement (the same checks the apps make)."""
+    if pre.get("resample") != "bicubic":
+        raise UserError(f"manifest preprocessing.resample is {pre.get('resample')!r}; the apps implement 'bicubic'")
+    if pre.get("aspect") not in ("pad", "resize"):
+        raise UserError(f"manifest preprocessing.aspect is {pre.get('aspect')!r}; expected 'pad' or 'resize'")
+    if pre["aspect"] == "pad" and len(pre.get("pad_color") or []) != 3:
+        raise UserError("manifest preprocessing.aspect is 'pad' but pad_color (3 ints) is missing")
+    if pre.get("hires", "direct") not in ("direct", "tiles"):
+        raise UserError(f"manifest preprocessing.hires is {pre.get('hires')!r}; expected 'direct' or 'tiles'")
+
+
+def pixels_of(image) -> np.ndarray:
+    """A PIL image (or a path) -> decoded RGB uint8 (H, W, 3), the apps' starting point."""
+    if isinstance(image, (str, Path)):
+        from mobilemllm.data.images import load_image
+
+        image = load_image(image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+# ---- prompt --------------------------------------------------------------------------------------
+def prompt_segments(prompt: Mapping[str, Any], question: str) -> list[dict[str, str]]:
+    """The manifest's segments with ``{question}`` filled in; empty text segments are dropped."""
+    q = question.strip()
+    out = []
+    for seg in prompt["segments"]:
+        if seg["type"] == "image":
+            out.append({"type": "image"})
+        elif seg["type"] == "text":
+            text = seg["text"].replace(QUESTION, q)
+            if text:
+                out.append({"type": "text", "text": text})
+        else:
+            raise UserError(f"manifest prompt segment type {seg['type']!r} is not text or image")
+    return out
+
+
+def prompt_token_ids(manifest: Mapping[str, Any], tokenizer_json: str | Path, question: str,
+                     image_token_id: int = -200) -> list[int]:
+    """Token ids as the runner builds them from the segments (image -> ``num_visual_tokens`` placeholders)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    prompt = manifest["prompt"]
+    ids: list[int] = []
+    bos = manifest["tokenizer"]["bos_id"]
+    if prompt["add_bos"] and bos is not None:
+        ids.append(int(bos))
+    for seg in prompt_segments(prompt, question):
+        if seg["type"] == "image":
+            ids.extend([image_token_id] * int(prompt["num_visual_tokens"]))
+        else:
+            ids.extend(tok.encode(seg["text"], add_special_tokens=False).ids)
+    return ids
+
+
+def runner_calls(manifest: Mapping[str, Any], question: str) -> list[tuple[str, Any]]:
+    """The apps' calls in order: ("bos", n) is passed to the runner, then ("text", str) / ("image", None)."""
+    prompt = manifest["prompt"]
+    bos = 1 if prompt["add_bos"] and manifest["tokenizer"]["bos_id"] is not None else 0
+    calls: list[tuple[str, Any]] = [("bos", bos)]
+    for seg in prompt_segments(prompt, question):
+        calls.append((seg["type"], seg.get("text")))
+    if calls[-1][0] != "text":
+        raise UserError("the manifest's prompt ends with the image; the phone runners need a text segment last")
+    return calls
+
