@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_backends()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="mobilemllm", standalone_mode=False)
     except UserError as e:
         from rich.console import Console
         from rich.markup import escape
@@ -65,16 +65,37 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors: typer >= 0.20 vendors click as typer._click, older typer uses click
+        if isinstance(e, _usage_errors()):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, _abort_errors()):
             return 1
         raise
-    return 0
+    # without standalone mode, a `raise typer.Exit(code)` inside a command comes back as the return value
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def _usage_errors() -> tuple[type, ...]:
+    kinds: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t is not None]
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _abort_errors() -> tuple[type, ...]:
+    kinds: list[type] = [typer.Abort]
+    try:
+        import click
+
+        kinds.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def run() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -20,7 +21,7 @@ def info(
     from mobilemllm.models.vlm import MobileVLM
 
     path = Path(model)
-    if path.is_dir():
+    if path.is_dir() or "/" in model or os.sep in model:  # a folder, or a path that names a missing one
         cfg = ModelConfig.load(check_checkpoint_dir(path) / CONFIG_NAME)
     else:
         cfg = ModelConfig.from_preset(model)
