@@ -71,6 +71,7 @@ class Backend(ABC):
         self.threads = threads
         self.info = CaseInfo()
         self.extra_load_s = 0.0  # load work a runtime defers to its first request (added to load time)
+        self.load_s_override: float | None = None  # a load time the runtime reports itself (phone runs)
 
     @abstractmethod
     def load(self) -> None: ...
@@ -157,7 +158,8 @@ def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: in
         backend.info.notes.append(f"decoded {sorted(set(short))} tokens instead of {new_tokens} in {len(short)} "
                                   "run(s) (the runtime stopped at EOS)")
     result = CaseResult(label=label, backend=backend.name, target=backend.target, info=backend.info,
-                        load_s=load_s + backend.extra_load_s, peak_rss_bytes=metrics.peak_rss_bytes(),
+                        load_s=backend.load_s_override if backend.load_s_override is not None
+                        else load_s + backend.extra_load_s, peak_rss_bytes=metrics.peak_rss_bytes(),
                         prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                         threads=backend.threads or metrics.cpu_threads_default(), repetitions=reps, warmup=warmup)
     backend.close()

@@ -1,0 +1,90 @@
+"""ONNX Runtime backend for an ``onnx`` bundle (``vision.onnx``, ``embed.onnx``, ``decoder.onnx``).
+
+Uses the graphs through :class:`mobilemllm.runtime.onnx_runner.OnnxRunner` (the sessions ``mobilemllm
+generate`` runs) and times each graph call: image encode, prompt embedding + one prefill call, then
+``new_tokens`` decode calls feeding ``present.*`` back, greedy with EOS ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mobilemllm.bench import metrics
+from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
+from mobilemllm.bench.harness import Backend, Repetition
+from mobilemllm.bench.prompt import BenchPrompt, bench_image
+from mobilemllm.bench.roofline import kv_cache_bytes
+from mobilemllm.errors import BackendUnavailable
+
+GRAPHS = ("vision_encoder", "token_embedding", "text_decoder")
+
+
+def graph_bytes(bundle: Path, manifest: dict, part: str) -> int:
+    """Bytes of one graph on disk, with its external-data files (``decoder.onnx`` + ``decoder.onnx.data``...)."""
+    name = manifest["graphs"][part]["file"]
+    stem = name.rsplit(".onnx", 1)[0]
+    return sum(e["size"] for rel, e in manifest["files"].items() if rel == name or rel.startswith(stem + ".onnx"))
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def load(self) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from None
+        from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+        self.bundle = Path(self.target)
+        self.manifest = read_bundle(self.bundle, "onnx")
+        self.runner = OnnxRunner.from_bundle(self.bundle, self.manifest, threads=self.threads)
+        self.tokenizer = self.runner.tokenizer
+        self.info = case_info(self.bundle, self.manifest)
+        pre = self.manifest["preprocessing"]
+        self.views = bench_image(pre["image_size"], pre.get("views", 1))
+        self.vision_input = self.runner.vision.get_inputs()[0].name
+
+    def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
+        self.prompt = bundle_prompt(self.manifest, self.tokenizer, prompt_tokens)
+        check_fits(self.manifest, self.prompt, new_tokens, self.target)
+        self.new_tokens = new_tokens
+        cfg = bundle_config(self.manifest)
+        self.info.decode_bytes_per_token = graph_bytes(self.bundle, self.manifest, "text_decoder") + kv_cache_bytes(
+            cfg.llm, self.prompt.prefill_tokens + new_tokens // 2)
+        return self.prompt
+
+    def run_once(self) -> Repetition:
+        import numpy as np
+
+        from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+
+        r, p = self.runner, self.prompt
+        timing = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}
+
+        def timed(name, fn, *args):
+            t = metrics.now()
+            out = fn(*args)
+            timing[name]["seconds"] += metrics.now() - t
+            timing[name]["calls"] += 1
+            return out
+
+        ids = p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids
+        t0 = metrics.now()
+        img = timed("vision_encoder", r.vision.run, None, {self.vision_input: self.views})[0]
+        t1 = metrics.now()
+        emb = timed("token_embedding", r.embed, ids, img)
+        logits, past = timed("text_decoder", r.step, emb, r.empty_past())
+        token = int(np.argmax(logits))
+        t2 = metrics.now()
+        for _ in range(self.new_tokens):
+            e = timed("token_embedding", r.embed_session.run, None, {"input_ids": np.asarray([[token]], np.int64)})[0]
+            logits, past = timed("text_decoder", r.step, e, past)
+            token = int(np.argmax(logits))
+        t3 = metrics.now()
+        return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
+                          ttft_s=metrics.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
+                          total_s=t3 - t0, image_encode_s=t1 - t0, methods=timing)
+
+    def close(self) -> None:
+        self.runner = None

@@ -1,0 +1,77 @@
+"""Turn the command line into a list of cases (backend + bundle/checkpoint), checked before any weights load.
+
+Order (row 1 is the reference of the ratios): ``--model`` cases (eager pytorch) first, then each
+``--bundle`` in the order given, with every ``--backend`` that reads its format (or, without
+``--backend``, the format's default: executorch -> ``executorch``, onnx -> ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mobilemllm.bench.backends import BACKENDS, DEFAULT_FOR_FORMAT, backend_format, check_backend
+from mobilemllm.errors import ConfigError, UserError
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    target: str
+    label: str
+
+
+def _bundle_format(path: str) -> str:
+    from mobilemllm.export.bundle import load_manifest
+
+    return load_manifest(path, verify=False)["format"]
+
+
+def _check_model(target: str) -> None:
+    from mobilemllm.config import PRESETS
+
+    p = Path(target)
+    if p.is_dir():
+        from mobilemllm.models.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(p)
+    elif target not in PRESETS:
+        raise UserError(f"--model {target}: no such checkpoint folder, and not a preset "
+                        f"(presets: {', '.join(sorted(PRESETS))})")
+
+
+def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence[str], device: str = "host") -> list[Case]:
+    for b in backends:
+        check_backend(b)
+    if not bundles and not models:
+        raise UserError("nothing to benchmark: give --bundle DIR (an exported bundle) and/or --model CKPT "
+                        "(a checkpoint folder or preset, run eagerly with --backend pytorch)")
+    if "pytorch" in backends and not models:
+        raise UserError("--backend pytorch runs a checkpoint: add --model CKPT (a checkpoint folder or a preset name)")
+    cases: list[Case] = []
+    for m in models:
+        _check_model(m)
+        cases.append(Case("pytorch", m, Path(m).name if Path(m).is_dir() else m))
+    bundle_backends = [b for b in backends if backend_format(b) is not None]
+    for b in bundles:
+        fmt = _bundle_format(b)
+        fitting = [x for x in bundle_backends if backend_format(x) == fmt]
+        if not bundle_backends:
+            default = DEFAULT_FOR_FORMAT.get(fmt)
+            if default is None:
+                raise UserError(f"{b} is a {fmt} bundle, which no benchmark backend runs on this machine "
+                                f"(backends: {', '.join(BACKENDS)})")
+            fitting = [default]
+        elif not fitting:
+            raise UserError(f"{b} is a {fmt} bundle; none of --backend {', '.join(bundle_backends)} reads it "
+                            f"(use one of: {', '.join(n for n in BACKENDS if backend_format(n) == fmt)})")
+        for x in fitting:
+            cases.append(Case(x, b, Path(b).resolve().name))
+    if device != "host":
+        bad = [c for c in cases if c.backend != "executorch"]
+        if bad:
+            raise UserError(f"--device {device} runs ExecuTorch bundles with the phone's runner binary; "
+                            f"{', '.join(f'{c.label} ({c.backend})' for c in bad)} cannot run there")
+    return cases
