@@ -227,21 +227,34 @@ def write_bundle(out_dir: str | Path, manifest: dict[str, Any], files: Mapping[s
 
 # ---- manifest pieces shared by every format ------------------------------------------------------
 def prompt_section(config, tokenizer) -> dict[str, Any]:
-    """How to build the prompt exactly as training did: BOS, then text / image / text segments."""
+    """How to build the prompt exactly as training did: BOS, then text / image / text segments.
+
+    BOS handling: ExecuTorch's C++ HF tokenizer ignores its ``bos`` argument but parses special-token
+    text, so when the prompt starts with text, that first segment starts with the BOS token's text
+    (``bos_text``, e.g. ``<s>``) and tokenizes to ``bos_id`` first. When it starts with the image,
+    ``bos_id`` is prefilled as a token before it (MultimodalRunner does this for ``num_bos=1``).
+    """
     from mobilemllm.data.templates import IMAGE, get_template
 
     tpl = get_template(config.template)
     marker = "\x00Q\x00"
-    segments = []
+    segments: list[dict[str, str]] = []
     for text, _ in tpl.prompt_segments(marker):
         if text == IMAGE:
             segments.append({"type": "image"})
         elif text:
             # The template strips the question; apps substitute the stripped question for {question}.
             segments.append({"type": "text", "text": text.replace(marker, QUESTION)})
+    add_bos = tokenizer.bos_token_id is not None
+    bos_text = tokenizer.bos_token if add_bos else None
+    bos_in_text = bool(add_bos and segments and segments[0]["type"] == "text")
+    if bos_in_text:
+        segments[0] = {"type": "text", "text": bos_text + segments[0]["text"]}
     return {
         "template": tpl.name,
-        "add_bos": tokenizer.bos_token_id is not None,
+        "add_bos": add_bos,
+        "bos_text": bos_text,
+        "bos_in_first_text": bos_in_text,
         "segments": segments,
         "num_visual_tokens": config.num_visual_tokens,
     }
@@ -256,6 +269,24 @@ def fill_prompt(prompt: Mapping[str, Any], question: str) -> list[dict[str, str]
         else:
             out.append(dict(seg))
     return out
+
+
+def needs_bos_token(prompt: Mapping[str, Any]) -> bool:
+    """True when the runner must prefill BOS as a token (the prompt starts with the image)."""
+    return bool(prompt["add_bos"] and not prompt.get("bos_in_first_text", False))
+
+
+def prompt_token_ids(prompt: Mapping[str, Any], tokenizer, question: str, bos_id: int | None) -> list[int]:
+    """Token ids the manifest's prompt gives, with IMAGE_TOKEN_ID (-200) at the visual-token positions."""
+    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+
+    ids: list[int] = [bos_id] if needs_bos_token(prompt) and bos_id is not None else []
+    for seg in fill_prompt(prompt, question):
+        if seg["type"] == "image":
+            ids += [IMAGE_TOKEN_ID] * prompt["num_visual_tokens"]
+        else:
+            ids += tokenizer.encode(seg["text"], add_special_tokens=False)
+    return ids
 
 
 def preprocessing_section(vision_cfg, input_dtype: str = "uint8", normalize_in_graph: bool = True) -> dict[str, Any]:

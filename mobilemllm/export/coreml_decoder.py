@@ -1,0 +1,128 @@
+"""An export-ready LLaMA decoder for Core ML: explicit key/value cache buffers updated by slicing.
+
+transformers' static cache does not convert to Core ML (``index_copy`` / ``alias`` are unsupported),
+so ``CoreMLDecoder(llm, max_context)`` recomputes our ``LlamaForCausalLM`` with the same weights (the
+same ``nn.Linear`` modules and norm weights, not copies) in a form ``torch.export`` + coremltools
+handle: one ``(1, kv_heads, max_context, head_dim)`` buffer per layer for keys and one for values,
+written with ``cache[:, :, past:end] = k``. coremltools turns mutated buffers into Core ML states
+(``ct.StateType``, iOS 18 / macOS 15), so the cache lives on the device between calls.
+
+Signature (what the app calls every step)::
+
+    forward(inputs_embeds (1, n, D), causal_mask (1, 1, n, end)) -> logits (1, 1, V)
+
+``end`` is the cache length after this call (past + n); ``causal_mask`` is additive (0 where a query
+may attend, -inf/-1e4 elsewhere), so the app decides prefill (n = prompt length) and decode (n = 1)
+with one function and the graph needs no data-dependent shapes. Only the last position's logits are
+returned. Grouped KV heads are expanded by ``expand`` + ``reshape`` (not ``repeat_interleave``, which
+does not convert on a flexible dimension).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MASK_MIN = -1e4  # additive mask value that is still finite in fp16
+
+
+class _RMSNorm(nn.Module):
+    """LLaMA RMSNorm sharing the original weight, computed as transformers does (fp32, then cast)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Layer(nn.Module):
+    def __init__(self, hf_layer, cfg, max_context: int, cache_dtype: torch.dtype):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        eps = cfg.rms_norm_eps
+        self.input_norm = _RMSNorm(hf_layer.input_layernorm.weight, eps)
+        self.post_norm = _RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        shape = (1, self.kv_heads, max_context, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
+
+    def forward(self, x, cos, sin, mask, past: int, end: int):
+        n = x.shape[1]
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(1, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        self.k_cache[:, :, past:end, :] = k.to(self.k_cache.dtype)
+        self.v_cache[:, :, past:end, :] = v.to(self.v_cache.dtype)
+        keys = self.k_cache[:, :, :end, :].to(q.dtype)
+        values = self.v_cache[:, :, :end, :].to(q.dtype)
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            keys = keys[:, :, None].expand(1, self.kv_heads, rep, end, self.head_dim).reshape(
+                1, self.heads, end, self.head_dim)
+            values = values[:, :, None].expand(1, self.kv_heads, rep, end, self.head_dim).reshape(
+                1, self.heads, end, self.head_dim)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class CoreMLDecoder(nn.Module):
+    """Our LLaMA's decoder with a stateful KV cache, for ``torch.export`` -> Core ML."""
+
+    def __init__(self, llm, llm_cfg, max_context: int | None = None, cache_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.max_context = max_context or llm_cfg.max_position_embeddings
+        inner = llm.model
+        self.layers = nn.ModuleList(_Layer(layer, llm_cfg, self.max_context, cache_dtype) for layer in inner.layers)
+        self.norm = _RMSNorm(inner.norm.weight, llm_cfg.rms_norm_eps)
+        self.lm_head = llm.lm_head
+        hd = llm_cfg.head_dim
+        inv_freq = 1.0 / (llm_cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        freqs = torch.outer(torch.arange(self.max_context, dtype=torch.int64).float(), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.k_cache.zero_()
+            layer.v_cache.zero_()
+
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        n = inputs_embeds.shape[1]
+        end = causal_mask.shape[-1]
+        past = end - n
+        cos = self.rope_cos[past:end].to(inputs_embeds.dtype)
+        sin = self.rope_sin[past:end].to(inputs_embeds.dtype)
+        mask = causal_mask.to(inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, past, end)
+        x = self.norm(x[:, -1:, :])
+        return self.lm_head(x)
+
+
+def causal_mask(past: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive mask (1, 1, n, past + n) for ``n`` new tokens after ``past`` cached ones."""
+    q = torch.arange(past, past + n).unsqueeze(1)
+    k = torch.arange(past + n).unsqueeze(0)
+    return torch.where(k <= q, 0.0, MASK_MIN).to(dtype).view(1, 1, n, past + n)

@@ -1,0 +1,166 @@
+"""An export-ready LLaMA decoder: the ``text_decoder`` method of the ExecuTorch program.
+
+``ExportLlama(llm)`` shares the weights (the same ``nn.Parameter`` objects) of our transformers
+``LlamaForCausalLM`` and computes the same function, written for ``torch.export`` + XNNPACK:
+
+- ``forward(embeds (1, S, hidden) float, input_pos (1,) int64) -> logits (1, vocab)`` of the last position
+  (the signature ExecuTorch's ``MultimodalRunner`` calls; S is dynamic for prefill, 1 for decode).
+- The KV cache is a pair of buffers per layer, ``(1, max_context_len, kv_heads, head_dim)``, written in
+  place by ExecuTorch's ``llama::update_cache`` and read by ``llama::custom_sdpa`` (causal, GQA-aware) --
+  the custom ops of ExecuTorch's own llama/llava examples, which run ~4x faster than a graph of
+  index_put/mask/expand ops after lowering.
+- Everything stays in the ``(batch, seq, heads, head_dim)`` layout those ops use, so there are no KV-cache
+  transposes to begin with (``RemoveRedundantTransposes`` still runs, for the ones quantization adds).
+
+Quantization replaces this module's Linear weights (``quantize_`` swaps the parameter), never the
+original model's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _load_custom_ops() -> None:
+    """Register llama::custom_sdpa / llama::update_cache (eager kernels + export meta functions)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm computed as transformers does (in fp32, then cast), sharing ``weight``."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _linear(src: nn.Linear) -> nn.Linear:
+    lin = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
+    lin.weight = src.weight
+    if src.bias is not None:
+        lin.bias = src.bias
+    return lin
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (max_positions, head_dim) for transformers' default (non-interleaved, rotate_half) RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(max_positions, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, layer, cfg, max_context_len: int):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(layer.input_layernorm.weight, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+        self.wq, self.wk, self.wv, self.wo = (_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj),
+                                              _linear(attn.o_proj))
+        self.w_gate, self.w_up, self.w_down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
+        shape = (1, max_context_len, self.n_kv, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, h: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = h.shape
+        x = self.attn_norm(h)
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+        h = h + self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
+        x = self.mlp_norm(h)
+        return h + self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class ExportLlama(nn.Module):
+    """text_decoder(embeds, input_pos) -> last-position logits, with a static KV cache in buffers."""
+
+    def __init__(self, llm, cfg, max_context_len: int | None = None):
+        super().__init__()
+        _load_custom_ops()
+        self.cfg = cfg
+        self.max_context_len = int(max_context_len or cfg.max_position_embeddings)
+        base = llm.model
+        self.layers = nn.ModuleList(Block(layer, cfg, self.max_context_len) for layer in base.layers)
+        self.norm = RMSNorm(base.norm.weight, cfg.rms_norm_eps)
+        self.lm_head = _linear(llm.lm_head)
+        cos, sin = rope_tables(cfg.head_dim, self.max_context_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.k_cache.zero_()
+            layer.v_cache.zero_()
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        seqlen = embeds.shape[1]
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + seqlen <= self.max_context_len)
+        cos = self.rope_cos.narrow(0, start, seqlen).view(1, seqlen, 1, -1)
+        sin = self.rope_sin.narrow(0, start, seqlen).view(1, seqlen, 1, -1)
+        h = embeds
+        for layer in self.layers:
+            h = layer(h, start, cos, sin)
+        return self.lm_head(self.norm(h[:, -1, :]))
+
+
+class TokenEmbedding(nn.Module):
+    """token_embedding(tokens (1, S) int64) -> (1, S, hidden); shares the LLM's embedding weight."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed = nn.Embedding(embed.num_embeddings, embed.embedding_dim, device="meta")
+        self.embed.weight = embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+
+class VisionEncoder(nn.Module):
+    """vision_encoder(uint8 (1, 3, V*S, S)) -> image embeddings (1, num_visual_tokens, hidden).
+
+    The app does only geometry (pad/resize, tiles stacked top to bottom); scaling by 1/255 and the
+    tower's mean/std happen here, in the graph.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        vcfg = model.config.vision
+        self.vision, self.connector = model.vision, model.connector
+        self.views, self.size = vcfg.num_views, vcfg.image_size
+        self.register_buffer("mean", torch.tensor(vcfg.image_mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(vcfg.image_std).view(1, 3, 1, 1) * 255.0),
+                             persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        # (1, 3, V*S, S) -> (V, 3, S, S): tile v occupies rows v*S .. (v+1)*S
+        x = x.view(3, self.views, self.size, self.size).transpose(0, 1)
+        x = (x - self.mean) * self.inv_std
+        feats = self.vision(x)
+        tokens = self.connector(feats)
+        return tokens.reshape(1, -1, tokens.shape[-1])

@@ -1,0 +1,98 @@
+"""Named quantization schemes per program part, applied with torchao before export.
+
+Schemes (a recipe's ``quantization.<part>.scheme``):
+
+- linears (``text_decoder``, ``vision_encoder``): ``fp32``; ``8da4w`` (int8 dynamic activations, int4
+  weights grouped by ``group_size``, 0 = per channel); ``8da8w`` (int8 dynamic activations, int8
+  per-channel weights; alias ``int8``); ``int8_weight`` (int8 per-channel weight-only).
+  Linears whose input width is not divisible by the group size fall back to per-channel int4 (8da4w),
+  so no layer is silently left in fp32 -- the count of fallbacks is reported.
+- embeddings (``token_embedding``): ``fp32``, ``embedding8``, ``embedding4`` (weight-only, grouped).
+
+The LM head counts as a decoder linear. XNNPACK runs all of these; ``portable`` runs them too, slowly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilemllm.errors import ConfigError
+
+LINEAR_SCHEMES = ("fp32", "8da4w", "8da8w", "int8", "int8_weight")
+EMBEDDING_SCHEMES = ("fp32", "embedding4", "embedding8")
+PART_SCHEMES = {"text_decoder": LINEAR_SCHEMES, "vision_encoder": LINEAR_SCHEMES, "token_embedding": EMBEDDING_SCHEMES}
+
+
+def check_scheme(part: str, spec: dict[str, Any]) -> None:
+    valid = PART_SCHEMES.get(part)
+    if valid is None:
+        raise ConfigError(f"unknown program part {part!r} in quantization; valid parts: {', '.join(PART_SCHEMES)}")
+    scheme = spec.get("scheme", "fp32")
+    if scheme not in valid:
+        raise ConfigError(f"quantization scheme {scheme!r} is not valid for {part}; choose one of {', '.join(valid)}")
+    gs = spec.get("group_size")
+    if gs is not None and (not isinstance(gs, int) or gs < 0 or (gs and gs % 2)):
+        raise ConfigError(f"{part} group_size must be 0 (per channel) or a positive even integer, got {gs!r}")
+
+
+def _granularity(group_size: int | None):
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    return PerAxis(0) if not group_size else PerGroup(group_size)
+
+
+def quantize_linears(module: nn.Module, scheme: str, group_size: int | None = 32) -> dict[str, Any]:
+    """Quantize every nn.Linear of ``module`` in place; returns what was done (for the manifest)."""
+    if scheme == "fp32":
+        return {"scheme": "fp32"}
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    info: dict[str, Any] = {"scheme": scheme, "linears": len(linears)}
+    with torch.no_grad():
+        if scheme == "8da4w":
+            gs = group_size or 0
+            fits = {n for n, m in linears if gs == 0 or m.in_features % gs == 0}
+            quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                                   weight_granularity=_granularity(gs)),
+                      filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in fits)
+            rest = {n for n, _ in linears} - fits
+            if rest:  # a width the group size does not divide: per-channel int4 instead
+                quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                                       weight_granularity=_granularity(0)),
+                          filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in rest)
+            info.update(group_size=gs, per_channel_fallback=len(rest))
+        elif scheme in ("8da8w", "int8"):
+            quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                                   weight_granularity=_granularity(0)),
+                      filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+            info.update(scheme="8da8w", group_size=0)
+        elif scheme == "int8_weight":
+            quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=_granularity(0)),
+                      filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+            info.update(group_size=0)
+        else:
+            raise ConfigError(f"unknown linear quantization scheme {scheme!r}; valid: {', '.join(LINEAR_SCHEMES)}")
+    return info
+
+
+def quantize_embeddings(module: nn.Module, scheme: str, group_size: int | None = 32) -> dict[str, Any]:
+    """Weight-only quantization of every nn.Embedding of ``module`` in place."""
+    if scheme == "fp32":
+        return {"scheme": "fp32"}
+    if scheme not in EMBEDDING_SCHEMES:
+        raise ConfigError(f"unknown embedding scheme {scheme!r}; valid: {', '.join(EMBEDDING_SCHEMES)}")
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+
+    bits = 4 if scheme == "embedding4" else 8
+    gs = group_size or 0
+    embs = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    if gs and any(m.embedding_dim % gs for m in embs):
+        gs = 0
+    with torch.no_grad():
+        quantize_(module, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=_granularity(gs)),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    return {"scheme": scheme, "group_size": gs}
