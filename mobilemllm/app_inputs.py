@@ -9,9 +9,11 @@ ports of this file, and it reads nothing but the bundle's ``manifest.json`` and 
    ``tiles``, and lay the views out as uint8 ``(V, 3, S, S)``. The result is byte-identical to
    :func:`mobilemllm.data.images.to_uint8_views` (tests/test_apps.py checks it on many shapes).
 2. **Prompt** (``manifest["prompt"]``): the template's segments in order, ``{question}`` replaced by the
-   stripped question; BOS once before the first segment when ``add_bos``. Each text segment is
-   tokenized on its own without special tokens (as ExecuTorch's MultimodalRunner does), so the ids
-   equal :func:`mobilemllm.inference.prompt_ids`.
+   stripped question. BOS is either already the first text segment's first characters
+   (``bos_in_first_text``: the tokenizer parses ``<s>`` to ``bos_id``) or, when the prompt starts with
+   the image, one BOS token the runner prefills (``num_bos`` = 1). Each text segment is tokenized on its
+   own without adding special tokens (as ExecuTorch's MultimodalRunner does), so the ids equal
+   :func:`mobilemllm.inference.prompt_ids`.
 
 Decoding the file (PNG/JPEG -> RGB) is the platform's job and is not covered: PNG decodes exactly
 everywhere, JPEG decoders may differ by a level or two. EXIF orientation is ignored, as in training.
@@ -183,7 +185,7 @@ def prompt_token_ids(manifest: Mapping[str, Any], tokenizer_json: str | Path, qu
     prompt = manifest["prompt"]
     ids: list[int] = []
     bos = manifest["tokenizer"]["bos_id"]
-    if prompt["add_bos"] and bos is not None:
+    if bos_tokens(prompt) and bos is not None:
         ids.append(int(bos))
     for seg in prompt_segments(prompt, question):
         if seg["type"] == "image":
@@ -193,11 +195,17 @@ def prompt_token_ids(manifest: Mapping[str, Any], tokenizer_json: str | Path, qu
     return ids
 
 
+def bos_tokens(prompt: Mapping[str, Any]) -> int:
+    """How many BOS tokens the runner must prefill as tokens (``num_bos``): 1 when the prompt has BOS but
+    its first segment does not already start with the BOS text (ExecuTorch's HF tokenizer parses ``<s>``
+    in text to ``bos_id`` but ignores its own ``bos`` argument)."""
+    return 1 if prompt["add_bos"] and not prompt.get("bos_in_first_text", False) else 0
+
+
 def runner_calls(manifest: Mapping[str, Any], question: str) -> list[tuple[str, Any]]:
     """The apps' calls in order: ("bos", n) is passed to the runner, then ("text", str) / ("image", None)."""
     prompt = manifest["prompt"]
-    bos = 1 if prompt["add_bos"] and manifest["tokenizer"]["bos_id"] is not None else 0
-    calls: list[tuple[str, Any]] = [("bos", bos)]
+    calls: list[tuple[str, Any]] = [("bos", bos_tokens(prompt))]
     for seg in prompt_segments(prompt, question):
         calls.append((seg["type"], seg.get("text")))
     if calls[-1][0] != "text":

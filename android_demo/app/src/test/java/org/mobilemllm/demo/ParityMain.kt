@@ -1,0 +1,47 @@
+package org.mobilemllm.demo
+
+import java.io.File
+import java.nio.ByteBuffer
+
+/**
+ * A JVM entry point for tests/test_apps.py (no Android needed): reads a bundle's manifest.json, a raw
+ * RGB file (int32 width, int32 height big-endian, then HWC bytes) and a question, and writes what the
+ * app would hand the runner: OUT.chw (the uint8 image, one byte per value) and OUT.json (num_bos, the
+ * image's width/height/channels, and the ordered prefill calls).
+ *
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt manifest.json image.rgb "question" OUT
+ */
+fun main(args: Array<String>) {
+    require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT" }
+    val manifest = BundleManifest.parse(File(args[0]).readText())
+    val raw = File(args[1]).readBytes()
+    val head = ByteBuffer.wrap(raw, 0, 8)
+    val w = head.int
+    val h = head.int
+    val rgb = BundleInputs.Rgb(w, h, raw.copyOfRange(8, raw.size))
+    val views = BundleInputs.imageViews(rgb, manifest.preprocessing)
+    val image = BundleInputs.runnerImage(views)
+    File(args[3] + ".chw").writeBytes(ByteArray(image.size) { image[it].toByte() })
+    val calls = BundleInputs.promptSegments(manifest, args[2]).joinToString(",") { seg ->
+        if (seg.isImage) "[\"image\",null]" else "[\"text\",${quote(seg.text)}]"
+    }
+    val s = manifest.preprocessing.imageSize
+    File(args[3] + ".json").writeText(
+        "{\"num_bos\":${BundleInputs.bosTokens(manifest)},\"width\":$s,\"height\":${views.size * s},\"channels\":3," +
+            "\"program\":${quote(manifest.programFile)},\"tokenizer_dir\":${quote(manifest.tokenizerDir)}," +
+            "\"calls\":[$calls]}"
+    )
+}
+
+private fun quote(s: String): String {
+    val sb = StringBuilder("\"")
+    for (ch in s) {
+        when {
+            ch == '"' -> sb.append("\\\"")
+            ch == '\\' -> sb.append("\\\\")
+            ch < ' ' -> sb.append(String.format("\\u%04x", ch.code))
+            else -> sb.append(ch)
+        }
+    }
+    return sb.append('"').toString()
+}
