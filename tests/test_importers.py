@@ -445,27 +445,36 @@ def test_v2_llm_only_keeps_language_model_and_tower(v2_source, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llava_source(tmp_path_factory):
+def llava_tokenizer():
+    from mobilemllm.data.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=300, num_images=60)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok
+
+
+def write_llava(folder: Path, tok, vision_cfg=None, strategy: str = "default", bias: bool = True, seed: int = 3):
     """A tiny LlavaForConditionalGeneration saved by transformers, with a tokenizer.json holding <image>."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from mobilemllm.data.tokenizer import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("llava") / "llava-1.5-tiny-hf"
-    tok = tiny_tokenizer(vocab_size=300, num_images=60)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tok.convert_tokens_to_ids("<image>")
-    clip_cfg = clip_vision_config()
-    cfg = LlavaConfig(vision_config=clip_cfg, text_config=llama_config(), image_token_index=image_token,
-                      projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      image_seq_length=clip_cfg.image_size ** 2 // clip_cfg.patch_size ** 2)
-    torch.manual_seed(3)
+    vision_cfg = vision_cfg or clip_vision_config()
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=llama_config(), image_token_index=image_token,
+                      projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy=strategy,
+                      image_seq_length=vision_cfg.image_size ** 2 // vision_cfg.patch_size ** 2,
+                      multimodal_projector_bias=bias)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "CLIPImageProcessor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
     return folder, model, image_token
+
+
+@pytest.fixture(scope="module")
+def llava_source(tmp_path_factory, llava_tokenizer):
+    return write_llava(tmp_path_factory.mktemp("llava") / "llava-1.5-tiny-hf", llava_tokenizer)
 
 
 def relayout(src: Path, dst: Path, rename) -> Path:
@@ -527,6 +536,38 @@ def test_llava_hf_imports_and_matches_transformers(llava_source, tmp_path, layou
         ref = hf_model(input_ids=torch.tensor([hf_ids]), pixel_values=pix).logits
         got = model(torch.tensor([ids]), pix).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def llava_logits_match(folder: Path, hf_model, image_token: int, out: Path) -> None:
+    from mobilemllm.inference import prompt_ids
+
+    model, tok = load_checkpoint(import_checkpoint(folder, out))
+    ids = prompt_ids(model.config, tok, QUESTION)
+    hf_ids = [image_token if i == IMAGE_TOKEN_ID else i for i in ids]
+    pix = pixels(model.config.vision.image_size, seed=6)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.tensor([hf_ids]), pixel_values=pix).logits
+        got = model(torch.tensor([ids]), pix).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_llava_hf_bias_free_projector(llava_tokenizer, tmp_path):
+    folder, hf_model, image_token = write_llava(tmp_path / "nobias", llava_tokenizer, bias=False)
+    llava_logits_match(folder, hf_model, image_token, tmp_path / "ours")
+    assert not load_file(str(tmp_path / "ours" / WEIGHTS_NAME))["connector.0.bias"].any()
+
+
+def test_llava_hf_siglip_tower(llava_tokenizer, tmp_path):
+    from transformers import SiglipVisionConfig
+
+    siglip = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=4)  # with its pooling head, which LLaVA never reads
+    folder, hf_model, image_token = write_llava(tmp_path / "siglip", llava_tokenizer, siglip, strategy="full")
+    llava_logits_match(folder, hf_model, image_token, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vision"]["kind"] == "siglip"
+    bad, _, _ = write_llava(tmp_path / "siglip_default", llava_tokenizer, siglip, strategy="default")
+    with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'default' with a siglip tower"):
+        import_checkpoint(bad, tmp_path / "no")
 
 
 # ---------------------------------------------------------------------------- plain LLaMA (--llm-only)

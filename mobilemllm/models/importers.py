@@ -458,7 +458,9 @@ def _plan_llava_hf(src: Path, config: dict, vision_tower: Path | None, llm_only:
     source = read_weights(src)
     rules = [("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
              ("lm_head.", "llm.lm_head."), ("language_model.lm_head.", "llm.lm_head.")]
-    drop: tuple[str, ...] = ()
+    # SigLIP's attention-pooling head is not used by LLaVA (it reads a hidden layer); ours is built without it
+    drop: tuple[str, ...] = tuple(p + "head." for p in ("model.vision_tower.", "vision_tower.",
+                                                        "model.vision_tower.vision_model.", "vision_tower.vision_model."))
     if llm_only:
         drop += ("model.multi_modal_projector.", "multi_modal_projector.")
     else:
@@ -539,16 +541,18 @@ def _check_unexpected(unexpected: list[str], where: str) -> None:
 # ---- tokenizer ------------------------------------------------------------------------------------
 
 
-def load_source_tokenizer(src: Path):
+def load_source_tokenizer(src: Path, fmt: str = "auto"):
     """The source's tokenizer (sentencepiece tokenizer.model or tokenizer.json), loaded offline."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
     files = [f for f in ("tokenizer.json", "tokenizer.model") if (src / f).exists()]
     if not files:
         raise CheckpointError(f"{src} has no tokenizer (tokenizer.json or tokenizer.model); copy the model's tokenizer "
                               "files into it")
+    # MobileVLM's model_type is unknown to transformers: hand AutoTokenizer a LLaMA config instead of config.json
+    kwargs = {"config": LlamaConfig()} if fmt == "mobilevlm" else {}
     try:
-        return AutoTokenizer.from_pretrained(src, local_files_only=True)
+        return AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
     except Exception as first:  # noqa: BLE001 - AutoTokenizer raises many kinds; fall back before reporting
         if "tokenizer.json" in files:
             try:
@@ -609,7 +613,7 @@ def import_checkpoint_with_report(src: str | Path, out: str | Path, vision_tower
     if llm_only:
         plan.notes.append(f"llm-only: connector {plan.connector} initialised from seed {seed} (train it before use)")
 
-    tokenizer = load_source_tokenizer(src)
+    tokenizer = load_source_tokenizer(src, fmt)
     if len(tokenizer) > plan.llm.vocab_size:
         raise CheckpointError(f"the tokenizer in {src} has {len(tokenizer)} tokens but the model's embedding has only "
                               f"{plan.llm.vocab_size} rows")
