@@ -1,0 +1,51 @@
+"""`mobilemllm eval`: VQA exact match, POPE and caption hallucination of a checkpoint on LLaVA-format data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def eval_cmd(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint folder (repeat to compare several)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Folder with eval_questions.json, eval_pope_*.json, "
+                              "eval_captions.json and images/ (e.g. `mobilemllm data synth --seed 1 --out DIR`)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N records per file."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Prompts decoded together."),
+    out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
+) -> None:
+    """Evaluate checkpoints: prints a table and the JSON report."""
+    from rich.console import Console
+
+    from mobilemllm.evaluation import evaluate, format_table
+    from mobilemllm.models.checkpoint import check_checkpoint_dir, load_checkpoint
+
+    for m in model:
+        check_checkpoint_dir(m)
+    if not data.is_dir():
+        from mobilemllm.errors import DataError
+
+        raise DataError(f"evaluation data folder {data} does not exist; write one with "
+                        f"`mobilemllm data synth --seed 1 --num-images 200 --out {data}`")
+    reports = {}
+    for m in model:
+        net, tok = load_checkpoint(m)
+        if tok is None:
+            from mobilemllm.errors import CheckpointError
+
+            raise CheckpointError(f"{m} has no tokenizer files (tokenizer.json); it cannot be evaluated")
+        reports[m] = evaluate(net, tok, data, limit=limit, batch_size=batch_size)
+    text = json.dumps(reports if len(reports) > 1 else next(iter(reports.values())), indent=1)
+    if out_json is not None:
+        tmp = out_json.with_name(out_json.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out_json)
+    Console().print(format_table(reports))
+    typer.echo(text)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)

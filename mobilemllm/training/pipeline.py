@@ -1,0 +1,354 @@
+"""Run a recipe's stages end to end: data -> foundations -> pretrain -> instruct -> dpo -> evaluation.
+
+Layout of an output folder (``out_dir``)::
+
+    data/train/, data/eval/      the synthetic shapes world (train seed 0, held-out eval seed 1)
+    foundations/ pretrain/ instruct/ dpo/
+                                 one checkpoint folder per stage (config.json, model.safetensors,
+                                 tokenizer files, training_state.json, eval.json)
+    logs/<stage>/metrics.jsonl   the training log; logs/<stage>/last/ the resumable state while running
+    results.json                 per-stage evaluation table
+
+Each stage starts from the previous stage's folder. A stage whose folder is complete and whose
+fingerprint (its recipe section, the previous stage's fingerprint and the data) is unchanged is
+reused, so re-running a pipeline only trains what is missing or changed.
+
+The quickstart entry point is :func:`run_tiny_pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.training.distributed import barrier, dist_env
+from mobilemllm.training.recipes import foundations_config, load_recipe, stage_options, stage_train_config
+from mobilemllm.training.stages import ORDER, get_stage, trainable_parts
+
+STATE_NAME = "training_state.json"
+EVAL_NAME = "eval.json"
+RESULTS_NAME = "results.json"
+
+
+# ------------------------------------------------------------------------------------------ data
+def prepare_data(recipe: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path | None]:
+    """The training and evaluation data folders; writes the synthetic world when the recipe has none."""
+    data = recipe.get("data")
+    eval_data = recipe.get("eval_data")
+    syn = recipe.get("synthetic") or {}
+    if data is None:
+        data = out_dir / "data" / "train"
+        _synth(data, syn.get("train_images", 3000), syn.get("train_seed", 0), syn, log)
+    if eval_data is None and recipe.get("data") is None:
+        eval_data = out_dir / "data" / "eval"
+        _synth(eval_data, syn.get("eval_images", 200), syn.get("eval_seed", 1), syn, log)
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"training data folder {data} does not exist; set `data=` to a folder of LLaVA-format "
+                        "files, or leave it null for the synthetic shapes world")
+    return data, Path(eval_data) if eval_data else None
+
+
+def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
+    from mobilemllm.data.shapes import write_synthetic
+
+    rate = syn.get("hallucination_rate", 0.3)
+    meta = path / "meta.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        if m.get("num_images") == n and m.get("seed") == seed and m.get("hallucination_rate") == rate:
+            return
+    if dist_env().is_main:
+        log(f"writing {n} synthetic images (seed {seed}) to {path}")
+        write_synthetic(path, num_images=n, seed=seed, hallucination_rate=rate,
+                        split="train" if seed == syn.get("train_seed", 0) else "eval")
+    barrier(dist_env())
+
+
+# ----------------------------------------------------------------------------------------- models
+def initial_model(recipe: dict[str, Any]):
+    """(model, tokenizer) the first stage starts from: a checkpoint folder or a preset (+ tokenizer)."""
+    from mobilemllm.config import ModelConfig
+    from mobilemllm.models.checkpoint import load_checkpoint
+    from mobilemllm.models.vlm import MobileVLM
+
+    name = recipe.get("model", "tiny")
+    if Path(str(name)).is_dir():
+        model, tok = load_checkpoint(name)
+    else:
+        cfg = ModelConfig.from_preset(str(name), **(recipe.get("model_overrides") or {}))
+        tok = None
+        if recipe.get("tokenizer") is None and cfg.name == "tiny":
+            from mobilemllm.data.tokenizer import tiny_tokenizer
+
+            tok = tiny_tokenizer(cfg.llm.vocab_size)
+        model = MobileVLM(cfg)
+    if recipe.get("tokenizer"):
+        from mobilemllm.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(recipe["tokenizer"])
+    if tok is None:
+        raise ConfigError(f"model {name!r} has no tokenizer; set `tokenizer:` in the recipe to a tokenizer folder")
+    return model, tok
+
+
+def _previous(stages: list[str], stage: str) -> str | None:
+    i = stages.index(stage) if stage in stages else ORDER.index(stage)
+    before = stages[:i] if stage in stages else [s for s in stages if ORDER.index(s) < ORDER.index(stage)]
+    return before[-1] if before else None
+
+
+def _fingerprint(recipe: dict[str, Any], stage: str, prev_fp: str | None, data: Path) -> str:
+    keys = {"stage": stage, "section": recipe.get(stage), "prev": prev_fp, "data": str(data),
+            "model": recipe.get("model"), "model_overrides": recipe.get("model_overrides"),
+            "seed": recipe.get("seed"), "synthetic": recipe.get("synthetic")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_state(out_dir: Path, stage: str) -> dict[str, Any] | None:
+    path = out_dir / stage / STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("complete") else None
+
+
+# ----------------------------------------------------------------------------------------- stages
+def _param_groups(connector_lr: float | None):
+    def groups(model):
+        conn = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("connector.")]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("connector.")]
+        if connector_lr is None:
+            return [{"params": conn + rest}]
+        return [{"params": conn, "lr": connector_lr}, {"params": rest}]
+    return groups
+
+
+def _apply_lora(model, lora: dict[str, Any]) -> None:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install 'mobilemllm[train]'") from None
+    targets = lora.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]
+    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets, bias="none")
+    model.llm = get_peft_model(model.llm, cfg)
+
+
+def merge_lora(model, adapter_dir: Path | None = None) -> None:
+    """Save the adapter (optional) and fold LoRA into the LLM's weights, leaving a plain model."""
+    if adapter_dir is not None:
+        model.llm.save_pretrained(str(adapter_dir))
+    model.llm = model.llm.merge_and_unload()
+
+
+def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_dir: Path, init: str | Path | None,
+              resume: bool = True, progress: bool = True, fingerprint: str = "") -> dict[str, Any]:
+    """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``."""
+    from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate
+    from mobilemllm.models.checkpoint import load_checkpoint, save_checkpoint
+    from mobilemllm.training.losses import DPOObjective, LMObjective
+    from mobilemllm.training.trainer import Trainer
+
+    out_dir = Path(out_dir)
+    st = get_stage(stage)
+    env = dist_env()
+    t0 = time.perf_counter()
+    if init is not None:
+        model, tok = load_checkpoint(init)
+        if tok is None:
+            raise UserError(f"{init} has no tokenizer files; every stage folder needs one")
+    else:
+        model, tok = initial_model(recipe)
+    run_dir = out_dir / "logs" / stage
+    summary: dict[str, Any]
+    if stage == "foundations":
+        from mobilemllm.training.foundations import train_foundations
+
+        summary = train_foundations(model, tok, data_dir, run_dir, foundations_config(recipe, "text"),
+                                    foundations_config(recipe, "vision"), resume=resume, progress=progress)
+        cfg_dump: dict[str, Any] = {"text": vars(foundations_config(recipe, "text")),
+                                    "vision": vars(foundations_config(recipe, "vision"))}
+    else:
+        cfg = stage_train_config(recipe, stage)
+        opts = stage_options(recipe, stage)
+        data_path = Path(opts.get("data") or st.data)
+        if not data_path.is_absolute():
+            data_path = data_dir / data_path
+        image_folder = opts.get("image_folder")
+        template = opts.get("template") or st.template
+        parts = trainable_parts(st, opts.get("train_vision"), opts.get("train_connector"), opts.get("train_llm"))
+        model.set_trainable(**parts)
+        lora = opts.get("lora") if stage == "instruct" else None
+        if lora:
+            model.set_trainable(llm=False)
+            _apply_lora(model, lora)
+        pad = tok.pad_token_id
+        if st.objective == "dpo":
+            if init is None:
+                raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
+            reference, _ = load_checkpoint(init, with_tokenizer=False)
+            dataset = PreferenceDataset(data_path, image_folder, tok, model.config, template=template)
+            objective = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
+            collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
+        else:
+            dataset = ConversationDataset(data_path, image_folder, tok, model.config, template=template,
+                                          max_length=opts.get("max_length"))
+            objective = LMObjective()
+            collate_fn = lambda items: collate(items, pad)  # noqa: E731
+        trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
+                          param_groups=_param_groups(cfg.connector_lr))
+        summary = trainer.fit(resume=resume)
+        if lora:
+            merge_lora(model, run_dir / "lora_adapter" if env.is_main else None)
+        model.set_trainable(vision=True, connector=True, llm=True)
+        trainer.model = model
+        cfg_dump = {**vars(cfg), **opts, "trainable": parts}
+    model = model.cpu().float()
+    state = {"stage": stage, "complete": True, "fingerprint": fingerprint, "recipe": recipe.get("name"),
+             "init": str(init) if init else recipe.get("model"), "data": str(data_dir), "config": cfg_dump,
+             "train": summary, "wall_s": round(time.perf_counter() - t0, 2)}
+    if env.is_main:
+        save_checkpoint(model, tok, out_dir / stage, extra=state)
+        shutil.rmtree(run_dir / "last", ignore_errors=True)
+        for sub in ("text", "vision"):
+            shutil.rmtree(run_dir / sub / "last", ignore_errors=True)
+    barrier(env)
+    return state
+
+
+def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[str, Any],
+                   reuse: bool = True) -> dict[str, Any]:
+    """Evaluate ``out_dir/stage`` on ``eval_dir`` (cached in the stage folder's eval.json)."""
+    from mobilemllm.evaluation import evaluate
+    from mobilemllm.models.checkpoint import load_checkpoint
+
+    folder = out_dir / stage
+    state = json.loads((folder / STATE_NAME).read_text())
+    key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(eval_dir), "opts": eval_opts}
+    cache = folder / EVAL_NAME
+    if reuse and cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["report"]
+    model, tok = load_checkpoint(folder)
+    report = evaluate(model, tok, eval_dir, **eval_opts)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "report": report}, indent=1))
+    tmp.replace(cache)
+    return report
+
+
+def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: list[str] | None = None,
+               overrides: list[str] | None = None, resume: bool = True, fresh: bool = False,
+               evaluate_stages: bool = True, init: str | Path | None = None, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``stages`` (default: the recipe's) into ``out_dir``, evaluate each, write results.json."""
+    from mobilemllm.evaluation.run import summarize
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe, overrides)
+    out_dir = Path(out_dir)
+    env = dist_env()
+    threads = recipe.get("num_threads")
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(int(threads) if env.world_size == 1 else max(1, int(threads) // env.world_size))
+    plan = list(recipe.get("stages") or [s for s in ORDER if s != "foundations"])
+    todo = stages or plan
+    for s in todo:
+        get_stage(s)
+    if fresh and env.is_main and out_dir.exists():
+        for s in ORDER:
+            shutil.rmtree(out_dir / s, ignore_errors=True)
+            shutil.rmtree(out_dir / "logs" / s, ignore_errors=True)
+        (out_dir / RESULTS_NAME).unlink(missing_ok=True)
+    barrier(env)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    data_dir, eval_dir = prepare_data(recipe, out_dir, log)
+    eval_opts = dict(recipe.get("eval") or {})
+
+    results: dict[str, Any] = {"recipe": recipe.get("name"), "out_dir": str(out_dir), "stages": {}}
+    fp: str | None = None
+    ordered = [s for s in ORDER if s in set(plan) | set(todo)]
+    for stage in ordered:
+        prev = _previous(ordered, stage)
+        fp = _fingerprint(recipe, stage, fp, data_dir)
+        if stage not in todo:
+            continue
+        state = stage_state(out_dir, stage)
+        if state and state.get("fingerprint") == fp:
+            log(f"{stage}: reusing {out_dir / stage}")
+        else:
+            if prev is None:
+                start = init
+            elif init is not None and stage == todo[0]:
+                start = init
+            else:
+                start = out_dir / prev
+                if stage_state(out_dir, prev) is None:
+                    raise UserError(f"stage {stage} starts from {start}, which is not a finished checkpoint; run "
+                                    f"`mobilemllm train --stage {prev}` first (or pass --init FOLDER)")
+            log(f"{stage}: training from {start or recipe.get('model')}")
+            state = run_stage(recipe, stage, out_dir, data_dir=data_dir, init=start, resume=resume,
+                              progress=progress, fingerprint=fp)
+        entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s")}
+        if evaluate_stages and eval_dir is not None and stage != "foundations" and env.is_main:
+            t0 = time.perf_counter()
+            report = evaluate_stage(out_dir, stage, eval_dir, eval_opts)
+            entry["eval"] = report
+            entry["summary"] = summarize(report)
+            entry["eval_wall_s"] = round(time.perf_counter() - t0, 2)
+        results["stages"][stage] = entry
+    results["total_wall_s"] = round(time.perf_counter() - t_all, 2)
+    results["table"] = {s: e["summary"] for s, e in results["stages"].items() if "summary" in e}
+    if env.is_main:
+        tmp = out_dir / (RESULTS_NAME + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out_dir / RESULTS_NAME)
+    return results
+
+
+def print_results(results: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+
+    from mobilemllm.evaluation.run import format_table
+
+    rows = {s: e["eval"] for s, e in results["stages"].items() if "eval" in e}
+    if rows:
+        (console or Console()).print(format_table(rows, title=f"{results.get('recipe')}: per-stage evaluation"))
+
+
+def run_tiny_pipeline(out_dir: str | Path, data_dir: str | Path | None = None, fresh: bool = False,
+                      progress: bool = True, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate the tiny model end to end on this machine (the quickstart's engine).
+
+    Writes the synthetic data (train seed 0 and held-out eval seed 1 under ``out_dir/data``, unless
+    ``data_dir`` is given: a folder with train files and an ``eval`` subfolder or eval files), trains
+    foundations + pretrain + instruct + dpo (each a checkpoint folder ``out_dir/<stage>``), evaluates
+    each stage, writes ``out_dir/results.json`` and prints the per-stage table. Finished stages are
+    reused unless ``fresh``.
+
+    Returns the results dict: ``{"stages": {stage: {"checkpoint", "train_wall_s", "eval", "summary",
+    "eval_wall_s"}}, "table": {stage: {vqa_accuracy, pope_accuracy, pope_f1, pope_yes_ratio,
+    pope_hallucination, caption_object_halluc, caption_halluc_captions}}, "total_wall_s", ...}``.
+    """
+    extra = list(overrides or [])
+    if data_dir is not None:
+        d = Path(data_dir)
+        extra.append(f"data={d}")
+        extra.append(f"eval_data={d / 'eval' if (d / 'eval').is_dir() else d}")
+    recipe = load_recipe("tiny", extra)
+    results = run_recipe(recipe, out_dir, fresh=fresh, progress=progress, log=print if progress else (lambda m: None))
+    if progress:
+        print_results(results)
+    return results

@@ -1,0 +1,283 @@
+"""Training: stages freeze what they say, DPO loss by hand, resume == uninterrupted, torchrun (gloo)
+== one process, NaN stops cleanly, a short run lowers the loss, recipes and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobilemllm.config import ModelConfig
+from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate
+from mobilemllm.data.shapes import write_synthetic
+from mobilemllm.data.tokenizer import tiny_tokenizer
+from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.models.checkpoint import load_checkpoint, save_checkpoint
+from mobilemllm.models.vlm import MobileVLM
+from mobilemllm.training.losses import DPOObjective, LMObjective, dpo_loss, sequence_logps
+from mobilemllm.training.recipes import load_recipe, recipe_names
+from mobilemllm.training.stages import STAGES, trainable_parts
+from mobilemllm.training.trainer import Trainer, TrainConfig, TrainingDiverged, cosine_with_warmup
+
+SMALL = dict(llm={"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128})
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 64-image synthetic data set, a small tiny-config model checkpoint with its tokenizer."""
+    root = tmp_path_factory.mktemp("train_small")
+    write_synthetic(root / "data", num_images=64, seed=0)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", **SMALL)
+    tok = tiny_tokenizer(cfg.llm.vocab_size, num_images=100)
+    model = MobileVLM(cfg)
+    save_checkpoint(model, tok, root / "init")
+    return root
+
+
+def _load(world):
+    return load_checkpoint(world / "init")
+
+
+def _instruct_trainer(world, run_dir, **cfg):
+    model, tok = _load(world)
+    model.set_trainable(**STAGES["instruct"].trainable)
+    ds = ConversationDataset(world / "data" / "instruct.json", None, tok, model.config)
+    tc = TrainConfig(**{"lr": 3e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 6, "warmup_ratio": 0.0,
+                        **cfg})
+    return Trainer(model, LMObjective(), ds, lambda s: collate(s, tok.pad_token_id), tc, run_dir, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ stages
+@pytest.mark.parametrize("stage", ["pretrain", "instruct", "dpo"])
+def test_stage_freezes_exactly_what_it_says(small_world, tmp_path, stage):
+    model, tok = _load(small_world)
+    st = STAGES[stage]
+    parts = trainable_parts(st)
+    model.set_trainable(**parts)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if st.objective == "dpo":
+        ref, _ = _load(small_world)
+        ds = PreferenceDataset(small_world / "data" / "dpo.json", None, tok, model.config)
+        obj = DPOObjective(ref, beta=0.1)
+        coll = lambda items: collate([c for c, _ in items] + [r for _, r in items], tok.pad_token_id)  # noqa: E731
+    else:
+        ds = ConversationDataset(small_world / "data" / st.data, None, tok, model.config, template=st.template)
+        obj, coll = LMObjective(), (lambda s: collate(s, tok.pad_token_id))
+    tc = TrainConfig(lr=1e-2, global_batch=4, micro_batch=4, max_steps=2, warmup_ratio=0.0)
+    Trainer(model, obj, ds, coll, tc, tmp_path / "run", progress=False).fit(resume=False)
+    for part in ("vision", "connector", "llm"):
+        params = dict(model.part(part).named_parameters())
+        assert all(p.requires_grad == parts[part] for p in params.values()), part
+        changed = [n for n, p in params.items() if not torch.equal(p, before[f"{part}.{n}"])]
+        if parts[part]:
+            assert changed, f"{stage}: trainable {part} did not change"
+        else:
+            assert not changed, f"{stage}: frozen {part} changed: {changed[:3]}"
+    assert parts == {"pretrain": dict(vision=False, connector=True, llm=False),
+                     "instruct": dict(vision=False, connector=True, llm=True),
+                     "dpo": dict(vision=False, connector=True, llm=True)}[stage]
+
+
+def test_trainable_overrides():
+    assert trainable_parts(STAGES["pretrain"], train_vision=True, train_llm=True) == \
+        dict(vision=True, connector=True, llm=True)
+
+
+# --------------------------------------------------------------------------------------------- DPO
+def test_dpo_loss_matches_hand_computation():
+    pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])
+    beta = 0.5
+    losses, crew, rrew = dpo_loss(pc, pr, rc, rr, beta)
+    # pair 0: (pc-rc) - (pr-rr) = 0.5 - (-0.5) = 1.0 ; pair 1: (-1.0) - (1.0) = -2.0
+    expected = [-math.log(1 / (1 + math.exp(-beta * 1.0))), -math.log(1 / (1 + math.exp(-beta * -2.0)))]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert crew.tolist() == pytest.approx([0.25, -0.5])
+    assert rrew.tolist() == pytest.approx([-0.25, 0.5])
+
+
+def test_sequence_logps_sums_only_labelled_tokens():
+    logits = torch.log_softmax(torch.randn(1, 4, 5), -1)
+    labels = torch.tensor([[-100, 3, -100, 1]])
+    want = logits[0, 0, 3] + logits[0, 2, 1]
+    assert sequence_logps(logits, labels).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_dpo_against_itself_starts_at_log2_and_logs_trl_metrics(small_world, tmp_path):
+    model, tok = _load(small_world)
+    ref, _ = _load(small_world)
+    model.set_trainable(**STAGES["dpo"].trainable)
+    ds = PreferenceDataset(small_world / "data" / "dpo.json", None, tok, model.config)
+    coll = lambda items: collate([c for c, _ in items] + [r for _, r in items], tok.pad_token_id)  # noqa: E731
+    tc = TrainConfig(lr=1e-3, global_batch=4, micro_batch=2, max_steps=3, warmup_ratio=0.0)
+    Trainer(model, DPOObjective(ref, 0.1), ds, coll, tc, tmp_path, progress=False).fit(resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        assert key in rows[-1]
+    assert rows[-1]["rewards/margins"] > 0  # it learns to prefer the faithful caption
+
+
+# ---------------------------------------------------------------------------------------- trainer
+def test_cosine_schedule_with_warmup():
+    assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_short_run_lowers_the_loss(small_world, tmp_path):
+    t = _instruct_trainer(small_world, tmp_path, max_steps=12, lr=3e-3)
+    t.fit(resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    assert sum(r["loss"] for r in rows[-3:]) / 3 < 0.8 * sum(r["loss"] for r in rows[:3]) / 3
+    assert all(k in rows[0] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_run(small_world, tmp_path):
+    full = _instruct_trainer(small_world, tmp_path / "full", save_every=2)
+    full.fit(resume=False)
+    want = {n: p.detach().clone() for n, p in full.model.named_parameters()}
+
+    def kill_at_5(step, _m):  # dies after step 5, so the last saved state is step 4
+        if step == 5:
+            raise _Interrupt()
+
+    first = _instruct_trainer(small_world, tmp_path / "cut", save_every=2)
+    with pytest.raises(_Interrupt):
+        first.fit(resume=False, on_step=kill_at_5)
+    assert json.loads((tmp_path / "cut" / "last" / "step.json").read_text())["step"] == 4
+    # A new process: fresh model from the same init, resumes from step 4.
+    second = _instruct_trainer(small_world, tmp_path / "cut", save_every=2)
+    summary = second.fit(resume=True)
+    assert summary["resumed_from"] == 4
+    for n, p in second.model.named_parameters():
+        assert torch.equal(p, want[n]), n
+    losses_full = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses_cut = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert losses_cut == losses_full
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_state(small_world, tmp_path):
+    t = _instruct_trainer(small_world, tmp_path, lr=1e30, max_grad_norm=1e30, save_every=1, max_steps=6)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+/6.*last good state \(step \d+\)"):
+        t.fit(resume=False)
+    state = torch.load(tmp_path / "last" / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_global_batch_must_split_into_micro_batches(small_world, tmp_path):
+    with pytest.raises(ConfigError, match="not a multiple"):
+        _instruct_trainer(small_world, tmp_path, global_batch=6, micro_batch=4)
+
+
+def _write_recipe(world: Path, path: Path, steps: int = 4) -> Path:
+    path.write_text(
+        "# mobilemllm train --recipe THIS --stage instruct\n"
+        f"model: {world / 'init'}\n"
+        f"data: {world / 'data'}\n"
+        "stages: [instruct]\n"
+        "seed: 0\n"
+        f"instruct: {{lr: 3.0e-3, global_batch: 8, micro_batch: 2, max_steps: {steps}, warmup_ratio: 0.0}}\n")
+    return path
+
+
+def test_torchrun_two_processes_match_one_process(small_world, tmp_path):
+    """2-process DDP (gloo) with the same global batch gives the same loss curve as one process."""
+    recipe = _write_recipe(small_world, tmp_path / "r.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base = [sys.executable, "-m", "mobilemllm", "train", "--recipe", str(recipe), "--stage", "instruct",
+            "--init", str(small_world / "init"), "--no-eval", "--no-progress"]
+    one = subprocess.run(base + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29517"] + base[1:] + ["--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def curve(d):
+        return [json.loads(x) for x in (d / "logs" / "instruct" / "metrics.jsonl").read_text().splitlines()]
+
+    c1, c2 = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert [r["step"] for r in c1] == [r["step"] for r in c2] == [1, 2, 3, 4]
+    assert [r["loss"] for r in c2] == pytest.approx([r["loss"] for r in c1], rel=1e-4)
+    st = json.loads((tmp_path / "two" / "instruct" / "training_state.json").read_text())
+    assert st["train"]["world_size"] == 2
+    m1, _ = load_checkpoint(tmp_path / "one" / "instruct")
+    m2, _ = load_checkpoint(tmp_path / "two" / "instruct")
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), n
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def test_lora_instruct_trains_adapters_and_merges(small_world, tmp_path):
+    from mobilemllm.training.pipeline import run_recipe
+
+    recipe = load_recipe(_write_recipe(small_world, tmp_path / "r.yaml", steps=3),
+                         ["instruct.lora={r: 4, alpha: 8}"])
+    run_recipe(recipe, tmp_path / "out", stages=["instruct"], init=small_world / "init", evaluate_stages=False,
+               progress=False, log=lambda m: None)
+    merged, _ = load_checkpoint(tmp_path / "out" / "instruct")  # a plain checkpoint: LoRA folded in
+    init, _ = _load(small_world)
+    diff = {n for (n, a), (_, b) in zip(merged.named_parameters(), init.named_parameters()) if not torch.equal(a, b)}
+    assert any(n.startswith("llm.") and "q_proj" in n for n in diff)
+    assert not any(n.startswith("vision.") for n in diff)
+    assert (tmp_path / "out" / "logs" / "instruct" / "lora_adapter" / "adapter_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------- recipes
+def test_shipped_recipes_load_and_start_with_their_command():
+    names = recipe_names()
+    assert {"tiny", "mobilevlm-v2-1.7b"} <= set(names)
+    from mobilemllm.training.recipes import recipe_path
+
+    for name in names:
+        first = recipe_path(name).read_text().splitlines()[0]
+        assert first.startswith("# mobilemllm train") and f"--recipe {name}" in first
+        load_recipe(name)
+
+
+def test_recipe_overrides_and_errors():
+    r = load_recipe("tiny", ["instruct.lr=1e-4", "instruct.epochs=2", "stages=[pretrain,instruct]"])
+    assert r["instruct"]["lr"] == 1e-4 and r["instruct"]["epochs"] == 2 and r["stages"] == ["pretrain", "instruct"]
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*tiny"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match="instruct: unknown key.*lrr"):
+        load_recipe("tiny", ["instruct.lrr=1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_recipe("tiny", ["instruct.lr"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_recipe("tiny", ["stages=[pretrain,rlhf]"])
+
+
+def test_cli_train_and_eval_help_and_errors(tmp_path):
+    from mobilemllm.cli import main
+
+    assert main(["train", "--help"]) == 0
+    assert main(["eval", "--help"]) == 0
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--stage", "rlhf", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+
+
+def test_stage_without_previous_checkpoint_is_a_clear_error(tmp_path):
+    from mobilemllm.training.pipeline import run_recipe
+
+    with pytest.raises(UserError, match="run `mobilemllm train --stage pretrain` first"):
+        run_recipe("tiny", tmp_path, stages=["instruct"], overrides=["synthetic.train_images=16",
+                                                                      "synthetic.eval_images=4"],
+                   progress=False, log=lambda m: None)
