@@ -73,8 +73,12 @@ class Backend(ABC):
         self.extra_load_s = 0.0  # load work a runtime defers to its first request (added to load time)
         self.load_s_override: float | None = None  # a load time the runtime reports itself (phone runs)
 
+    def open(self) -> None:
+        """Untimed set-up before the load: imports, manifest and checksum checks, the tokenizer."""
+
     @abstractmethod
-    def load(self) -> None: ...
+    def load(self) -> None:
+        """Timed: what an app does at start-up (read the weights, build the runtime's program/sessions)."""
 
     @abstractmethod
     def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
@@ -137,6 +141,7 @@ def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: in
     step = on_step or (lambda _msg: None)
     metrics.release_memory()
     metrics.reset_peak_rss()
+    backend.open()
     t0 = metrics.now()
     backend.load()
     load_s = metrics.now() - t0

@@ -45,11 +45,11 @@ def _check_model(target: str) -> None:
 def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence[str], device: str = "host") -> list[Case]:
     for b in backends:
         check_backend(b)
+    if "pytorch" in backends and not models:
+        raise UserError("--backend pytorch runs a checkpoint: add --model CKPT (a checkpoint folder or a preset name)")
     if not bundles and not models:
         raise UserError("nothing to benchmark: give --bundle DIR (an exported bundle) and/or --model CKPT "
                         "(a checkpoint folder or preset, run eagerly with --backend pytorch)")
-    if "pytorch" in backends and not models:
-        raise UserError("--backend pytorch runs a checkpoint: add --model CKPT (a checkpoint folder or a preset name)")
     cases: list[Case] = []
     for m in models:
         _check_model(m)

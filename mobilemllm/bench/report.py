@@ -238,7 +238,11 @@ def write_plot(cases: Sequence[CaseResult], machine: dict[str, Any], path: str |
                     label="bandwidth ceiling")
     ax2.set_yticks(y, labels)
     ax2.invert_yaxis()
-    ax2.set_xlabel("decode tokens/s")
+    ax2.set_xscale("log")  # tiny models and their ceilings span orders of magnitude
+    for yy, v in zip(y, got):
+        if v:
+            ax2.annotate(f"{v:,.0f}", (v, yy), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax2.set_xlabel("decode tokens/s (log scale)")
     ax2.set_title("decode vs memory-bandwidth ceiling")
     ax2.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{machine['device']}: {machine['cpu']}, {machine['threads']} thread(s)", fontsize=10)

@@ -75,6 +75,8 @@ def bench(
     machine = describe(threads, device)
     doc = report.result_document(results, machine, settings.to_dict())
     out = Console()
+    if not out.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
+        out = Console(width=200)
     out.print(report.table(results, machine))
     for line in report.footnotes(results, settings.to_dict()):
         out.print(f"[dim]{line}[/]", highlight=False)

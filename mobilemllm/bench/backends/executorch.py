@@ -70,7 +70,7 @@ def decode_bytes_per_token(manifest: dict, position: int) -> int:
 
 
 class _ExecuTorchBase(Backend):
-    def _open(self) -> None:
+    def open(self) -> None:
         from mobilemllm.data.tokenizer import load_tokenizer
 
         try:
@@ -100,16 +100,18 @@ class _ExecuTorchBase(Backend):
         return prompt
 
 
-class _CapturedStdout:
-    """Redirect the process's fd 1 (where the C++ runner printf()s) to a temporary file; keep the text."""
+class _CapturedOutput:
+    """Send the process's fds 1 and 2 (the C++ runner's printf()s and ET_LOG lines) to a temporary file."""
 
     def __enter__(self):
         import sys
 
         sys.stdout.flush()
+        sys.stderr.flush()
         self.file = tempfile.TemporaryFile(mode="w+b")
-        self.saved = os.dup(1)
+        self.saved = [os.dup(1), os.dup(2)]
         os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
         return self
 
     def __exit__(self, *exc):
@@ -117,8 +119,9 @@ class _CapturedStdout:
             ctypes.CDLL(None).fflush(None)  # C stdio buffers the runner's printf()s
         except (OSError, AttributeError):
             pass
-        os.dup2(self.saved, 1)
-        os.close(self.saved)
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
         self.file.seek(0)
         self.text = self.file.read().decode("utf-8", "replace")
         self.file.close()
@@ -131,8 +134,7 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
     def load(self) -> None:
         from executorch.extension.llm.runner import MultimodalRunner
 
-        self._open()
-        with _CapturedStdout():
+        with _CapturedOutput():
             self.runner = MultimodalRunner(str(self.pte), str(self.tokenizer_dir))
         self.image = image_input_tensor(self.manifest)
         self.captured: list[str] = []
@@ -156,7 +158,7 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
                                   num_eos=0, seq_len=-1)
         stamps: list[float] = []
         self.runner.reset()
-        with _CapturedStdout() as out:
+        with _CapturedOutput() as out:
             t0 = metrics.now()
             self.runner.generate(inputs, config, lambda _piece: stamps.append(metrics.now()), None)
             t1 = metrics.now()
@@ -203,7 +205,6 @@ class ExecuTorchMethodsBackend(_ExecuTorchBase):
     def load(self) -> None:
         from executorch.runtime import Runtime
 
-        self._open()
         missing = [m for m in self.METHODS if m not in self.manifest.get("methods", {})]
         if missing:
             raise UserError(f"bundle {self.target} has no method(s) {', '.join(missing)}")

@@ -29,15 +29,20 @@ def graph_bytes(bundle: Path, manifest: dict, part: str) -> int:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def load(self) -> None:
+    def open(self) -> None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from None
-        from mobilemllm.runtime.onnx_runner import OnnxRunner
+        import mobilemllm.runtime.onnx_runner  # noqa: F401
+        from mobilemllm.data.tokenizer import load_tokenizer  # noqa: F401
 
         self.bundle = Path(self.target)
         self.manifest = read_bundle(self.bundle, "onnx")
+
+    def load(self) -> None:
+        from mobilemllm.runtime.onnx_runner import OnnxRunner
+
         self.runner = OnnxRunner.from_bundle(self.bundle, self.manifest, threads=self.threads)
         self.tokenizer = self.runner.tokenizer
         self.info = case_info(self.bundle, self.manifest)

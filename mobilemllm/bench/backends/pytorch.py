@@ -37,6 +37,13 @@ def eager_decode_bytes_per_token(model, position: int) -> int:
 class PyTorchBackend(Backend):
     name = "pytorch"
 
+    def open(self) -> None:
+        import torch
+        import transformers  # noqa: F401
+        from transformers import LlamaForCausalLM  # noqa: F401  (imports its modelling code, untimed)
+
+        import mobilemllm.api  # noqa: F401
+
     def load(self) -> None:
         import torch
 
