@@ -95,7 +95,7 @@ class EmbedPackage(torch.nn.Module):
 
 # ---- conversion ---------------------------------------------------------------------------------
 def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
-             output_name: str):
+             output_name: str, int_inputs: tuple[str, ...] = ()):
     import warnings
 
     ct = _ct()
@@ -106,7 +106,11 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
         ep = export(module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False).run_decompositions({})
         inputs = None
         if input_names:
-            inputs = [ct.TensorType(name=name) for name in input_names]
+            import numpy as np
+
+            # Token ids must stay int32: fp16 holds integers exactly only up to 2048.
+            inputs = [ct.TensorType(name=name, dtype=np.int32 if name in int_inputs else np.float16)
+                      for name in input_names]
         ml = ct.convert(ep, inputs=inputs, outputs=[ct.TensorType(name=output_name)],
                         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
                         skip_model_load=not can_predict())
@@ -124,7 +128,8 @@ def convert_embed(model):
 
     n = Dim("sequence_length", min=1, max=model.config.llm.max_position_embeddings)
     ids = torch.tensor([[1, 5, 7, 2, 3]], dtype=torch.int32)
-    return _convert(EmbedPackage(model.float()), (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds")
+    return _convert(EmbedPackage(model.float()), (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds",
+                    int_inputs=("input_ids",))
 
 
 def convert_decoder(model):

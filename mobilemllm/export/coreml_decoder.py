@@ -96,11 +96,10 @@ class CoreMLDecoder(nn.Module):
         self.norm = _RMSNorm(inner.norm.weight, llm_cfg.rms_norm_eps)
         self.lm_head = llm.lm_head
         hd = llm_cfg.head_dim
+        # RoPE angles are computed from the positions in the graph (a head_dim/2 vector, not a table), so
+        # weight compression, which skips small constants, never quantizes them.
         inv_freq = 1.0 / (llm_cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        freqs = torch.outer(torch.arange(self.max_context, dtype=torch.int64).float(), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_cache(self) -> None:
         for layer in self.layers:
@@ -111,8 +110,11 @@ class CoreMLDecoder(nn.Module):
         n = inputs_embeds.shape[1]
         end = causal_mask.shape[-1]
         past = end - n
-        cos = self.rope_cos[past:end].to(inputs_embeds.dtype)
-        sin = self.rope_sin[past:end].to(inputs_embeds.dtype)
+        positions = torch.arange(n, dtype=torch.float32) + past
+        freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        cos = angles.cos().to(inputs_embeds.dtype)
+        sin = angles.sin().to(inputs_embeds.dtype)
         mask = causal_mask.to(inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:

@@ -211,11 +211,17 @@ class OnnxQuantization:
 def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
     """A recipe's ``quantization`` value -> OnnxQuantization, with every problem reported together.
 
-    ``spec`` is a scheme name for the decoder (``int4``: decoder 4-bit, vision and embedding fp32), or a
-    dict ``{vision_encoder: ..., token_embedding: ..., text_decoder: ..., block_size: 32}``.
+    ``spec`` is one scheme name (``int8``: every graph int8; ``int4``: the decoder 4-bit, vision and
+    embedding fp32), or a mapping by part, as the other targets' recipes write it::
+
+        quantization:
+          text_decoder: {scheme: int4, block_size: 32}
+          vision_encoder: {scheme: int8}
+          token_embedding: fp32
     """
     errors: list[str] = []
     values: dict[str, Any] = {}
+    parts = list(GRAPH_FILES)
     if spec is None:
         spec = "fp32"
     if isinstance(spec, str):
@@ -224,17 +230,29 @@ def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
             values["vision_encoder"] = values["token_embedding"] = "int8"
     elif isinstance(spec, dict):
         for key, value in spec.items():
-            if key in GRAPH_FILES:
-                values[key] = value
-            elif key in ("block_size", "accuracy_level"):
-                values[key] = value
+            if key in ("block_size", "group_size", "accuracy_level"):
+                values["block_size" if key == "group_size" else key] = value
+            elif key not in GRAPH_FILES:
+                errors.append(f"unknown quantization part {key!r} (valid: {', '.join(parts)})")
+            elif isinstance(value, str) or value is None:
+                values[key] = value or "fp32"
+            elif isinstance(value, dict):
+                values[key] = value.get("scheme", "fp32")
+                for extra in ("block_size", "group_size"):
+                    if value.get(extra) is not None:
+                        values["block_size"] = value[extra]
+                if value.get("accuracy_level") is not None:
+                    values["accuracy_level"] = value["accuracy_level"]
+                unknown = sorted(set(value) - {"scheme", "block_size", "group_size", "accuracy_level"})
+                if unknown:
+                    errors.append(f"unknown key(s) {', '.join(unknown)} in quantization.{key}")
             else:
-                errors.append(f"unknown quantization key {key!r} (valid: {', '.join(list(GRAPH_FILES) + ['block_size', 'accuracy_level'])})")
+                errors.append(f"quantization.{key} must be a scheme name or a mapping, got {value!r}")
     else:
         errors.append(f"quantization must be a scheme name or a mapping, got {spec!r}")
     if block_size is not None:
         values["block_size"] = block_size
-    for part in GRAPH_FILES:
+    for part in parts:
         scheme = values.get(part, "fp32")
         if scheme not in QUANT_SCHEMES:
             errors.append(f"unknown ONNX quantization {scheme!r} for {part}; valid: {', '.join(QUANT_SCHEMES)}")
@@ -251,12 +269,17 @@ def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
     return OnnxQuantization(**values)
 
 
-def _save_model(model_proto, path: Path) -> None:
-    import onnx
+class _quiet_root_logger:
+    def __enter__(self):
+        import logging
 
-    large = model_proto.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model_proto, "ByteSize") else False
-    onnx.save_model(model_proto, str(path), save_as_external_data=large,
-                    location=path.name + ".data" if large else None)
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger().setLevel(self.level)
 
 
 def quantize_graph(src: Path, dst: Path, scheme: str, q: OnnxQuantization) -> None:
@@ -265,16 +288,14 @@ def quantize_graph(src: Path, dst: Path, scheme: str, q: OnnxQuantization) -> No
         if src != dst:
             shutil.copyfile(src, dst)
         return
-    import logging
-
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     large = src.stat().st_size > EXTERNAL_DATA_BYTES or Path(str(src) + ".data").exists()
     if scheme == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                         op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=large,
-                         extra_options={"MatMulConstBOnly": True})
+        with _quiet_root_logger():  # onnxruntime logs "consider pre-processing" on the root logger
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                             op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=large,
+                             extra_options={"MatMulConstBOnly": True})
         return
     if scheme == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
@@ -284,8 +305,9 @@ def quantize_graph(src: Path, dst: Path, scheme: str, q: OnnxQuantization) -> No
                                            accuracy_level=q.accuracy_level, op_types_to_quantize=("MatMul",))
         quant = MatMulNBitsQuantizer(str(src), bits=4, block_size=q.block_size, is_symmetric=True,
                                      accuracy_level=q.accuracy_level, algo_config=cfg)
-        quant.process()
-        quant.model.save_model_to_file(str(dst), use_external_data_format=large)
+        with _quiet_root_logger():
+            quant.process()
+            quant.model.save_model_to_file(str(dst), use_external_data_format=large)
         return
     raise ConfigError(f"unknown ONNX quantization {scheme!r}; valid: {', '.join(QUANT_SCHEMES)}")
 
@@ -464,3 +486,44 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
     except BaseException:
         bundle_mod.discard(staging)
         raise
+
+
+# ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
+RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "providers")
+
+
+def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
+    """Check an ONNX recipe before any weights load; returns its quantization."""
+    errors = []
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        errors.append(f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(RECIPE_KEYS)})")
+    par = recipe.get("parity") or {}
+    if not isinstance(par, dict) or set(par) - {"greedy_tokens"}:
+        errors.append("parity takes only {greedy_tokens: N}")
+    elif not isinstance(par.get("greedy_tokens", 16), int) or par.get("greedy_tokens", 16) < 1:
+        errors.append(f"parity.greedy_tokens must be a positive integer, got {par.get('greedy_tokens')!r}")
+    try:
+        q = parse_quantization(recipe.get("quantization"))
+    except ConfigError as e:
+        errors.append(str(e))
+        q = None
+    if errors:
+        raise ConfigError(f"invalid ONNX recipe {recipe.get('name', '')!r}: " + "; ".join(errors))
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        from mobilemllm.errors import BackendUnavailable
+
+        raise BackendUnavailable(f"the ONNX target needs onnx, onnxscript and onnxruntime ({e})") from None
+    return q
+
+
+def export_onnx(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
+                force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Export ``model`` to an ONNX bundle at ``out_dir`` as ``recipe`` says (see export/onnx.yaml)."""
+    q = preflight(recipe)
+    par = recipe.get("parity") or {}
+    return build_bundle(model, tokenizer, out_dir, q, target=recipe.get("name", "onnx"), recipe=recipe,
+                        source=source, force=force, parity_tokens=int(par.get("greedy_tokens", 16)), log=log)

@@ -34,6 +34,10 @@ class GenerationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
     def decode_tokens_per_s(self) -> float:
         n = len(self.tokens) - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
@@ -230,30 +234,81 @@ class OnnxRunner:
 
 
 def read_manifest(bundle: str | Path) -> dict:
-    """The bundle's manifest, validated by the shared bundle module when it is present."""
-    import json
+    """The bundle's manifest, validated (schema and checksums) by the shared bundle module."""
+    from mobilemllm.export.bundle import load_manifest
 
-    bundle = Path(bundle)
+    return load_manifest(bundle)
+
+
+def providers_from_env() -> list[str] | None:
+    """``MOBILEMLLM_ORT_PROVIDERS=QNNExecutionProvider,CPUExecutionProvider`` picks providers for
+    ``mobilemllm generate --bundle`` (whose options are shared by every format)."""
+    import os
+
+    value = os.environ.get("MOBILEMLLM_ORT_PROVIDERS", "").strip()
+    return [p.strip() for p in value.split(",") if p.strip()] or None
+
+
+def run_onnx_bundle(bundle: str | Path, manifest: dict | None, image, prompt: str, *, max_new_tokens: int = 64,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                    on_text: Callable[[str], None] | None = None, image_path=None,
+                    providers: Sequence[str] | None = None, threads: int | None = None,
+                    report: bool = True) -> GenerationResult:
+    """What ``mobilemllm generate --bundle`` calls for an ONNX bundle (via ``runtime.run_bundle``).
+
+    Streams text to ``on_text`` and, with ``report``, prints prompt size, TTFT and decode speed to stderr.
+    """
+    import sys
+
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass --prompt 'a question about the image'")
+    runner = OnnxRunner.from_bundle(bundle, manifest, providers=providers or providers_from_env(), threads=threads)
+    if isinstance(image, (str, Path)):
+        from mobilemllm.data.images import load_image
+
+        image_path = image_path or image
+        image = load_image(image)
+    s = runner.config.vision.image_size
+    if report and image.size != (s, s):
+        print(f"note: image{' ' + str(image_path) if image_path else ''} is {image.width}x{image.height}; "
+              f"resized to {s}x{s} as the bundle expects", file=sys.stderr)
+    res = runner.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, on_text=on_text)
+    if report:
+        if on_text is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(f"[{res.prompt_tokens} prompt tokens, {len(res.tokens)} generated; time to first token "
+              f"{res.ttft_s * 1000:.0f} ms, decode {res.decode_tokens_per_s:.1f} tok/s; ONNX Runtime "
+              f"{', '.join(runner.providers)}]", file=sys.stderr)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mobilemllm.runtime.onnx_runner --bundle DIR --image IMG --prompt TEXT [--providers ...]``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="Run an ONNX bundle with ONNX Runtime.")
+    ap.add_argument("--bundle", required=True, help="ONNX bundle folder (from `mobilemllm export --target onnx`).")
+    ap.add_argument("--image", required=True, help="Image file.")
+    ap.add_argument("--prompt", required=True, help="Question about the image.")
+    ap.add_argument("--providers", default="CPUExecutionProvider",
+                    help="Comma-separated execution providers, in priority order (e.g. "
+                         "QNNExecutionProvider,CPUExecutionProvider).")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
+    args = ap.parse_args(argv)
     try:
-        from mobilemllm.export.bundle import read_manifest as shared_read
-    except ImportError:
-        shared_read = None
-    if shared_read is not None:
-        return shared_read(bundle)
-    path = bundle / "manifest.json"
-    if not path.exists():
-        raise CheckpointError(f"{bundle} has no manifest.json; export a bundle with `mobilemllm export`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+        run_onnx_bundle(args.bundle, None, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                        providers=[p.strip() for p in args.providers.split(",") if p.strip()], threads=args.threads)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
-def run_onnx_bundle(bundle: str | Path, image, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
-                    providers: Sequence[str] | None = None, manifest: dict | None = None,
-                    threads: int | None = None) -> GenerationResult:
-    """What ``mobilemllm generate --bundle`` calls for an ONNX bundle."""
-    runner = OnnxRunner.from_bundle(bundle, manifest, providers=providers, threads=threads)
-    return runner.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           seed=seed, on_text=on_text)
+if __name__ == "__main__":
+    raise SystemExit(main())
