@@ -95,7 +95,7 @@ class EmbedPackage(torch.nn.Module):
 
 # ---- conversion ---------------------------------------------------------------------------------
 def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
-             output_name: str, int_inputs: tuple[str, ...] = ()):
+             output_name: str, int_inputs: tuple[str, ...] = (), fp32_inputs: tuple[str, ...] = ()):
     import warnings
 
     ct = _ct()
@@ -109,8 +109,8 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
             import numpy as np
 
             # Token ids must stay int32: fp16 holds integers exactly only up to 2048.
-            inputs = [ct.TensorType(name=name, dtype=np.int32 if name in int_inputs else np.float16)
-                      for name in input_names]
+            inputs = [ct.TensorType(name=name, dtype=np.int32 if name in int_inputs else
+                                    np.float32 if name in fp32_inputs else np.float16) for name in input_names]
         ml = ct.convert(ep, inputs=inputs, outputs=[ct.TensorType(name=output_name)],
                         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
                         skip_model_load=not can_predict())
@@ -120,7 +120,8 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
 def convert_vision(model):
     cfg = model.config.vision
     pixels = torch.rand(cfg.num_views, 3, cfg.image_size, cfg.image_size) * 255.0
-    return _convert(VisionPackage(model.float()), (pixels,), None, ["pixel_values"], "image_embeds")
+    return _convert(VisionPackage(model.float()), (pixels,), None, ["pixel_values"], "image_embeds",
+                    fp32_inputs=("pixel_values",))
 
 
 def convert_embed(model):
@@ -252,3 +253,136 @@ def coreml_teacher_forced(packages: dict[str, Any], config, ids: list[int], imag
         past += n
         emb = embed.predict({"input_ids": np.asarray([[tok]], dtype=np.int32)})["inputs_embeds"].astype(np.float32)
     return np.stack(rows)
+
+
+# ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
+RECIPE_KEYS = ("name", "format", "description", "compression", "block_size", "parity")
+
+
+def preflight(recipe: dict[str, Any]) -> tuple[str, int]:
+    """Check a Core ML recipe before any weights load; returns (compression, block_size)."""
+    errors = []
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        errors.append(f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(RECIPE_KEYS)})")
+    scheme = recipe.get("compression", "fp16")
+    block = recipe.get("block_size", 32)
+    try:
+        check_compression(scheme, block)
+    except ConfigError as e:
+        errors.append(str(e))
+    if errors:
+        raise ConfigError(f"invalid Core ML recipe {recipe.get('name', '')!r}: " + "; ".join(errors))
+    _ct()
+    return scheme, block
+
+
+def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) -> list[dict[str, Any]]:
+    """What can be checked without a Core ML runtime: deployment target, states, compression ops."""
+    from mobilemllm.export import parity
+
+    checks = []
+    for part, spec in specs.items():
+        checks.append(parity.check(f"{part}_spec_version", spec["spec_version"], f">= {IOS18_SPEC_VERSION} (iOS 18)",
+                                   spec["spec_version"] >= IOS18_SPEC_VERSION))
+    states = len(specs["text_decoder"]["states"])
+    checks.append(parity.check("text_decoder_states", states, 2 * num_layers, states == 2 * num_layers))
+    if scheme != "fp16":
+        op = COMPRESSION_OPS[scheme]
+        n = specs["text_decoder"]["ops"].get(op, 0)
+        checks.append(parity.check(f"text_decoder_{op}_ops", n, "> 0", n > 0))
+    return checks
+
+
+def export_coreml(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
+                  force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Convert ``model`` to a Core ML bundle (three .mlpackage folders) at ``out_dir`` as ``recipe`` says."""
+    from mobilemllm.export import bundle as B
+    from mobilemllm.export import parity
+
+    scheme, block = preflight(recipe)
+    if tokenizer is None:
+        raise UserError("a Core ML bundle needs a tokenizer; export from a checkpoint folder that has tokenizer.json")
+    B.check_out_dir(out_dir)
+    t_start = time.perf_counter()
+    model = model.float().eval()
+    cfg = model.config
+    if not can_predict():
+        log(f"note: {PREDICTION_NEEDS_MACOS}; on {platform.system()} the export converts, compresses and checks "
+            "each package's spec, but cannot compare its numbers with eager (run the export on a Mac for that)")
+    staging = B.new_bundle_dir(out_dir)
+    try:
+        packages = {}
+        for part, convert in (("vision_encoder", convert_vision), ("token_embedding", convert_embed),
+                              ("text_decoder", convert_decoder)):
+            t0 = time.perf_counter()
+            ml = compress(convert(model), scheme, block)
+            path = staging / PACKAGE_FILES[part]
+            ml.save(str(path))
+            packages[part] = ml
+            log(f"{PACKAGE_FILES[part]} written ({scheme}, {time.perf_counter() - t0:.1f} s)")
+        tokenizer.save_pretrained(staging / B.TOKENIZER_DIR)
+        specs = {part: package_spec(staging / name) for part, name in PACKAGE_FILES.items()}
+        checks = spec_checks(specs, scheme, cfg.llm.num_layers)
+        skipped = None
+        if can_predict():
+            checks += _prediction_checks(model, tokenizer, staging, scheme, recipe)
+        else:
+            skipped = f"{PREDICTION_NEEDS_MACOS}: numerical parity was not measured (exported on {platform.system()})"
+        result = parity.summarize(checks, forced=force, skipped_reason=skipped)
+        if not result["passed"] and not force:
+            raise UserError("Core ML export failed its checks: " + "; ".join(parity.failures(result))
+                            + ". Re-run with --force to write the bundle anyway")
+        ctx = cfg.llm.max_position_embeddings
+        graphs = {}
+        for part, spec in specs.items():
+            graphs[part] = {"file": PACKAGE_FILES[part], "inputs": spec["inputs"], "outputs": spec["outputs"]}
+            if spec["states"]:
+                graphs[part]["states"] = spec["states"]
+        qinfo = {part: {"scheme": scheme, "group_size": block if scheme == "int4" else None,
+                        "backend": "coremltools.optimize.coreml"} for part in PACKAGE_FILES}
+        manifest = {
+            "schema_version": B.SCHEMA_VERSION,
+            "format": "coreml",
+            "target": recipe.get("name", "coreml"),
+            "model": B.model_section(model, source),
+            "graphs": graphs,
+            "tokenizer": B.tokenizer_section(tokenizer, cfg.llm.vocab_size),
+            "prompt": B.prompt_section(cfg, tokenizer),
+            "preprocessing": B.preprocessing_section(cfg.vision, "float32", True),
+            "context": {"max_seq_len": ctx, "max_context_len": ctx},
+            "quantization": qinfo,
+            "parity": result,
+            "export": {"recipe": dict(recipe), "seconds": round(time.perf_counter() - t_start, 2),
+                       "versions": B.versions(), "backend": "coreml", "deployment_target": "iOS18/macOS15",
+                       "compute_precision": "float16",
+                       "decoder_call": "inputs_embeds (1, n, D) fp16 + additive causal_mask (1, 1, n, past+n) "
+                                       "fp16 (0 = attend, -1e4 = masked) -> logits of the last position; the "
+                                       "KV cache is the model's state (MLState)"},
+        }
+        roles = {name: "program" for name in PACKAGE_FILES.values()}
+        return B.finish_bundle(staging, out_dir, manifest, roles)
+    except BaseException:
+        B.discard(staging)
+        raise
+
+
+def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dict[str, Any]) -> list[dict]:
+    """macOS only: teacher-forced logits of the packages vs eager, cosine gated per scheme."""
+    from mobilemllm.export import parity
+    from mobilemllm.export.onnx import PARITY_QUESTION, eager_reference, parity_image
+    from mobilemllm.inference import prompt_ids
+
+    ct = _ct()
+    cfg = model.config
+    n = int((recipe.get("parity") or {}).get("greedy_tokens", 8))
+    image = parity_image(cfg.vision)
+    ids = prompt_ids(cfg, tokenizer, PARITY_QUESTION)
+    ref_logits, ref_tokens = eager_reference(model, ids, image, n)
+    loaded = {part: ct.models.MLModel(str(staging / name)) for part, name in PACKAGE_FILES.items()}
+    got = torch.from_numpy(coreml_teacher_forced(loaded, cfg, ids, image, ref_tokens))
+    cos = parity.logit_cosine(got, ref_logits)
+    greedy = [int(t) for t in got.argmax(-1)]
+    return [parity.check("logits_cosine", cos, PARITY_GATES[scheme], cos >= PARITY_GATES[scheme]),
+            parity.check("logits_max_rel_diff", parity.max_rel_diff(got, ref_logits)),
+            parity.check(f"teacher_forced_greedy_agreement_{n}_tokens", parity.greedy_agreement(greedy, ref_tokens))]
