@@ -217,7 +217,8 @@ def write_mobilevlm(folder: Path, projector: str, clip_cfg, with_tower: bool, sh
     folder.mkdir(parents=True)
     torch.manual_seed(seed)
     llama = round_to(LlamaForCausalLM(llama_config()), dtype)
-    proj_cls = {"ldpnet": RefLDPNetProjector, "ldpnetv2": RefLDPNetV2Projector}[projector]
+    proj_cls = {"ldpnet": RefLDPNetProjector, "ldpnetv2": RefLDPNetV2Projector,
+                "mlp2x_gelu": lambda i, o: nn.Sequential(nn.Linear(i, o), nn.GELU(), nn.Linear(o, o))}[projector]
     proj = round_to(proj_cls(clip_cfg.hidden_size, 64), dtype)
     with torch.no_grad():  # non-trivial norms so a swapped weight/bias would show
         for m in proj.modules():
@@ -390,7 +391,8 @@ def test_v1_tokenizer_converted_from_sentencepiece(v1_source, v1_imported):
     for text, _ in get_template("vicuna_v1").prompt_segments(QUESTION):
         if text != "<image>":
             assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
-    assert tok.encode("a red circle in the top left", add_special_tokens=False) == sp.encode("a red circle in the top left")
+    text = "a red circle in the top left"
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
 
 
 # ---------------------------------------------------------------------------- MobileVLM v2
@@ -418,15 +420,32 @@ def test_v2_embedded_tower_imports_and_matches(v2_source, tmp_path):
     feats = torch.randn(1, 576, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model.connector(feats), src.projector(feats), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.vision(pixels(48)),
-                                   src.clip(pixel_values=pixels(48), output_hidden_states=True).hidden_states[-2][:, 1:],
-                                   atol=1e-5, rtol=1e-5)
+        hidden = src.clip(pixel_values=pixels(48), output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(model.vision(pixels(48)), hidden, atol=1e-5, rtol=1e-5)
     hf_llm = LlamaForCausalLM.from_pretrained(src.folder, local_files_only=True, dtype=torch.float32).eval()
     ids = prompt_ids(model.config, tok, QUESTION)
     with torch.no_grad():
         hidden = src.clip(pixel_values=pixels(48), output_hidden_states=True).hidden_states[-2][:, 1:]
         ref = reference_logits(ids, src.projector(hidden), hf_llm)
         got = model(torch.tensor([ids]), pixels(48)).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mobilevlm_mlp2x_gelu_projector(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from mobilemllm.inference import prompt_ids
+
+    src = write_mobilevlm(tmp_path / "MobileVLM-mlp", "mlp2x_gelu", clip_vision_config(hidden=64, heads=1),
+                          with_tower=True, shards="safetensors")
+    model, tok = load_checkpoint(import_checkpoint(src.folder, tmp_path / "ours"))
+    assert model.config.connector.kind == "mlp2x_gelu" and model.config.vision.num_heads == 1
+    hf_llm = LlamaForCausalLM.from_pretrained(src.folder, local_files_only=True, dtype=torch.float32).eval()
+    ids = prompt_ids(model.config, tok, QUESTION)
+    with torch.no_grad():
+        hidden = src.clip(pixel_values=pixels(32), output_hidden_states=True).hidden_states[-2][:, 1:]
+        ref = reference_logits(ids, src.projector(hidden), hf_llm)
+        got = model(torch.tensor([ids]), pixels(32)).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -493,7 +512,8 @@ def _hub_layout(k: str) -> str:  # llava-hf/llava-1.5-7b-hf as uploaded with tra
 
 def _memory_layout(k: str) -> str:  # transformers >= 4.52 module names
     for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+                     ("vision_tower.", "model.vision_tower."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
         if k.startswith(old):
             return new + k[len(old):]
     return k

@@ -13,7 +13,7 @@ def import_model(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (replaced if it is a checkpoint)."),
     vision_tower: Optional[Path] = typer.Option(
         None, "--vision-tower",
-        help="Local CLIP/SigLIP folder; needed when SRC's weights lack the vision tower, and overrides them otherwise."),
+        help="Local CLIP/SigLIP folder: needed when SRC's weights lack the vision tower; overrides them otherwise."),
     format: str = typer.Option("auto", "--format", "-f", help="auto, mobilevlm, llava-hf or llama."),
     llm_only: bool = typer.Option(
         False, "--llm-only/--no-llm-only",

@@ -283,7 +283,7 @@ def _vision_from_hf(hf_cfg, where: str, errors: list[str], **extra):
     return vcfg
 
 
-def _vision_from_weights(state: dict[str, torch.Tensor], tower_name: str, where: str, **extra):
+def _vision_from_weights(state: dict[str, torch.Tensor], where: str, **extra):
     """Infer an OpenAI CLIP tower's config from its weights (``vision.model.*`` keys)."""
     from mobilemllm.config import VisionConfig
 
@@ -395,7 +395,7 @@ def _plan_mobilevlm(src: Path, config: dict, vision_tower: Path | None, llm_only
             raise CheckpointError(
                 f"{where}: mm_vision_tower {tower_name!r} is not an OpenAI CLIP, so its config cannot be inferred from "
                 "the weights alone; pass --vision-tower with that tower's local folder")
-        vcfg = _vision_from_weights(state, tower_name, str(src), **extra)
+        vcfg = _vision_from_weights(state, str(src), **extra)
         plan.vision_source = f"{src.name} (embedded; config inferred from the weights, 64-dim heads as OpenAI CLIP)"
         plan.notes.append(f"vision tower config inferred from the weights of {tower_name or 'the checkpoint'}: "
                           f"{vcfg.num_layers}L x {vcfg.hidden_size}, {vcfg.image_size}px/{vcfg.patch_size}")
@@ -459,8 +459,8 @@ def _plan_llava_hf(src: Path, config: dict, vision_tower: Path | None, llm_only:
     rules = [("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
              ("lm_head.", "llm.lm_head."), ("language_model.lm_head.", "llm.lm_head.")]
     # SigLIP's attention-pooling head is not used by LLaVA (it reads a hidden layer); ours is built without it
-    drop: tuple[str, ...] = tuple(p + "head." for p in ("model.vision_tower.", "vision_tower.",
-                                                        "model.vision_tower.vision_model.", "vision_tower.vision_model."))
+    towers = ("model.vision_tower.", "vision_tower.", "model.vision_tower.vision_model.", "vision_tower.vision_model.")
+    drop: tuple[str, ...] = tuple(t + "head." for t in towers)
     if llm_only:
         drop += ("model.multi_modal_projector.", "multi_modal_projector.")
     else:
@@ -504,7 +504,8 @@ def _plan_llava_hf(src: Path, config: dict, vision_tower: Path | None, llm_only:
 def _plan_llama(src: Path, config: dict, vision_tower: Path | None, llm_only: bool, connector: str) -> _Plan:
     if not llm_only:
         raise CheckpointError(f"{src} is a plain LLaMA model with no vision parts; to build a VLM around it pass "
-                              "--llm-only and --vision-tower CLIP_FOLDER (the connector then starts from random weights)")
+                              "--llm-only and --vision-tower CLIP_FOLDER (the connector then starts from random "
+                              "weights)")
     if vision_tower is None:
         raise CheckpointError(f"{src} has no vision tower; pass --vision-tower with a local CLIP/SigLIP folder")
     errors: list[str] = []
