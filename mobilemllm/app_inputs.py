@@ -138,6 +138,13 @@ def image_views(pixels: np.ndarray, pre: Mapping[str, Any]) -> np.ndarray:
     return np.stack([v.transpose(2, 0, 1) for v in views])
 
 
+def runner_image(views: np.ndarray) -> np.ndarray:
+    """Views (V, 3, S, S) -> the runner's image (3, V*S, S): the views stacked top to bottom in each
+    channel plane, as the program's vision_encoder takes it (apps pass width S, height V*S, 3 channels)."""
+    v, c, s, _ = views.shape
+    return np.ascontiguousarray(views.transpose(1, 0, 2, 3).reshape(c, v * s, s))
+
+
 def check_preprocessing(pre: Mapping[str, Any]) -> None:
     """The manifest's preprocessing must be one the apps implement (the same checks the apps make)."""
     if pre.get("resample") != "bicubic":

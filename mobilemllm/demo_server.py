@@ -105,6 +105,7 @@ class DemoState:
         from mobilemllm.runtime import run_bundle
 
         self.run = run_bundle
+        warm_up()
         # run_bundle prints its own summary for the CLI unless told not to
         self.run_kwargs = {"report": False} if "report" in inspect.signature(run_bundle).parameters else {}
 
@@ -150,6 +151,17 @@ class DemoState:
             raise UploadError("that image is no longer on the server (it keeps the last "
                               f"{KEEP_IMAGES}); upload it again")
         return img
+
+
+def warm_up() -> None:
+    """Import the runner's libraries now, so the first question does not wait for torch + ExecuTorch."""
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (the runner's kernels)
+        import executorch.extension.llm.runner  # noqa: F401
+
+        import mobilemllm.runtime.executorch_runner  # noqa: F401
+    except ImportError:
+        pass  # run_bundle reports a missing backend clearly when a question comes
 
 
 def parse_ask(body: bytes, state: DemoState) -> tuple[str, str, int, float]:

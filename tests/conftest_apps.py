@@ -1,0 +1,68 @@
+"""Fixtures for the app and web-demo tests (imported by test_apps.py and test_demo_web.py).
+
+``app_bundle``: a random-weight tiny model (2 layers x 64, 32 px) exported once per test session to a
+real ExecuTorch bundle (XNNPACK, fp32) with the exporter the CLI uses; about a minute and a half on two
+cores. The export is cached at module level so every test module that imports the fixture shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_CACHE: dict[str, Path] = {}
+
+
+def export_tiny_bundle(out: Path) -> Path:
+    from conftest import make_tiny_config, make_tiny_model
+
+    from mobilemllm.data.tokenizer import tiny_tokenizer
+    from mobilemllm.export.executorch import export_executorch
+
+    cfg = make_tiny_config()
+    tok = tiny_tokenizer(vocab_size=cfg.llm.vocab_size, seed=0, num_images=60)
+    recipe = {"name": "android", "backend": "xnnpack", "quantization": {}}
+    return export_executorch(make_tiny_model(cfg, seed=0), tok, recipe, out, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def app_bundle(tmp_path_factory) -> Path:
+    """A real exported tiny ExecuTorch bundle. Treat it as read-only."""
+    if "bundle" not in _CACHE:
+        _CACHE["bundle"] = export_tiny_bundle(tmp_path_factory.mktemp("app_bundle") / "tiny-android")
+    return _CACHE["bundle"]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def need_tool(what: str, found: bool, how: str) -> None:
+    """Skip when a tool is missing on a developer machine; fail in CI, where .ci/run installs it."""
+    if found:
+        return
+    msg = f"{what} is not installed: {how}"
+    if in_ci():
+        pytest.fail(msg + " (.ci/run should have installed it)")
+    pytest.skip(msg)
+
+
+def find_kotlinc() -> str | None:
+    """kotlinc from PATH, $KOTLINC, or the npm registry's kotlin-compiler package installed globally."""
+    for cand in (os.environ.get("KOTLINC"), shutil.which("kotlinc")):
+        if cand and Path(cand).exists():
+            return cand
+    npm = shutil.which("npm")
+    if npm:
+        try:
+            root = subprocess.run([npm, "root", "-g"], capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        cand = Path(root) / "kotlin-compiler" / "bin" / "kotlinc"
+        if cand.exists():
+            return str(cand)
+    return None
