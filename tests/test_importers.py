@@ -571,6 +571,24 @@ def llava_logits_match(folder: Path, hf_model, image_token: int, out: Path) -> N
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_llava_hf_sparse_nested_configs(llava_source, tmp_path):
+    """Hub config.json files keep only the nested configs' non-default keys (e.g. llava-1.5-7b-hf's text_config)."""
+    import shutil
+
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    folder, hf_model, image_token = llava_source
+    sparse = tmp_path / "sparse"
+    shutil.copytree(folder, sparse)
+    cfg = json.loads((sparse / "config.json").read_text())
+    for key, klass in (("text_config", LlamaConfig), ("vision_config", CLIPVisionConfig)):
+        defaults = klass().to_dict()
+        cfg[key] = {k: v for k, v in cfg[key].items() if k == "model_type" or defaults.get(k, object()) != v}
+    assert "hidden_act" not in cfg["text_config"] and "hidden_act" not in cfg["vision_config"]
+    (sparse / "config.json").write_text(json.dumps(cfg))
+    llava_logits_match(sparse, hf_model, image_token, tmp_path / "ours")
+
+
 def test_llava_hf_bias_free_projector(llava_tokenizer, tmp_path):
     folder, hf_model, image_token = write_llava(tmp_path / "nobias", llava_tokenizer, bias=False)
     llava_logits_match(folder, hf_model, image_token, tmp_path / "ours")

@@ -219,13 +219,17 @@ def _source_name(ours: str, rules: list[tuple[str, str]]) -> str:
 _LLM_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 
 
-def _llm_config(data: dict[str, Any], where: str, errors: list[str]):
-    """Our LLMConfig from a LLaMA config dict; unsupported architecture details go to ``errors``."""
+def _llm_config(data: dict[str, Any], where: str, errors: list[str], require: bool = True):
+    """Our LLMConfig from a LLaMA config dict; unsupported architecture details go to ``errors``.
+
+    ``require=False`` for nested configs (LLaVA-HF's ``text_config``), which transformers writes as a diff
+    against LlamaConfig's defaults: absent keys take those defaults, as transformers itself does.
+    """
     from transformers import LlamaConfig
 
     from mobilemllm.models.llm import llm_config_from_hf
 
-    missing = [k for k in _LLM_REQUIRED if k not in data]
+    missing = [k for k in _LLM_REQUIRED if k not in data] if require else []
     if missing:
         errors.append(f"{where} is missing LLaMA key(s) {', '.join(missing)}")
         return None
@@ -247,7 +251,9 @@ def _llm_config(data: dict[str, Any], where: str, errors: list[str]):
     if head_dim and head_dim * hf.num_attention_heads != hf.hidden_size:
         errors.append(f"{where}: head_dim {head_dim} x {hf.num_attention_heads} heads != hidden_size "
                       f"{hf.hidden_size} (not supported)")
-    ctx = data.get("max_position_embeddings") or data.get("max_sequence_length") or 2048
+    ctx = hf.max_position_embeddings
+    if "max_position_embeddings" not in data and data.get("max_sequence_length"):
+        ctx = data["max_sequence_length"]  # some MobileVLM/LLaMA-1 era configs name only this one
     return llm_config_from_hf(hf, max_position_embeddings=int(ctx))
 
 
@@ -433,7 +439,7 @@ def _plan_llava_hf(src: Path, config: dict, vision_tower: Path | None, llm_only:
     text = config["text_config"]
     if text.get("model_type", "llama") != "llama":
         errors.append(f"{where}: text model {text.get('model_type')!r} is not supported (LLaMA only)")
-    plan.llm = _llm_config(text, where + " text_config", errors)
+    plan.llm = _llm_config(text, where + " text_config", errors, require=False)
     layer = config.get("vision_feature_layer", -2)
     strategy = config.get("vision_feature_select_strategy", "default")
     act = config.get("projector_hidden_act", "gelu")
