@@ -201,6 +201,10 @@ class ModelConfig:
             errors.append(f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.hidden_size % v.num_heads:
             errors.append("vision.hidden_size must be divisible by vision.num_heads")
+        if v.hires == "tiles" and (len(v.tile_grid) != 2 or min(v.tile_grid) < 1):
+            errors.append(f"vision.tile_grid {tuple(v.tile_grid)} must be two positive numbers (rows, cols)")
+        if c.kind == "resampler" and c.num_queries < 1:
+            errors.append(f"connector.num_queries {c.num_queries} must be at least 1")
         if c.kind not in CONNECTORS:
             errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
         elif c.kind in ("ldp", "ldpv2") and v.grid % 2:
@@ -215,6 +219,9 @@ class ModelConfig:
 
         if self.template not in TEMPLATES:
             errors.append(f"unknown template {self.template!r}; valid templates: {', '.join(sorted(TEMPLATES))}")
+        if not errors and self.num_visual_tokens >= l.max_position_embeddings:
+            errors.append(f"an image takes {self.num_visual_tokens} visual tokens but llm.max_position_embeddings "
+                          f"is {l.max_position_embeddings}: raise the context or use fewer visual tokens")
         if errors:
             raise ConfigError("invalid model config: " + "; ".join(errors))
 

@@ -162,6 +162,16 @@ def test_data_synth_writes_the_data_set(capsys, tmp_path):
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_data_synth_bad_arguments(capsys, tmp_path):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    code, _, err = run(capsys, "data", "synth", "--out", afile, "-n", "2")
+    assert_one_line_error(code, err, "is a file")
+    code, _, err = run(capsys, "data", "synth", "--out", tmp_path / "d", "--image-size", "4")
+    assert code == 2 and "image-size" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 

@@ -147,3 +147,13 @@ def test_visual_tokens_per_connector_and_hires_mode():
     assert tiles.num_visual_tokens == 5 * 144
     assert cfg.replace(vision={"hires": "tiles", "tile_grid": (1, 2)}).num_visual_tokens == 3 * 144
     assert tiles.replace(connector={"kind": "resampler", "num_queries": 32}).num_visual_tokens == 5 * 32
+
+
+def test_tiles_queries_and_context_are_checked():
+    with pytest.raises(ConfigError, match=r"tile_grid \(0, 2\)"):
+        ModelConfig.from_preset("tiny", vision={"hires": "tiles", "tile_grid": [0, 2]})
+    with pytest.raises(ConfigError, match="num_queries 0"):
+        ModelConfig.from_preset("tiny", connector={"kind": "resampler", "num_queries": 0})
+    with pytest.raises(ConfigError, match="80 visual tokens but llm.max_position_embeddings is 64"):
+        ModelConfig.from_preset("tiny", vision={"hires": "tiles"}, llm={"max_position_embeddings": 64})
+    assert ModelConfig.from_preset("tiny", llm={"max_position_embeddings": 17}).num_visual_tokens == 16

@@ -396,3 +396,28 @@ def test_missing_config_or_folder_is_a_clear_error(tmp_path, tiny_checkpoint):
     assert "missing config.json" in str(e.value) and WEIGHTS_NAME in str(e.value)  # says what is there
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+def test_text_streamer_holds_back_incomplete_utf8(tiny_tokenizer):
+    from mobilemllm.inference import TextStreamer
+
+    text = "a red ✓ circle — é"
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # the symbols are split into byte tokens
+    pieces: list[str] = []
+    streamer = TextStreamer(tiny_tokenizer, pieces.append)
+    for t in ids + [tiny_tokenizer.eos_token_id]:
+        streamer.put(t)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_answer_streams_the_same_text_it_returns(tiny_model, tiny_tokenizer, shapes_image):
+    pieces: list[str] = []
+    out = answer(tiny_model, tiny_tokenizer, shapes_image, QUESTIONS[0], max_new_tokens=10, on_text=pieces.append)
+    assert "".join(pieces).strip() == out.text
+    eos = tiny_tokenizer.eos_token_id
+    assert out.text == tiny_tokenizer.decode([t for t in out.tokens if t != eos], skip_special_tokens=True).strip()
