@@ -14,8 +14,8 @@ function fmt(v, digits) {
   return v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits);
 }
 
-function mb(bytes) {
-  return (bytes / 1e6).toFixed(1) + " MB";
+function mb(bytes) {  // the server's human_size: kB below 100 kB, else MB
+  return bytes >= 1e5 ? (bytes / 1e6).toFixed(1) + " MB" : (bytes / 1e3).toFixed(0) + " kB";
 }
 
 async function loadInfo() {

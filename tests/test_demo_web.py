@@ -1,0 +1,203 @@
+"""The local web demo (`mobilemllm demo`), end to end: a real exported bundle served on a free loopback
+port, driven by Debian's headless Chromium through Selenium: upload an image, ask, read the streamed
+answer and the runner's stats, take a screenshot, and check that bad uploads get a clear message.
+
+In CI (CI=true) a missing chromium/chromedriver/selenium fails the test; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_apps import app_bundle, need_tool  # noqa: F401  (fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+QUESTION = "What colour is the shape?"
+MAX_UPLOAD_MB = 0.05  # small, so a "too large" file is cheap to make
+
+
+@pytest.fixture(scope="module")
+def server(app_bundle):
+    from mobilemllm.demo_server import make_server, url_of
+
+    srv = make_server(app_bundle, "127.0.0.1", 0, max_upload_mb=MAX_UPLOAD_MB, max_new_tokens=12)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield url_of(srv)
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url: str, data: bytes, content_type: str = "application/octet-stream") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def shape_png(path: Path, size=(48, 40)) -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, (250, 250, 250))
+    ImageDraw.Draw(img).ellipse((8, 6, 36, 32), fill=(220, 30, 30))
+    img.save(path)
+    return path
+
+
+def test_server_binds_to_loopback_by_default():
+    import inspect
+
+    from mobilemllm.demo_server import DEFAULT_HOST, is_loopback, make_server
+
+    assert inspect.signature(make_server).parameters["host"].default == DEFAULT_HOST == "127.0.0.1"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+def test_upload_checks_without_a_browser():
+    from mobilemllm.demo_server import UploadError, decode_upload
+
+    with pytest.raises(UploadError, match="not an image") as e:
+        decode_upload(b"hello, not a picture", 1000)
+    assert e.value.status == 400
+    with pytest.raises(UploadError, match="accepts up to") as e:
+        decode_upload(b"x" * 2000, 1000)
+    assert e.value.status == 413
+    with pytest.raises(UploadError, match="empty"):
+        decode_upload(b"", 1000)
+
+
+@pytest.mark.slow
+def test_demo_http_api(server, tmp_path):
+    from mobilemllm.runtime import run_bundle  # noqa: F401  (the same runner the page uses)
+
+    info = json.loads(urllib.request.urlopen(server + "api/info", timeout=30).read())
+    assert info["format"] == "executorch" and info["image_size"] == 32 and info["visual_tokens"] == 16
+    code, body = post(server + "api/image", b"GIF89a not really")
+    assert code == 400 and "not an image" in json.loads(body)["error"]
+    code, body = post(server + "api/image", b"\x89PNG" + b"\0" * int(MAX_UPLOAD_MB * 1e6 + 10))
+    assert code == 413 and "accepts up to 50 kB" in json.loads(body)["error"]
+    code, body = post(server + "api/image", shape_png(tmp_path / "s.png").read_bytes(), "image/png")
+    assert code == 200, body
+    up = json.loads(body)
+    assert (up["width"], up["height"]) == (48, 40) and up["model_view"].startswith("data:image/png;base64,")
+    code, body = post(server + "api/ask", json.dumps({"image": up["id"], "question": "  "}).encode(),
+                      "application/json")
+    assert code == 400 and "type a question" in json.loads(body)["error"]
+    code, body = post(server + "api/ask", json.dumps({"image": up["id"], "question": QUESTION,
+                                                      "max_new_tokens": 6}).encode(), "application/json")
+    assert code == 200
+    events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-2:] == ["stats", "done"] and "error" not in kinds
+    text = "".join(e["text"] for e in events if e["type"] == "text")
+    assert text == events[-1]["text"]
+    stats = events[-2]
+    assert stats["ttft_ms"] > 0 and stats["prompt_tokens"] == 35 and 1 <= stats["generated_tokens"] <= 6
+
+
+def chromium_driver(tmp_path: Path):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    need_tool("selenium", webdriver is not None, "pip install -e '.[dev]' (selenium is in the dev extra)")
+    need_tool("chromium", Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(),
+              f"{CHROMIUM} and {CHROMEDRIVER} are needed: apt-get install chromium chromium-driver")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a browser or driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+
+
+@pytest.mark.slow
+def test_web_demo_in_headless_chromium(server, app_bundle, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mobilemllm.runtime import run_bundle
+
+    image = shape_png(tmp_path / "shape.png")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is text with a .png name\n")
+    too_large = tmp_path / "huge.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(too_large)
+    assert too_large.stat().st_size > MAX_UPLOAD_MB * 1e6
+
+    driver = chromium_driver(tmp_path)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(server)
+        wait.until(lambda d: "tiny" in d.find_element(By.ID, "model-info").text)
+        assert "16 visual tokens" in driver.find_element(By.ID, "model-info").text
+
+        # a good image, then a question: the answer streams in and the runner's stats appear
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda d: "uploaded" in d.find_element(By.ID, "upload-status").text)
+        assert driver.find_element(By.ID, "model-view").is_displayed()
+        driver.find_element(By.ID, "question").send_keys(QUESTION)
+        driver.find_element(By.ID, "ask").click()
+        wait.until(lambda d: d.find_element(By.ID, "log").get_attribute("data-state") in ("done", "error"))
+        error = driver.find_element(By.ID, "error")
+        assert driver.find_element(By.ID, "log").get_attribute("data-state") == "done", error.text
+        answer = driver.execute_script("const a = document.querySelectorAll('#log .a'); "
+                                       "return a[a.length - 1].textContent;")
+        stats = driver.find_element(By.ID, "stats")
+        assert "time to first token" in stats.text and "decode" in stats.text
+        assert float(stats.get_attribute("data-ttft-ms")) > 0
+        assert float(stats.get_attribute("data-decode-tokens-per-s")) > 0
+        shot = tmp_path / "web_demo.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 5000
+        with Image.open(shot) as im:
+            assert im.size[0] >= 800
+
+        # the page shows exactly what ExecuTorch's runner generates for this image and question (greedy)
+        direct = run_bundle(app_bundle, Image.open(image).convert("RGB"), QUESTION, max_new_tokens=12,
+                            temperature=0.0, report=False)
+        assert answer == direct.text and answer.strip(), (answer, direct.text)
+
+        # bad uploads: a clear message on the page, nothing uploaded
+        driver.find_element(By.ID, "file").send_keys(str(not_image))
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "not an image" in driver.find_element(By.ID, "error").text
+        driver.find_element(By.ID, "file").send_keys(str(too_large))
+        wait.until(lambda d: "accepts up to" in d.find_element(By.ID, "error").text)
+        assert not driver.find_element(By.ID, "model-view").is_displayed()
+        driver.save_screenshot(str(tmp_path / "web_demo_bad_upload.png"))
+    finally:
+        driver.quit()
+
+
+def test_demo_command_rejects_a_folder_that_is_not_a_bundle(tmp_path, capsys):
+    from mobilemllm.cli import main
+
+    code = main(["demo", "--bundle", str(tmp_path), "--port", "0"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "no manifest.json" in err
+
+
+def test_demo_static_files_ship_with_the_package():
+    from importlib.resources import files
+
+    web = files("mobilemllm").joinpath("web")
+    for name in ("index.html", "app.js", "style.css"):
+        assert web.joinpath(name).is_file(), name
+    html = web.joinpath("index.html").read_text()
+    for element in ('id="file"', 'id="question"', 'id="ask"', 'id="stats"', 'id="error"'):
+        assert element in html
