@@ -179,7 +179,9 @@ def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any]) -> list[str
         roof = c.roofline
         if roof:
             lines.append(f"   bandwidth {roof['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({roof['bandwidth_source']}), "
-                         f"{roof['bytes_per_token'] / 2**20:.1f} MiB read per decoded token")
+                         f"{roof['bytes_per_token'] / 2**20:.1f} MiB read per decoded token"
+                         + ("; above the ceiling: the weights fit in the CPU caches, so DRAM bandwidth does not "
+                            "bound this model" if (roof.get("fraction") or 0) > 1 else ""))
     return lines
 
 

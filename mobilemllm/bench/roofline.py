@@ -21,7 +21,7 @@ SCHEME_BITS = {"fp32": 32, "float32": 32, "fp16": 16, "float16": 16, "bf16": 16,
 _BANDWIDTH_CACHE: dict[tuple[int, int], float] = {}
 
 
-def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, threads: int | None = None) -> float:
+def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, threads: int | None = None) -> float:
     """This host's memory bandwidth in bytes/s: the best of ``repeats`` copies of ``nbytes`` (read + write).
 
     Measured once per process and size (the copy takes well under a second).
@@ -63,8 +63,8 @@ def scheme_bytes_per_weight(scheme: str, group_size: int | None = None) -> float
     if bits is None:
         return 4.0
     per = bits / 8
-    if bits < 16:
-        per += 4 / (group_size or 128 if bits == 4 else 4096)  # an fp32 scale per group (per channel for int8)
+    if bits < 16:  # plus an fp32 scale per group; int8 without a group size: per channel (~1 per 4096)
+        per += 4 / (group_size or (128 if bits == 4 else 4096))
     return per
 
 

@@ -84,7 +84,8 @@ class _ExecuTorchBase(Backend):
         self.tokenizer_dir = self.bundle / self.manifest["tokenizer"]["dir"]
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.info = case_info(self.bundle, self.manifest)
-        used = set_threads(self.threads)
+        with _CapturedOutput():  # the threadpool logs its CPU probing to stderr
+            used = set_threads(self.threads)
         if used and not self.threads:
             self.threads = used
 
