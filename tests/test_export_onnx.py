@@ -1,0 +1,319 @@
+"""ONNX export: graphs vs eager, quantized bounds, the bundle end to end through `mobilemllm generate`,
+and the errors a user sees for bad recipes, damaged bundles and oversized prompts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from conftest import make_tiny_model  # noqa: E402
+
+from mobilemllm.errors import BackendUnavailable, ConfigError, UserError  # noqa: E402
+
+
+def confident_model(seed: int = 0):
+    """The tiny test model with larger LLM weights (std 0.08): its logits have clear winners, so greedy
+    decoding produces varied tokens and a wrong graph shows up as different tokens (std 0.02 repeats one)."""
+    model = make_tiny_model(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+    return model
+
+
+def _export(model, tokenizer, out: Path, quantization, **kw) -> Path:
+    from mobilemllm.export.onnx import export_onnx
+
+    recipe = {"name": "onnx", "format": "onnx", "quantization": quantization, "parity": {"greedy_tokens": 12}}
+    return export_onnx(model, tokenizer, recipe, out, log=lambda s: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return confident_model()
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, model, tiny_tokenizer):
+    """fp32, int8 and int4 (block 32) bundles of the same model, exported once for this module."""
+    root = tmp_path_factory.mktemp("onnx")
+    return {q: _export(model, tiny_tokenizer, root / q, q) for q in ("fp32", "int8", "int4")}
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _check(manifest: dict, prefix: str) -> dict:
+    return next(c for c in manifest["parity"]["checks"] if c["name"].startswith(prefix))
+
+
+# ---- graphs ----------------------------------------------------------------------------------------
+def test_bundle_layout_and_graph_signatures(bundles, model):
+    from mobilemllm.export.bundle import load_manifest
+
+    b = bundles["fp32"]
+    man = load_manifest(b)  # schema + checksums
+    assert man["format"] == "onnx"
+    assert {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer/tokenizer.json"} <= set(man["files"])
+    assert not any(p.name.startswith("_") for p in b.iterdir()), "work folders must not leak into the bundle"
+    g = man["graphs"]
+    vis = g["vision_encoder"]
+    assert vis["inputs"] == [{"name": "pixel_values", "dtype": "uint8", "shape": [1, 3, 32, 32]}]
+    assert vis["outputs"][0]["shape"] == [1, model.config.num_visual_tokens, 64]
+    dec = g["text_decoder"]
+    names = [t["name"] for t in dec["inputs"]]
+    assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    past = dec["inputs"][3]["shape"]
+    assert past[0] == 1 and past[1] == 2 and past[3] == 32 and isinstance(past[2], str), past  # dynamic past
+    assert isinstance(dec["inputs"][0]["shape"][1], str)  # dynamic sequence
+    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, 1, 512]}
+    assert man["preprocessing"]["input_dtype"] == "uint8" and man["preprocessing"]["normalize_in_graph"]
+
+
+def test_fp32_graphs_match_eager_step_by_step(bundles, model, tiny_tokenizer):
+    """Each graph against the eager part it came from, and chunked prefill == one-shot prefill."""
+    from mobilemllm.data.images import preprocess, to_uint8_views
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.inference import prompt_ids
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    r = OnnxRunner.from_bundle(bundles["fp32"])
+    cfg = model.config
+    img = parity_image(cfg.vision, seed=3)
+    with torch.inference_mode():
+        ref_img = model.encode_images(preprocess(img, cfg.vision).unsqueeze(0)).numpy()
+    got_img = r.vision.run(None, {"pixel_values": to_uint8_views(img, cfg.vision)})[0]
+    np.testing.assert_allclose(got_img, ref_img, atol=1e-4, rtol=1e-4)
+
+    ids = prompt_ids(cfg, tiny_tokenizer, "Which colour is the circle?")
+    emb = r.embed(ids, got_img)
+    with torch.inference_mode():
+        ref_emb = model.embed(torch.tensor([ids]), image_embeds=torch.from_numpy(ref_img)).numpy()
+        ref_logits = model.llm(inputs_embeds=torch.from_numpy(emb)).logits[0].numpy()
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-4, rtol=1e-4)
+
+    full, _ = r.step(emb, r.empty_past())
+    np.testing.assert_allclose(full, ref_logits[-1], atol=1e-4 * np.abs(ref_logits).max())
+    # the same prompt in three chunks through the one graph (dynamic sequence and past lengths)
+    past = r.empty_past()
+    for chunk in (emb[:, :5], emb[:, 5:20], emb[:, 20:]):
+        last, past = r.step(chunk, past)
+    assert past[0].shape[2] == emb.shape[1]
+    np.testing.assert_allclose(last, full, atol=1e-4 * np.abs(full).max())
+
+
+def test_fp32_parity_and_greedy_identical(bundles, model, tiny_tokenizer):
+    from mobilemllm.data.tokenizer import eos_ids
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.inference import answer
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    man = _manifest(bundles["fp32"])
+    assert man["parity"]["passed"] and not man["parity"]["forced"]
+    assert _check(man, "logits_max_rel_diff")["value"] <= 1e-3
+    assert _check(man, "greedy_agreement")["value"] == 1.0
+
+    # an independent prompt and image, through the public paths on both sides
+    img = parity_image(model.config.vision, seed=7)
+    q = "Is there a red square?"
+    ref = answer(model, tiny_tokenizer, img, q, max_new_tokens=24)
+    got = OnnxRunner.from_bundle(bundles["fp32"]).generate(img, q, max_new_tokens=24)
+    assert len(set(ref.tokens)) > 1, "the test model must produce varied tokens for this check to mean something"
+    assert got.tokens == ref.tokens
+    assert got.text == ref.text
+    assert got.prompt_tokens == ref.prompt_tokens
+    assert eos_ids(tiny_tokenizer)  # greedy stopped on the same rule
+
+
+@pytest.mark.parametrize("scheme, ops, gate", [("int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.99),
+                                               ("int4", {"MatMulNBits"}, 0.95)])
+def test_quantized_bundles(bundles, scheme, ops, gate):
+    from mobilemllm.export.onnx import count_ops
+
+    b = bundles[scheme]
+    man = _manifest(b)
+    decoder_ops = count_ops(b / "decoder.onnx")
+    assert ops <= set(decoder_ops), decoder_ops
+    fp32_size = (bundles["fp32"] / "decoder.onnx").stat().st_size
+    assert (b / "decoder.onnx").stat().st_size < fp32_size
+    cos = _check(man, "logits_cosine")
+    assert cos["threshold"] == gate and cos["value"] >= gate and cos["passed"]
+    assert _check(man, "greedy_agreement")["passed"] is None  # reported, not gated
+    q = man["quantization"]["text_decoder"]
+    assert q["scheme"] == {"int8": "int8", "int4": "int4_weight"}[scheme]
+    if scheme == "int4":
+        assert q["group_size"] == 32
+        assert man["quantization"]["token_embedding"]["scheme"] == "fp32"
+        # MatMulNBits replaced every linear of the decoder (7 per layer) and the LM head
+        assert decoder_ops["MatMulNBits"] == 2 * 7 + 1
+
+
+def test_int4_block_128(tmp_path, model, tiny_tokenizer):
+    from mobilemllm.export.onnx import OnnxQuantization, quantize_graph, export_graphs
+
+    paths = export_graphs(model, tmp_path / "fp32")
+    out = tmp_path / "d128.onnx"
+    quantize_graph(paths["text_decoder"], out, "int4", OnnxQuantization(text_decoder="int4", block_size=128))
+    import onnx
+
+    blocks = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "block_size"}
+    assert blocks == {128}
+
+
+# ---- end to end through the CLI --------------------------------------------------------------------
+@pytest.mark.slow
+def test_generate_cli_runs_onnx_bundle(bundles, model, tiny_tokenizer, tmp_path, capsys):
+    from mobilemllm.cli import main
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.inference import answer
+
+    img = parity_image(model.config.vision, seed=11).resize((48, 40))  # not square: pad + resize as eager
+    path = tmp_path / "img.png"
+    img.save(path)
+    rc = main(["generate", "--bundle", str(bundles["fp32"]), "--image", str(path), "--prompt", "What is shown?",
+               "--max-new-tokens", "20"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    ref = answer(model, tiny_tokenizer, path, "What is shown?", max_new_tokens=20)
+    assert out.out.strip() == ref.text
+    assert "ONNX Runtime CPUExecutionProvider" in out.err and "time to first token" in out.err
+
+
+def test_run_bundle_dispatches_to_onnx(bundles, model):
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.runtime import run_bundle
+
+    pieces = []
+    res = run_bundle(bundles["int4"], parity_image(model.config.vision), "Describe the image.",
+                     max_new_tokens=6, on_text=pieces.append, report=False)
+    assert res.generated_tokens == len(res.tokens) > 0
+    assert "".join(pieces).strip() == res.text
+
+
+def test_onnx_recipe_file_is_valid():
+    import yaml
+
+    from mobilemllm.export.onnx import preflight
+
+    path = Path(__file__).resolve().parents[1] / "export" / "onnx.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    assert path.read_text().startswith("# mobilemllm export")
+    q = preflight(recipe)
+    assert recipe["format"] == "onnx" and q.text_decoder == "int4" and q.block_size == 32
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantization, message", [
+    ("int3", "unknown ONNX quantization 'int3'"),
+    ({"text_decoder": {"scheme": "int4", "block_size": 48}}, "block_size must be one of 32, 64, 128"),
+    ({"token_embedding": "int4"}, "token_embedding cannot be int4"),
+    ({"decoder": "int8"}, "unknown quantization part 'decoder'"),
+])
+def test_bad_recipe_fails_before_work(quantization, message, tmp_path):
+    from mobilemllm.export.onnx import export_onnx
+
+    with pytest.raises(ConfigError, match=message) as e:
+        export_onnx(None, None, {"name": "onnx", "quantization": quantization}, tmp_path / "b")  # no model needed
+    assert "valid" in str(e.value) or "must" in str(e.value) or "cannot" in str(e.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_recipe_key():
+    from mobilemllm.export.onnx import preflight
+
+    with pytest.raises(ConfigError, match="unknown key.*quantisation"):
+        preflight({"name": "onnx", "quantisation": "int4"})
+
+
+def test_refuses_to_overwrite_a_non_bundle_folder(tmp_path, model, tiny_tokenizer):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a bundle"):
+        _export(model, tiny_tokenizer, out, "fp32")
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no staging folder left behind
+
+
+def test_missing_or_damaged_graph(bundles, tmp_path):
+    from mobilemllm.export.bundle import BundleError
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], b)
+    (b / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="decoder.onnx is missing"):
+        OnnxRunner.from_bundle(b)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        OnnxRunner.from_bundle(tmp_path)
+
+
+def test_missing_graph_without_manifest_check(bundles, tmp_path, tiny_config, tiny_tokenizer):
+    from mobilemllm.errors import CheckpointError
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    with pytest.raises(CheckpointError, match="vision.onnx is missing"):
+        OnnxRunner(tmp_path, tiny_config, tiny_tokenizer)
+
+
+def test_oversized_prompt(bundles, model):
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    r = OnnxRunner.from_bundle(bundles["int8"])
+    with pytest.raises(UserError, match=r"the prompt is \d+ tokens .* context is 256; shorten the prompt"):
+        r.generate(parity_image(model.config.vision), "describe " * 300, max_new_tokens=4)
+
+
+def test_oversized_prompt_cli_one_line(bundles, model, tmp_path, capsys):
+    from mobilemllm.cli import main
+    from mobilemllm.export.onnx import parity_image
+
+    path = tmp_path / "img.png"
+    parity_image(model.config.vision).save(path)
+    rc = main(["generate", "--bundle", str(bundles["int8"]), "--image", str(path), "--prompt", "why " * 400])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "error:" in err and "shorten the prompt" in err and "Traceback" not in err
+
+
+def test_unknown_execution_provider(bundles):
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    with pytest.raises(BackendUnavailable, match="NoSuchExecutionProvider.*available: .*CPUExecutionProvider"):
+        OnnxRunner.from_bundle(bundles["int8"], providers=["NoSuchExecutionProvider"])
+
+
+def test_providers_from_env(monkeypatch):
+    from mobilemllm.runtime.onnx_runner import providers_from_env
+
+    monkeypatch.setenv("MOBILEMLLM_ORT_PROVIDERS", " QNNExecutionProvider, CPUExecutionProvider ")
+    assert providers_from_env() == ["QNNExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.delenv("MOBILEMLLM_ORT_PROVIDERS")
+    assert providers_from_env() is None
+
+
+def test_parity_failure_blocks_the_bundle(tmp_path, monkeypatch, model, tiny_tokenizer):
+    """A bundle whose graphs disagree with eager is not written unless forced."""
+    import mobilemllm.export.onnx as onnx_export
+
+    monkeypatch.setitem(onnx_export.PARITY_GATES, "int4", {"min_cosine": 1.01, "min_greedy_agreement": None})
+    with pytest.raises(UserError, match="failed parity.*logits_cosine.*--force"):
+        _export(model, tiny_tokenizer, tmp_path / "b", "int4")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
+    b = _export(model, tiny_tokenizer, tmp_path / "b", "int4", force=True)
+    man = _manifest(b)
+    assert man["parity"]["passed"] is False and man["parity"]["forced"] is True
