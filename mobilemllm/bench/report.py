@@ -163,7 +163,16 @@ def table(cases: Sequence[CaseResult], machine: dict[str, Any], title: str | Non
     return t
 
 
-def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any]) -> list[str]:
+def busy_warning(machine: dict[str, Any]) -> str | None:
+    """A line when other work competed for the CPUs (load average above the usable cores) during the run."""
+    load, cores = machine.get("load_average"), machine.get("cores_usable") or machine.get("cores")
+    if load and cores and load[0] > cores:
+        return (f"warning: the machine was busy (load average {load[0]:.1f} on {cores} cores): numbers are noisy, "
+                "and multi-threaded runtimes suffer most (their threads wait on each other); --threads 1 is steadier")
+    return None
+
+
+def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any], machine: dict[str, Any] | None = None) -> list[str]:
     lines = [f"{settings['prompt_tokens']} prompt tokens + image, {settings['new_tokens']} decoded tokens (EOS "
              f"ignored); {settings['warmup']} warm-up + {settings['repeat']} runs: median (p10–p90); ×: ratio to "
              "row 1 (>1 is faster); roofline: decode ceiling = bandwidth ÷ bytes read per token (achieved %)."]
@@ -182,6 +191,9 @@ def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any]) -> list[str
                          f"{roof['bytes_per_token'] / 2**20:.1f} MiB read per decoded token"
                          + ("; above the ceiling: the weights fit in the CPU caches, so DRAM bandwidth does not "
                             "bound this model" if (roof.get("fraction") or 0) > 1 else ""))
+    warning = busy_warning(machine or {})
+    if warning:
+        lines.append(warning)
     return lines
 
 
@@ -217,7 +229,7 @@ def write_plot(cases: Sequence[CaseResult], machine: dict[str, Any], path: str |
         s = c.summary(m)
         return s.median if s else 0.0
 
-    labels = [f"#{i} {c.label}" for i, c in enumerate(cases, 1)]
+    labels = [f"#{i} {c.label}\n{c.backend} {c.info.quantization}" for i, c in enumerate(cases, 1)]
     enc = [med(c, "image_encode_s") * 1e3 for c in cases]
     pre = [med(c, "prefill_s") * 1e3 for c in cases]
     dec = [med(c, "decode_s") * 1e3 for c in cases]

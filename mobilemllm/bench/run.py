@@ -55,18 +55,25 @@ def make(case: Case, settings: Settings):
     return make_backend(case.backend, case.target, settings.threads)
 
 
+def bandwidth(settings: Settings) -> tuple[float, str] | None:
+    """(bytes/s, where it came from): --bandwidth, else a copy on this host; None for a phone without it."""
+    from mobilemllm.bench.roofline import measure_bandwidth
+
+    if settings.bandwidth_gbps:
+        return settings.bandwidth_gbps * 1e9, "given (--bandwidth)"
+    if settings.device == "host":
+        return measure_bandwidth(threads=settings.threads), "measured on this host (large copy)"
+    return None
+
+
 def add_roofline(result: CaseResult, settings: Settings) -> None:
-    from mobilemllm.bench.roofline import measure_bandwidth, roofline
+    from mobilemllm.bench.roofline import roofline
 
     bpt = result.info.decode_bytes_per_token
-    if not bpt:
+    bw = bandwidth(settings)
+    if not bpt or bw is None:
         return
-    if settings.bandwidth_gbps:
-        bw, src = settings.bandwidth_gbps * 1e9, "given (--bandwidth)"
-    elif settings.device == "host":
-        bw, src = measure_bandwidth(threads=settings.threads), "measured on this host (large copy)"
-    else:
-        return
+    bw, src = bw
     s = result.summary("decode_tok_s")
     result.roofline = roofline(bpt, bw, s.median if s else None, src).to_dict()
 
@@ -74,6 +81,7 @@ def add_roofline(result: CaseResult, settings: Settings) -> None:
 def run_benchmark(cases: Sequence[Case], settings: Settings,
                   on_step: Callable[[Case, str], None] | None = None) -> list[CaseResult]:
     settings.check()
+    bandwidth(settings)  # measured once, before any model occupies memory or the caches
     results = []
     for case in cases:
         backend = make(case, settings)

@@ -78,7 +78,7 @@ def bench(
     if not out.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         out = Console(width=200)
     out.print(report.table(results, machine))
-    for line in report.footnotes(results, settings.to_dict()):
+    for line in report.footnotes(results, settings.to_dict(), machine):
         out.print(f"[dim]{line}[/]", highlight=False)
     for path, write in ((json_out, report.write_json), (csv_out, report.write_csv)):
         if path is not None:
