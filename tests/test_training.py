@@ -281,3 +281,27 @@ def test_stage_without_previous_checkpoint_is_a_clear_error(tmp_path):
         run_recipe("tiny", tmp_path, stages=["instruct"], overrides=["synthetic.train_images=16",
                                                                       "synthetic.eval_images=4"],
                    progress=False, log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+def test_tiny_pipeline_meets_the_targets(tmp_path_factory):
+    """Foundations + pretrain + instruct + dpo on the CPU: accuracy and hallucination targets."""
+    from _trained import trained_tiny
+
+    t = trained_tiny(tmp_path_factory)
+    res, table = t["results"], t["results"]["table"]
+    assert set(table) == {"pretrain", "instruct", "dpo"}
+    for stage in ("foundations", "pretrain", "instruct", "dpo"):
+        assert (t["checkpoints"][stage] / "model.safetensors").exists()
+    assert table["instruct"]["vqa_accuracy"] >= 0.90, table
+    assert table["instruct"]["vqa_accuracy"] >= table["pretrain"]["vqa_accuracy"] + 0.3, table
+    assert table["dpo"]["vqa_accuracy"] >= table["instruct"]["vqa_accuracy"] - 0.01, table
+    assert table["dpo"]["caption_object_halluc"] < table["instruct"]["caption_object_halluc"], table
+    assert table["dpo"]["pope_hallucination"] <= table["instruct"]["pope_hallucination"] + 0.01, table
+    # re-running reuses every finished stage and the cached evaluations
+    from mobilemllm.training.pipeline import run_tiny_pipeline
+
+    again = run_tiny_pipeline(t["out_dir"], progress=False)
+    assert again["table"] == table and again["total_wall_s"] < 60
+    assert res["stages"]["instruct"]["eval"]["vqa"]["n"] >= 500

@@ -61,6 +61,7 @@ def barrier(env: DistEnv) -> None:
     if env.distributed:
         import torch.distributed as dist
 
+        init_distributed(env, pick_device(env))
         dist.barrier()
 
 

@@ -162,7 +162,7 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     out_dir = Path(out_dir)
     st = get_stage(stage)
     env = dist_env()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if init is not None:
         model, tok = load_checkpoint(init)
         if tok is None:
@@ -216,7 +216,8 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     model = model.cpu().float()
     state = {"stage": stage, "complete": True, "fingerprint": fingerprint, "recipe": recipe.get("name"),
              "init": str(init) if init else recipe.get("model"), "data": str(data_dir), "config": cfg_dump,
-             "train": summary, "wall_s": round(time.perf_counter() - t0, 2)}
+             "train": summary, "wall_s": round(time.perf_counter() - t0, 2),
+             "cpu_s": round(time.process_time() - cpu0, 2)}
     if env.is_main:
         save_checkpoint(model, tok, out_dir / stage, extra=state)
         shutil.rmtree(run_dir / "last", ignore_errors=True)
@@ -248,6 +249,23 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
     return report
 
 
+def cpu_threads(setting: int | str | None, world_size: int = 1) -> int | None:
+    """Threads per process: an int, or "auto": every core when the machine is idle, one when other
+    processes already keep the cores busy (OpenMP threads that wait on a busy CPU spin and slow a small
+    model down many times over)."""
+    import os
+
+    if setting in (None, 0):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if setting == "auto":
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        n = cores if busy < 0.75 else max(1, cores - int(busy + 0.5))
+    else:
+        n = int(setting)
+    return max(1, n // world_size)
+
+
 def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: list[str] | None = None,
                overrides: list[str] | None = None, resume: bool = True, fresh: bool = False,
                evaluate_stages: bool = True, init: str | Path | None = None, progress: bool = True,
@@ -259,9 +277,9 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
         recipe = load_recipe(recipe, overrides)
     out_dir = Path(out_dir)
     env = dist_env()
-    threads = recipe.get("num_threads")
+    threads = cpu_threads(recipe.get("num_threads"), env.world_size)
     if threads and not torch.cuda.is_available():
-        torch.set_num_threads(int(threads) if env.world_size == 1 else max(1, int(threads) // env.world_size))
+        torch.set_num_threads(threads)
     plan = list(recipe.get("stages") or [s for s in ORDER if s != "foundations"])
     todo = stages or plan
     for s in todo:
@@ -273,7 +291,7 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
         (out_dir / RESULTS_NAME).unlink(missing_ok=True)
     barrier(env)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     data_dir, eval_dir = prepare_data(recipe, out_dir, log)
     eval_opts = dict(recipe.get("eval") or {})
 
@@ -301,15 +319,19 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
             log(f"{stage}: training from {start or recipe.get('model')}")
             state = run_stage(recipe, stage, out_dir, data_dir=data_dir, init=start, resume=resume,
                               progress=progress, fingerprint=fp)
-        entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s")}
+        entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s"),
+                                 "train_cpu_s": state.get("cpu_s")}
         if evaluate_stages and eval_dir is not None and stage != "foundations" and env.is_main:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             report = evaluate_stage(out_dir, stage, eval_dir, eval_opts)
             entry["eval"] = report
             entry["summary"] = summarize(report)
             entry["eval_wall_s"] = round(time.perf_counter() - t0, 2)
+            entry["eval_cpu_s"] = round(time.process_time() - cpu0, 2)
         results["stages"][stage] = entry
     results["total_wall_s"] = round(time.perf_counter() - t_all, 2)
+    results["total_cpu_s"] = round(time.process_time() - cpu_all, 2)
+    results["torch_threads"] = torch.get_num_threads()
     results["table"] = {s: e["summary"] for s, e in results["stages"].items() if "summary" in e}
     if env.is_main:
         tmp = out_dir / (RESULTS_NAME + ".tmp")

@@ -10,7 +10,8 @@ A recipe's top-level keys::
     eval_data: null             # folder of evaluation files; null: the synthetic held-out split
     synthetic: {...}            # sizes of the synthetic train / eval splits (when data is null)
     stages: [...]               # what `--stage all` runs, in order
-    seed, num_threads           # defaults for every stage
+    seed                        # default for every stage
+    num_threads                 # CPU threads per process: an int or auto
     foundations: {text: {...}, vision: {...}}   # TrainConfig sections
     pretrain / instruct / dpo: {TrainConfig keys + data, image_folder, template, train_vision,
                                 train_connector, train_llm, beta, lora}
@@ -132,7 +133,7 @@ def validate_recipe(recipe: dict[str, Any], where: str = "recipe") -> None:
 
 def _defaults(recipe: dict[str, Any]) -> dict[str, Any]:
     d = {}
-    for key in ("seed", "num_threads"):
+    for key in ("seed",):
         if recipe.get(key) is not None:
             d[key] = recipe[key]
     return d

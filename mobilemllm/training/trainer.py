@@ -317,6 +317,7 @@ class Trainer:
         self.model.train()
         bar = _Bar(self.desc, self.total_steps, start) if self.progress else None
         t_run = time.perf_counter()
+        cpu0 = time.process_time()
         tokens_total, last = 0, {}
         try:
             for step in range(start, self.total_steps):
@@ -380,6 +381,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_run
         return {"steps": self.total_steps, "resumed_from": start, "final_loss": last.get("loss"),
                 "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "train_s": round(elapsed, 2),
+                "cpu_s": round(time.process_time() - cpu0, 2),
                 "world_size": env.world_size, "last_metrics": last}
 
     def _saved_step(self) -> int | None:
