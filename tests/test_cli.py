@@ -224,6 +224,7 @@ def console_script() -> str:
     return found
 
 
+@pytest.mark.slow  # a real process: imports torch and transformers from cold
 def test_console_script(tiny_checkpoint, tmp_path):
     ok = subprocess.run([console_script(), "info", str(tiny_checkpoint), "--json"], capture_output=True, text=True,
                         env=ENV, cwd=tmp_path, timeout=120)
@@ -231,6 +232,7 @@ def test_console_script(tiny_checkpoint, tmp_path):
     assert json.loads(ok.stdout)["visual_tokens"] == 16
 
 
+@pytest.mark.slow  # a real process: imports torch and transformers from cold
 def test_console_script_error(tmp_path):
     bad = subprocess.run([console_script(), "generate", "--model", "tiny", "--image", str(tmp_path / "x.png"),
                           "--prompt", "hi"], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
