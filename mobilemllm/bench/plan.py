@@ -23,10 +23,23 @@ class Case:
     label: str
 
 
-def _bundle_format(path: str) -> str:
+# ExecuTorch delegates whose programs cannot run on this (Linux x86) host.
+HOST_UNRUNNABLE = {"coreml": "Core ML programs run only on Apple hardware (macOS / iOS)",
+                   "qnn": "QNN programs run only on Qualcomm devices (use --device adb)"}
+
+
+def _bundle_format(path: str, device: str) -> str:
+    from mobilemllm.errors import BackendUnavailable
     from mobilemllm.export.bundle import load_manifest
 
-    return load_manifest(path, verify=False)["format"]
+    manifest = load_manifest(path, verify=False)
+    delegate = (manifest.get("export") or {}).get("backend")
+    if device == "host" and manifest["format"] == "executorch" and delegate in HOST_UNRUNNABLE:
+        raise BackendUnavailable(f"{path} was exported for {delegate}: {HOST_UNRUNNABLE[delegate]}; benchmark an "
+                                 "xnnpack/portable bundle here")
+    if device == "host" and manifest["format"] == "coreml":
+        raise BackendUnavailable(f"{path} is a Core ML bundle: Core ML prediction runs only on macOS / iOS")
+    return manifest["format"]
 
 
 def _check_model(target: str) -> None:
@@ -56,7 +69,7 @@ def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence
         cases.append(Case("pytorch", m, Path(m).name if Path(m).is_dir() else m))
     bundle_backends = [b for b in backends if backend_format(b) is not None]
     for b in bundles:
-        fmt = _bundle_format(b)
+        fmt = _bundle_format(b, device)
         fitting = [x for x in bundle_backends if backend_format(x) == fmt]
         if not bundle_backends:
             default = DEFAULT_FOR_FORMAT.get(fmt)
