@@ -360,3 +360,21 @@ def test_cli_matrix_of_every_backend(tiny_checkpoint, et_bundle, onnx_bundle, tm
     assert "×" in out  # ratios against row 1
     for line in ("tiny-et", "tiny-onnx", "measured on this host"):
         assert line in out
+
+
+@pytest.mark.slow
+def test_bundle_backend_mismatches_fail_before_loading(et_bundle, onnx_bundle, tmp_path):
+    import shutil
+
+    from mobilemllm.bench.plan import plan_cases
+
+    with pytest.raises(UserError, match="none of --backend executorch reads it"):
+        plan_cases([str(onnx_bundle)], [], ["executorch"])
+    assert [c.backend for c in plan_cases([str(et_bundle), str(onnx_bundle)], [], [])] == ["executorch", "onnxruntime"]
+    coreml = tmp_path / "coreml"
+    shutil.copytree(et_bundle, coreml)
+    manifest = json.loads((coreml / "manifest.json").read_text())
+    manifest["export"]["backend"] = "coreml"
+    (coreml / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendUnavailable, match="only on Apple hardware"):
+        plan_cases([str(coreml)], [], [])
