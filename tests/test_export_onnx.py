@@ -44,10 +44,20 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, model, tiny_tokenizer):
-    """fp32, int8 and int4 (block 32) bundles of the same model, exported once for this module."""
+def fp32_graphs(tmp_path_factory, model):
+    """The model's three fp32 graphs, exported once; every bundle below quantizes a copy."""
+    from mobilemllm.export.onnx import export_graphs
+
+    return export_graphs(model, tmp_path_factory.mktemp("graphs"))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, model, tiny_tokenizer, fp32_graphs):
+    """fp32, int8 and int4 (block 32) bundles of the same model (one export, three quantizations)."""
     root = tmp_path_factory.mktemp("onnx")
-    return {q: _export(model, tiny_tokenizer, root / q, q) for q in ("fp32", "int8", "int4")}
+    out = {q: _export(model, tiny_tokenizer, root / q, q, fp32_graphs=fp32_graphs) for q in ("int8", "int4")}
+    out["fp32"] = _export(model, tiny_tokenizer, root / "fp32", "fp32")  # this one runs the whole export path
+    return out
 
 
 def _manifest(bundle: Path) -> dict:
@@ -160,12 +170,11 @@ def test_quantized_bundles(bundles, scheme, ops, gate):
         assert decoder_ops["MatMulNBits"] == 2 * 7 + 1
 
 
-def test_int4_block_128(tmp_path, model, tiny_tokenizer):
-    from mobilemllm.export.onnx import OnnxQuantization, quantize_graph, export_graphs
+def test_int4_block_128(tmp_path, fp32_graphs):
+    from mobilemllm.export.onnx import OnnxQuantization, quantize_graph
 
-    paths = export_graphs(model, tmp_path / "fp32")
     out = tmp_path / "d128.onnx"
-    quantize_graph(paths["text_decoder"], out, "int4", OnnxQuantization(text_decoder="int4", block_size=128))
+    quantize_graph(fp32_graphs["text_decoder"], out, "int4", OnnxQuantization(text_decoder="int4", block_size=128))
     import onnx
 
     blocks = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
@@ -306,14 +315,14 @@ def test_providers_from_env(monkeypatch):
     assert providers_from_env() is None
 
 
-def test_parity_failure_blocks_the_bundle(tmp_path, monkeypatch, model, tiny_tokenizer):
+def test_parity_failure_blocks_the_bundle(tmp_path, monkeypatch, model, tiny_tokenizer, fp32_graphs):
     """A bundle whose graphs disagree with eager is not written unless forced."""
     import mobilemllm.export.onnx as onnx_export
 
     monkeypatch.setitem(onnx_export.PARITY_GATES, "int4", {"min_cosine": 1.01, "min_greedy_agreement": None})
     with pytest.raises(UserError, match="failed parity.*logits_cosine.*--force"):
-        _export(model, tiny_tokenizer, tmp_path / "b", "int4")
+        _export(model, tiny_tokenizer, tmp_path / "b", "int4", fp32_graphs=fp32_graphs)
     assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
-    b = _export(model, tiny_tokenizer, tmp_path / "b", "int4", force=True)
+    b = _export(model, tiny_tokenizer, tmp_path / "b", "int4", force=True, fp32_graphs=fp32_graphs)
     man = _manifest(b)
     assert man["parity"]["passed"] is False and man["parity"]["forced"] is True

@@ -428,8 +428,13 @@ def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16) 
 # ---- bundle -------------------------------------------------------------------------------------
 def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, target: str = "onnx",
                  recipe: dict[str, Any] | None = None, source: str | None = None, force: bool = False,
-                 parity_tokens: int = 16, log: Callable[[str], None] = lambda s: None) -> Path:
-    """Export, quantize, check parity and write an ONNX bundle folder at ``out_dir`` (atomically)."""
+                 parity_tokens: int = 16, log: Callable[[str], None] = lambda s: None,
+                 fp32_graphs: dict[str, Path] | None = None) -> Path:
+    """Export, quantize, check parity and write an ONNX bundle folder at ``out_dir`` (atomically).
+
+    ``fp32_graphs`` (from :func:`export_graphs` of the same model) skips the export step: several
+    quantized bundles of one model share one export (the benchmark and the tests do this).
+    """
     from mobilemllm.export import bundle as bundle_mod
     from mobilemllm.export import parity
     from mobilemllm.runtime.onnx_runner import OnnxRunner
@@ -441,7 +446,16 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
     staging = bundle_mod.new_bundle_dir(out_dir)
     try:
         work = staging / "_fp32"
-        fp32 = export_graphs(model, work, log=log)
+        if fp32_graphs is None:
+            fp32 = export_graphs(model, work, log=log)
+        else:
+            work.mkdir()
+            fp32 = {}
+            for part, src in fp32_graphs.items():
+                fp32[part] = work / Path(src).name
+                shutil.copyfile(src, fp32[part])
+                if Path(str(src) + ".data").exists():
+                    shutil.copyfile(str(src) + ".data", str(fp32[part]) + ".data")
         if q.strongest != "fp32":
             log(f"quantizing: {q.summary()} (vision/embed/decoder), 4-bit block size {q.block_size}")
         paths = quantize_graphs(fp32, staging, q)
@@ -521,9 +535,11 @@ def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
 
 
 def export_onnx(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
-                force: bool = False, log: Callable[[str], None] = print) -> Path:
+                force: bool = False, log: Callable[[str], None] = print,
+                fp32_graphs: dict[str, Path] | None = None) -> Path:
     """Export ``model`` to an ONNX bundle at ``out_dir`` as ``recipe`` says (see export/onnx.yaml)."""
     q = preflight(recipe)
     par = recipe.get("parity") or {}
     return build_bundle(model, tokenizer, out_dir, q, target=recipe.get("name", "onnx"), recipe=recipe,
-                        source=source, force=force, parity_tokens=int(par.get("greedy_tokens", 16)), log=log)
+                        source=source, force=force, parity_tokens=int(par.get("greedy_tokens", 16)), log=log,
+                        fp32_graphs=fp32_graphs)
