@@ -215,10 +215,14 @@ def test_missing_and_corrupt_images(folder, tiny_config, tiny_tokenizer):
     (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     ds = ConversationDataset(write_json(folder / "d.json", [record(0, "gone.png"), record(1, "corrupt.png")]),
                              None, tiny_tokenizer, tiny_config)
-    with pytest.raises(DataError, match="image not found: .*gone.png"):
+    with pytest.raises(DataError, match=r"record 0 \(id 'r0'\): image not found: .*gone.png"):
         ds[0]
-    with pytest.raises(DataError, match="cannot read image .*corrupt.png"):
+    with pytest.raises(DataError, match=r"record 1 \(id 'r1'\): cannot read image .*corrupt.png"):
         ds[1]
+    pref = write_json(folder / "p.json", [{"id": "p", "image": "gone.png", "prompt": "Q", "chosen": "a",
+                                           "rejected": "b"}])
+    with pytest.raises(DataError, match=r"record 0 \(id 'p'\): image not found"):
+        PreferenceDataset(pref, None, tiny_tokenizer, tiny_config)[0]
     with pytest.raises(DataError, match="image not found"):
         load_image(folder / "nope.jpg")
     with pytest.raises(DataError, match="cannot read image"):

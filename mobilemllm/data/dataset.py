@@ -141,7 +141,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         if len(ids) > self.max_length:
             raise DataError(f"{_where(self.path, i, rec)}: {len(ids)} tokens (with visual tokens) exceed the "
                             f"context of {self.max_length}; shorten it or raise llm.max_position_embeddings")
-        pix = self.image(rec["image"]) if "image" in rec else None
+        try:
+            pix = self.image(rec["image"]) if "image" in rec else None
+        except DataError as e:  # say which record points at the bad image
+            raise DataError(f"{_where(self.path, i, rec)}: {e}") from None
         return Sample(ids, labels, pix)
 
 
@@ -164,7 +167,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Sample, Sample]:
         rec = self.records[i]
-        pix = preprocess(load_image(self.image_folder / rec["image"]), self.config.vision)
+        try:
+            pix = preprocess(load_image(self.image_folder / rec["image"]), self.config.vision)
+        except DataError as e:  # say which record points at the bad image
+            raise DataError(f"{_where(self.path, i, rec)}: {e}") from None
         out = []
         for key in ("chosen", "rejected"):
             turns = [(f"{IMAGE}\n{rec['prompt']}", rec[key])]
