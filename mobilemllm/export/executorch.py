@@ -167,15 +167,19 @@ def lower(programs: dict[str, Any], constants: dict[str, Any], backend: str, rec
     """Edge dialect + delegate + ExecuTorch program (an ExecutorchProgramManager)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     edge = to_edge_transform_and_lower(programs, partitioner=_partitioners(backend, recipe),
                                        constant_methods=constants,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+
+    # Linears left outside a delegate run as the optimized linear kernel, not transpose + mm.
+    edge = edge.transform([ConvertToLinearPass()])
     return edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
-        passes=[QuantFusionPass()],
+        # fuses torchao dequantize + embedding into quantized_decomposed.embedding_{2,4}bit/byte kernels
+        do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS},
     ))
@@ -199,6 +203,7 @@ def delegation_summary(et_program) -> dict[str, dict[str, int]]:
 def load_program(path: str | Path):
     """An ExecuTorch Program (Python bindings), with the llm custom ops registered."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::* kernels)
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit etc.)
     from executorch.runtime import Runtime
 
     return Runtime.get().load_program(str(path))

@@ -130,6 +130,7 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
                 on_text: Callable[[str], None] | None = None) -> RunResult:
     """Generate with MultimodalRunner; ``views_u8`` is the preprocessed uint8 image (V, 3, S, S)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa etc.)
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit etc.)
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
 
     from mobilemllm.export.bundle import needs_bos_token

@@ -1,0 +1,87 @@
+"""`mobilemllm export`: a checkpoint (or a preset with random weights) -> a bundle folder for a target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def export(
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, or a preset name (random weights)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t",
+                                         help="android | ios | ios-coreml | android-qnn | portable | onnx | coreml "
+                                              "(the recipes in the export/ folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically if it is a bundle)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe YAML file instead of a shipped target."),
+    decoder_quant: Optional[str] = typer.Option(None, help="Override the text decoder's scheme "
+                                                           "(executorch: fp32 | 8da4w | 8da8w | int8_weight)."),
+    embedding_quant: Optional[str] = typer.Option(None, help="Override the token embedding's scheme "
+                                                             "(executorch: fp32 | embedding4 | embedding8)."),
+    vision_quant: Optional[str] = typer.Option(None, help="Override the vision encoder's scheme "
+                                                          "(executorch: fp32 | 8da8w | int8_weight)."),
+    group_size: Optional[int] = typer.Option(None, min=0, help="Group size for 4-bit weights and embeddings "
+                                                                "(0 = per channel)."),
+    max_context_len: Optional[int] = typer.Option(None, min=8, help="KV-cache length (default: the model's context)."),
+    force: bool = typer.Option(False, "--force/--no-force",
+                               help="Write the bundle even if parity fails (marked as forced in the manifest)."),
+) -> None:
+    """Export a model for a phone: quantize, lower, check parity against eager, write the bundle."""
+    import importlib
+
+    from mobilemllm.errors import UserError
+    from mobilemllm.export.bundle import check_out_dir
+    from mobilemllm.export.recipes import load_recipe
+
+    if (target is None) == (recipe is None):
+        raise UserError("give exactly one of --target NAME or --recipe FILE")
+    rec = load_recipe(target=target, path=recipe)  # unknown target: fails here, before any weights load
+    fmt = rec["format"]
+    _apply_overrides(rec, decoder_quant, embedding_quant, vision_quant, group_size, max_context_len)
+    module = importlib.import_module(f"mobilemllm.export.{fmt}")
+    builder = getattr(module, f"export_{fmt}")
+    if hasattr(module, "preflight"):
+        module.preflight(rec)  # e.g. QNN without its SDK: fail before loading weights
+    check_out_dir(out)
+
+    from mobilemllm.api import load
+
+    m, tok = load(model)
+    if tok is None:
+        from mobilemllm.export.synthetic_tokenizer import synthetic_tokenizer
+
+        tok = synthetic_tokenizer(m.config.llm.vocab_size)
+        typer.echo(f"note: {model} has no tokenizer; using a synthetic {m.config.llm.vocab_size}-token tokenizer "
+                   "(fine for benchmarks of random weights, not for real text)", err=True)
+    builder(m, tok, rec, out, source=str(model), force=force, log=lambda s: typer.echo(s, err=True))
+
+
+def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, vision: str | None,
+                     group_size: int | None, max_context_len: int | None) -> None:
+    from mobilemllm.errors import ConfigError
+
+    if rec["format"] != "executorch":
+        if any(v is not None for v in (decoder, embedding, vision, group_size, max_context_len)):
+            raise ConfigError(f"--decoder-quant/--embedding-quant/--vision-quant/--group-size/--max-context-len "
+                              f"apply to ExecuTorch targets; edit the {rec['format']} recipe (--recipe FILE) instead")
+        return
+    from mobilemllm.export.quantize import check_scheme
+
+    quant = rec.setdefault("quantization", {})
+    for part, scheme in (("text_decoder", decoder), ("token_embedding", embedding), ("vision_encoder", vision)):
+        if scheme is not None:
+            quant[part] = {**quant.get(part, {}), "scheme": scheme}
+    if group_size is not None:
+        for part in ("text_decoder", "token_embedding"):
+            quant.setdefault(part, {"scheme": "fp32"})["group_size"] = group_size
+    for part, spec in quant.items():
+        check_scheme(part, spec)
+    if max_context_len is not None:
+        rec["max_context_len"] = max_context_len
+        if rec.get("max_seq_len") and rec["max_seq_len"] > max_context_len:
+            rec["max_seq_len"] = max_context_len
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
