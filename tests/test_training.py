@@ -221,6 +221,15 @@ def test_torchrun_two_processes_match_one_process(small_world, tmp_path):
     m2, _ = load_checkpoint(tmp_path / "two" / "instruct")
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), n
+    # FSDP2 (fully_shard, gloo on CPU) follows the same curve and saves a plain checkpoint.
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29518"] + base[1:] + ["--out", str(tmp_path / "fsdp"), "instruct.fsdp=true"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert [r["loss"] for r in curve(tmp_path / "fsdp")] == pytest.approx([r["loss"] for r in c1], rel=1e-4)
+    m3, _ = load_checkpoint(tmp_path / "fsdp" / "instruct")
+    for (n, a), (_, b) in zip(m1.named_parameters(), m3.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), n
 
 
 # ------------------------------------------------------------------------------------------ LoRA

@@ -189,6 +189,8 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
         parts = trainable_parts(st, opts.get("train_vision"), opts.get("train_connector"), opts.get("train_llm"))
         model.set_trainable(**parts)
         lora = opts.get("lora") if stage == "instruct" else None
+        if lora and cfg.fsdp:
+            raise ConfigError("instruct: lora and fsdp cannot be combined yet; use DDP (fsdp: false) for LoRA")
         if lora:
             model.set_trainable(llm=False)
             _apply_lora(model, lora)
@@ -208,6 +210,13 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
         trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
                           param_groups=_param_groups(cfg.connector_lr))
         summary = trainer.fit(resume=resume)
+        if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
+            from mobilemllm.models.vlm import MobileVLM
+
+            full = trainer.full_state_dict()
+            model = MobileVLM(model.config, load_weights=False)
+            if env.is_main:
+                model.load_state_dict(full)
         if lora:
             merge_lora(model, run_dir / "lora_adapter" if env.is_main else None)
         model.set_trainable(vision=True, connector=True, llm=True)

@@ -390,6 +390,14 @@ class Trainer:
         except (OSError, ValueError, KeyError):
             return None
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU (gathered from every rank under FSDP: call on all ranks)."""
+        if self.cfg.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
     def cleanup(self) -> None:
         """Remove the resumable state once the final checkpoint is written (metrics stay)."""
         if self.env.is_main:
