@@ -144,13 +144,21 @@ class ModelConfig:
                 errors.append(f"unknown key {key!r}")
                 continue
             if key in sub:
-                try:
-                    kwargs[key] = _build(sub[key], value or {}, key)
-                except ConfigError as e:
-                    errors.append(str(e))
+                if value is not None and not isinstance(value, dict):
+                    errors.append(f"{key} must be an object of {sub[key].__name__} fields, got {value!r}")
+                    continue
+                kwargs[key] = _build(sub[key], value or {}, key, errors)
             else:
                 kwargs[key] = value
-        if errors:
+        for key in ("name", "template", "image_token"):
+            if key in kwargs and not isinstance(kwargs[key], str):
+                errors.append(f"{key} must be a string, got {kwargs.pop(key)!r}")
+        if errors:  # also report what validation finds in the parts that could be read
+            try:
+                cls(**kwargs).validate()
+            except (ConfigError, TypeError, ValueError) as e:
+                if isinstance(e, ConfigError):
+                    errors.append(str(e).removeprefix("invalid model config: "))
             raise ConfigError("invalid model config: " + "; ".join(errors))
         cfg = cls(**kwargs)
         cfg.validate()
@@ -226,16 +234,43 @@ class ModelConfig:
             raise ConfigError("invalid model config: " + "; ".join(errors))
 
 
-def _build(klass: type, data: dict[str, Any], prefix: str) -> Any:
-    names = {f.name for f in fields(klass)}
-    unknown = sorted(set(data) - names)
+def _build(klass: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    """Build a part from a dict, appending problems (unknown keys, wrong types) to ``errors``; fields with
+    problems keep their defaults so the rest can still be validated."""
+    by_name = {f.name: f for f in fields(klass)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
-        raise ConfigError(f"unknown {prefix} key(s): {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
-    data = dict(data)
-    for key in ("image_mean", "image_std", "tile_grid"):
-        if key in data and isinstance(data[key], list):
-            data[key] = tuple(data[key])
-    return klass(**data)
+        errors.append(f"unknown {prefix} key(s): {', '.join(unknown)} (valid: {', '.join(sorted(by_name))})")
+    kwargs = {}
+    for key, value in data.items():
+        if key not in by_name:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        f = by_name[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and value is not None and not _same_kind(value, default):
+            errors.append(f"{prefix}.{key} must be {_kind_name(default)}, got {value!r}")
+            continue
+        kwargs[key] = value
+    return klass(**kwargs)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and len(value) == len(default) and all(
+            _same_kind(v, d) for v, d in zip(value, default))
+    return isinstance(value, type(default))
+
+
+def _kind_name(default: Any) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {len(default)} numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "valid")
 
 
 # ---- presets ---------------------------------------------------------------------------------

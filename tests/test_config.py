@@ -99,6 +99,21 @@ def test_all_unknown_keys_are_reported_together():
     assert "num_layers" in msg  # the valid keys are listed
 
 
+def test_unknown_keys_wrong_types_and_bad_values_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_preset("tiny", llm={"num_layers": "two", "layers": 2, "tie_word_embeddings": 1},
+                                vision={"image_mean": [0.5, 0.5]}, connector={"kind": "qformer"})
+    msg = str(e.value)
+    for fragment in ("unknown llm key(s): layers", "llm.num_layers must be an integer, got 'two'",
+                     "llm.tie_word_embeddings must be true or false", "vision.image_mean must be a list of 3 numbers",
+                     "unknown connector 'qformer'"):
+        assert fragment in msg, fragment
+    with pytest.raises(ConfigError, match="vision must be an object"):
+        ModelConfig.from_dict({"vision": 5})
+    # ints are fine where floats are expected
+    assert ModelConfig.from_preset("tiny", llm={"rope_theta": 500000}).llm.rope_theta == 500000
+
+
 def test_ldp_needs_an_even_grid():
     with pytest.raises(ConfigError, match="even patch grid"):
         ModelConfig.from_preset("tiny", vision={"image_size": 28})  # 7x7 patches
