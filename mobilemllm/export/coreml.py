@@ -255,6 +255,10 @@ def coreml_teacher_forced(packages: dict[str, Any], config, ids: list[int], imag
     return np.stack(rows)
 
 
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 # ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
 RECIPE_KEYS = ("name", "format", "description", "compression", "block_size", "parity")
 
@@ -361,7 +365,11 @@ def export_coreml(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path,
                                        "KV cache is the model's state (MLState)"},
         }
         roles = {name: "program" for name in PACKAGE_FILES.values()}
-        return B.finish_bundle(staging, out_dir, manifest, roles)
+        sizes = ", ".join(f"{name} {_dir_size(staging / name) / 1e6:.1f} MB" for name in PACKAGE_FILES.values())
+        out = B.finish_bundle(staging, out_dir, manifest, roles)
+        log(f"Core ML bundle ({scheme}) written to {out}: {sizes}"
+            + ("" if skipped is None else f"; {PREDICTION_NEEDS_MACOS}, so its numbers were not checked here"))
+        return out
     except BaseException:
         B.discard(staging)
         raise

@@ -329,6 +329,11 @@ def quantize_graphs(fp32_paths: dict[str, Path], out_dir: Path, q: OnnxQuantizat
     return out
 
 
+def _size_of(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def count_ops(path: str | Path) -> dict[str, int]:
     """Operator histogram of an ONNX file (used by tests and the manifest to show what ran)."""
     import onnx
@@ -496,7 +501,11 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
         }
         roles = {p.name: "graph" for p in paths.values()}
         roles.update({p.name + ".data": "weights" for p in paths.values()})
-        return bundle_mod.finish_bundle(staging, out_dir, manifest, roles)
+        sizes = ", ".join(f"{p.name} {_size_of(p) / 1e6:.1f} MB" for p in paths.values())
+        out = bundle_mod.finish_bundle(staging, out_dir, manifest, roles)
+        log(f"ONNX bundle ({q.summary()}) written to {out}: {sizes}; run it with "
+            f"`mobilemllm generate --bundle {out} --image IMG --prompt TEXT`")
+        return out
     except BaseException:
         bundle_mod.discard(staging)
         raise
