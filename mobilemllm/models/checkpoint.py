@@ -118,7 +118,12 @@ def load_checkpoint(path: str | Path, with_tokenizer: bool = True, dtype: torch.
     cfg = ModelConfig.load(path / CONFIG_NAME)
     cfg = cfg.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
     state = load_state_dict_file(path / WEIGHTS_NAME)
-    model = MobileVLM(cfg, load_weights=False)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is overwritten below: skip the (slow) random initialisation
+        model = MobileVLM(cfg, load_weights=False)
+    if cfg.llm.tie_word_embeddings:
+        model.llm.tie_weights()
     load_weights_into(model, state, str(path / WEIGHTS_NAME))
     model.to(dtype).eval()
     tokenizer = None
