@@ -1,8 +1,7 @@
 """Fixtures for the app and web-demo tests (imported by test_apps.py and test_demo_web.py).
 
-``app_bundle``: a random-weight tiny model (2 layers x 64, 32 px) exported once per test session to a
-real ExecuTorch bundle (XNNPACK, fp32) with the exporter the CLI uses; about a minute and a half on two
-cores. The export is cached at module level so every test module that imports the fixture shares it.
+``app_bundle``: the random-weight tiny checkpoint (2 layers x 64, 32 px) exported once per test session
+with ``mobilemllm export --target android`` (XNNPACK, kept fp32); about a minute and a half on two cores. The export is cached at module level so every test module that imports the fixture shares it.
 """
 
 from __future__ import annotations
@@ -17,23 +16,21 @@ import pytest
 _CACHE: dict[str, Path] = {}
 
 
-def export_tiny_bundle(out: Path) -> Path:
-    from conftest import make_tiny_config, make_tiny_model
+def export_tiny_bundle(checkpoint: Path, out: Path) -> Path:
+    """`mobilemllm export --target android` of a checkpoint, kept fp32 (exact parity, quicker lowering)."""
+    from mobilemllm.cli import main
 
-    from mobilemllm.data.tokenizer import tiny_tokenizer
-    from mobilemllm.export.executorch import export_executorch
-
-    cfg = make_tiny_config()
-    tok = tiny_tokenizer(vocab_size=cfg.llm.vocab_size, seed=0, num_images=60)
-    recipe = {"name": "android", "backend": "xnnpack", "quantization": {}}
-    return export_executorch(make_tiny_model(cfg, seed=0), tok, recipe, out, log=lambda _msg: None)
+    code = main(["export", "--target", "android", "--model", str(checkpoint), "--out", str(out),
+                 "--decoder-quant", "fp32", "--embedding-quant", "fp32", "--vision-quant", "fp32"])
+    assert code == 0, f"mobilemllm export failed with exit code {code}"
+    return out
 
 
 @pytest.fixture(scope="session")
-def app_bundle(tmp_path_factory) -> Path:
-    """A real exported tiny ExecuTorch bundle. Treat it as read-only."""
+def app_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A real exported tiny ExecuTorch bundle (conftest's tiny_checkpoint). Treat it as read-only."""
     if "bundle" not in _CACHE:
-        _CACHE["bundle"] = export_tiny_bundle(tmp_path_factory.mktemp("app_bundle") / "tiny-android")
+        _CACHE["bundle"] = export_tiny_bundle(tiny_checkpoint, tmp_path_factory.mktemp("app_bundle") / "tiny-android")
     return _CACHE["bundle"]
 
 
