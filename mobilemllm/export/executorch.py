@@ -303,9 +303,24 @@ def check_parity(model, tokenizer, pte: Path, staging: Path, manifest: dict[str,
     same = res.text == eager_text
     checks.append(P.check("runner_text_matches_eager", same, True if fp32 else None, same if fp32 else None))
     checks.append(P.check("runner_prompt_tokens", res.prompt_tokens, len(ids), res.prompt_tokens == len(ids)))
+    same_ids = cpp_tokenizer_matches(staging / B.TOKENIZER_DIR, tokenizer, manifest["prompt"])
+    checks.append(P.check("cpp_tokenizer_matches", same_ids, True, same_ids))
     log(f"parity: logits max rel diff {rel:.2e}, cosine {cos:.6f}, greedy agreement {agree:.3f} "
         f"({n_greedy} tokens), runner text {'==' if same else '!='} eager")
     return {"checks": checks, "runner_tokens_per_s": res.decode_tokens_per_s}
+
+
+def cpp_tokenizer_matches(tokenizer_dir: Path, tokenizer, prompt: dict[str, Any]) -> bool:
+    """ExecuTorch's C++ tokenizer (what the apps' runner encodes text with) gives our ids for every segment."""
+    from pytorch_tokenizers import CppHFTokenizer
+
+    cpp = CppHFTokenizer()
+    cpp.load(str(tokenizer_dir / "tokenizer.json"))
+    for seg in B.fill_prompt(prompt, PARITY_PROMPT):
+        if seg["type"] == "text" and list(cpp.encode(seg["text"], 0, 0)) != tokenizer.encode(
+                seg["text"], add_special_tokens=False):
+            return False
+    return True
 
 
 # ---- the whole export ----------------------------------------------------------------------------------

@@ -88,24 +88,30 @@ def _quiet_stdout():
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     try:
-        yield os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+        yield
     finally:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
 
 
-def _inputs(manifest: dict[str, Any], image_u8: torch.Tensor, question: str):
-    from executorch.extension.llm.runner import make_image_input, make_text_input
+def _inputs(manifest: dict[str, Any], tokenizer, image_u8: torch.Tensor, question: str):
+    """MultimodalInputs: the manifest's segments, text as token ids from the bundle's tokenizer."""
+    from executorch.extension.llm.runner import make_image_input, make_token_input
 
-    from mobilemllm.export.bundle import fill_prompt
+    from mobilemllm.export.bundle import fill_prompt, needs_bos_token
 
     inputs = []
+    bos = manifest["tokenizer"]["bos_id"]
+    if needs_bos_token(manifest["prompt"]) and bos is not None:
+        inputs.append(make_token_input([int(bos)]))
     for seg in fill_prompt(manifest["prompt"], question):
         if seg["type"] == "image":
             inputs.append(make_image_input(image_u8))
-        elif seg["text"]:
-            inputs.append(make_text_input(seg["text"]))
+        else:
+            ids = tokenizer.encode(seg["text"], add_special_tokens=False)
+            if ids:
+                inputs.append(make_token_input([int(i) for i in ids]))
     return inputs
 
 
@@ -133,21 +139,26 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
     import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit etc.)
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
 
-    from mobilemllm.export.bundle import needs_bos_token
+    from mobilemllm.data.tokenizer import load_tokenizer
+    from mobilemllm.export.bundle import sha256_file
+    from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir
 
+    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    pieces_dir = decode_only_tokenizer_dir(tokenizer, sha256_file(tokenizer_dir / "tokenizer.json"))
     image = image_tensor(manifest, views_u8)
     ctx = manifest["context"]["max_context_len"]
-    inputs = _inputs(manifest, image, question)
+    inputs = _inputs(manifest, tokenizer, image, question)
     stats: dict[str, Any] = {}
     buf = Utf8Buffer(on_text)
+    pieces = PieceDecoder(buf.put)
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                              num_bos=1 if needs_bos_token(manifest["prompt"]) else 0, num_eos=0, seq_len=ctx)
+                              num_bos=0, num_eos=0, seq_len=ctx)
     with _quiet_stdout():
-        runner = MultimodalRunner(str(pte), str(tokenizer_dir))
-        runner.generate(inputs, config, buf.put, lambda s: stats.update(json.loads(s.to_json_string())))
+        runner = MultimodalRunner(str(pte), str(pieces_dir))
+        runner.generate(inputs, config, pieces, lambda s: stats.update(json.loads(s.to_json_string())))
     buf.flush()
-    text = buf.text
-    return _result(text, stats)
+    return _result(buf.text, stats)
 
 
 def _result(text: str, stats: dict[str, Any]) -> RunResult:
