@@ -201,3 +201,32 @@ def test_demo_static_files_ship_with_the_package():
     html = web.joinpath("index.html").read_text()
     for element in ('id="file"', 'id="question"', 'id="ask"', 'id="stats"', 'id="error"'):
         assert element in html
+
+
+@pytest.mark.slow
+def test_demo_command_serves_on_loopback(app_bundle):
+    """`mobilemllm demo` as a user runs it: prints its URL (127.0.0.1, a free port) and answers /api/info."""
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mobilemllm", "demo", "--bundle", str(app_bundle), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 180
+        line = ""
+        while not line and time.monotonic() < deadline and proc.poll() is None:
+            if sel.select(timeout=1):
+                line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line[line.index("http://"):].split()[0]
+        info = json.loads(urllib.request.urlopen(url + "api/info", timeout=30).read())
+        assert info["bundle"] == app_bundle.name and info["max_upload_bytes"] == 8_000_000
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert "<title>mobilemllm demo</title>" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
