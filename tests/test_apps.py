@@ -112,6 +112,45 @@ def test_manifest_reads_live_only_in_the_manifest_file(folder, ext, manifest_fil
     assert any(p.suffix == ext for p in folder.rglob(f"*{ext}") if p != manifest_file)
 
 
+def syntax_errors(source: Path, language) -> list[str]:
+    from tree_sitter import Language, Parser
+
+    data = source.read_bytes()
+    tree = Parser(Language(language)).parse(data)
+    errors = []
+
+    def walk(node):
+        if node.type == "ERROR" or node.is_missing:
+            line = node.start_point[0] + 1
+            errors.append(f"{source.name}:{line}: {data[node.start_byte:node.end_byte][:60]!r}")
+        for child in node.children:
+            walk(child)
+
+    walk(tree.root_node)
+    return errors
+
+
+@pytest.mark.parametrize("folder,ext,grammar", [(ROOT / "android_demo", ".kt", "tree_sitter_kotlin"),
+                                                (ROOT / "ios_demo", ".swift", "tree_sitter_swift")],
+                         ids=["kotlin", "swift"])
+def test_app_sources_parse(folder, ext, grammar, tmp_path):
+    """No Android SDK or Swift compiler here: at least every app source must parse (tree-sitter grammars)."""
+    import importlib
+
+    try:
+        language = importlib.import_module(grammar).language()
+    except ImportError:
+        language = None
+    need_tool(grammar.replace("_", "-"), language is not None, "pip install -e '.[dev]' (tree-sitter grammars)")
+    sources = sorted(folder.rglob(f"*{ext}"))
+    assert len(sources) >= 5
+    errors = [e for src in sources for e in syntax_errors(src, language)]
+    assert not errors, errors
+    broken = tmp_path / f"broken{ext}"  # the check itself can fail
+    broken.write_text("fun f( { val x = }\n" if ext == ".kt" else "func f( { let x = }\n")
+    assert syntax_errors(broken, language)
+
+
 # ---- 2. preprocessing and prompt: the apps' Python twin vs training's code -----------------------------
 def vision_config(**kw):
     from mobilemllm.config import SIGLIP_MEAN, SIGLIP_STD, VisionConfig
