@@ -118,7 +118,7 @@ class ExportLlama(nn.Module):
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seqlen = embeds.shape[1]
         start = input_pos[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + seqlen <= self.max_context_len)
         cos = self.rope_cos.narrow(0, start, seqlen).view(1, seqlen, 1, -1)
         sin = self.rope_sin.narrow(0, start, seqlen).view(1, seqlen, 1, -1)

@@ -76,6 +76,7 @@ def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, tem
 def _run_executorch(bundle_dir: Path, manifest: dict, pil_image, prompt: str, max_new_tokens: int,
                     temperature: float, on_text, image_path):
     from mobilemllm.data.tokenizer import load_tokenizer
+    from mobilemllm.export.bundle import fill_prompt
     from mobilemllm.export.executorch import PROGRAM_NAME
     from mobilemllm.runtime.executorch_runner import count_prompt_tokens, run_program
 
@@ -94,9 +95,8 @@ def _run_executorch(bundle_dir: Path, manifest: dict, pil_image, prompt: str, ma
         raise UserError(f"the prompt is {n_prompt} tokens (with the image's "
                         f"{manifest['prompt']['num_visual_tokens']} visual tokens) but the bundle's context is {ctx}; "
                         "shorten the prompt")
-    longest = max((len(tokenizer.encode(s["text"], add_special_tokens=False)) + 1 for s in
-                   __import__("mobilemllm.export.bundle", fromlist=["fill_prompt"]).fill_prompt(manifest["prompt"], prompt)
-                   if s["type"] == "text"), default=0)
+    longest = max((len(tokenizer.encode(seg["text"], add_special_tokens=False))
+                   for seg in fill_prompt(manifest["prompt"], prompt) if seg["type"] == "text"), default=0)
     if longest > manifest["context"]["max_seq_len"]:
         raise UserError(f"a prompt segment is {longest} tokens but the bundle prefills at most "
                         f"{manifest['context']['max_seq_len']} at once; shorten the prompt")
