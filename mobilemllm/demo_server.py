@@ -253,8 +253,21 @@ class DemoHandler(BaseHTTPRequestHandler):
                 break
             n -= len(chunk)
 
+    def _host_ok(self) -> bool:
+        """On loopback, answer only requests addressed to a loopback name: a web page elsewhere cannot
+        reach the demo through a DNS name that resolves to 127.0.0.1 (DNS rebinding)."""
+        if not getattr(self.server, "loopback_only", False):
+            return True
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if is_loopback(host):
+            return True
+        self._json(403, {"error": f"this demo answers only on 127.0.0.1/localhost, not {host!r}"})
+        return False
+
     # ---- routes ------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._host_ok():
+            return
         path = self.path.split("?", 1)[0]
         if path == "/api/info":
             self._json(200, self.state.info())
@@ -268,6 +281,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         self._json(404, {"error": f"no page {path}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._host_ok():
+            return
         path = self.path.split("?", 1)[0]
         try:
             if path == "/api/image":
@@ -324,6 +339,7 @@ def make_server(bundle: str | Path, host: str = DEFAULT_HOST, port: int = DEFAUL
                         "(0 chooses a free one)") from None
     server.daemon_threads = True
     server.verbose = verbose  # type: ignore[attr-defined]
+    server.loopback_only = is_loopback(host)  # type: ignore[attr-defined]
     return server
 
 

@@ -82,6 +82,10 @@ def test_demo_http_api(server, tmp_path):
     from mobilemllm.runtime import run_bundle  # noqa: F401  (the same runner the page uses)
 
     info = json.loads(urllib.request.urlopen(server + "api/info", timeout=30).read())
+    foreign = urllib.request.Request(server + "api/info", headers={"Host": "evil.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(foreign, timeout=30)
+    assert refused.value.code == 403
     assert info["format"] == "executorch" and info["image_size"] == 32 and info["visual_tokens"] == 16
     code, body = post(server + "api/image", b"GIF89a not really")
     assert code == 400 and "not an image" in json.loads(body)["error"]
