@@ -423,3 +423,71 @@ def test_push_device_selection():
         pick_device({"A": "unauthorized"}, None)
     with pytest.raises(BackendUnavailable, match="no device with serial 'C'"):
         pick_device({"A": "device"}, "C")
+
+
+# A stand-in for adb + a phone (neither exists here): device paths map into a local folder, so the real
+# push sequence (staging folder, checksums on the "phone", move into place) runs end to end.
+FAKE_ADB = r'''#!/usr/bin/env python3
+import hashlib, os, shutil, sys
+root = os.environ["FAKE_PHONE_ROOT"]
+args = sys.argv[1:]
+if args[:1] == ["-s"]:
+    args = args[2:]
+def local(p):
+    return os.path.join(root, p.lstrip("/"))
+if args == ["devices"]:
+    print("List of devices attached")
+    print("FAKE123\tdevice")
+elif args[0] == "push":
+    os.makedirs(os.path.dirname(local(args[2])), exist_ok=True)
+    shutil.copyfile(args[1], local(args[2]))
+    if os.environ.get("FAKE_PHONE_CORRUPT") and args[2].endswith("model.pte"):
+        with open(local(args[2]), "ab") as f:
+            f.write(b"!")
+elif args[:2] == ["shell", "rm"]:
+    shutil.rmtree(local(args[-1]), ignore_errors=True)
+elif args[:2] == ["shell", "mkdir"]:
+    for p in args[4:]:
+        os.makedirs(local(p), exist_ok=True)
+elif args[:2] == ["shell", "sha256sum"]:
+    for p in args[2:]:
+        print(hashlib.sha256(open(local(p), "rb").read()).hexdigest() + "  " + p)
+elif args[:2] == ["shell", "mv"]:
+    os.rename(local(args[2]), local(args[3]))
+else:
+    sys.exit("fake adb: unexpected " + " ".join(args))
+'''
+
+
+@pytest.fixture
+def fake_phone(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    adb = bin_dir / "adb"
+    adb.write_text(FAKE_ADB.replace("/usr/bin/env python3", __import__("sys").executable))
+    adb.chmod(0o755)
+    phone = tmp_path / "phone"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("FAKE_PHONE_ROOT", str(phone))
+    return phone
+
+
+def test_push_runs_the_commands_and_lands_the_bundle(small_bundle, capsys, fake_phone):
+    code, out, err = run_cli(capsys, "push", "--bundle", small_bundle, "--name", "tiny")
+    assert code == 0, err
+    dest = fake_phone / "data/local/tmp/mobilemllm/tiny"
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
+        ["manifest.json", "model.pte", "tokenizer/tokenizer.json"]
+    for rel in ("manifest.json", "model.pte", "tokenizer/tokenizer.json"):
+        assert (dest / rel).read_bytes() == (small_bundle / rel).read_bytes()
+    assert not (fake_phone / "data/local/tmp/mobilemllm/tiny.partial").exists()
+    assert "FAKE123:/data/local/tmp/mobilemllm/tiny/" in out
+    assert err.count("adb -s FAKE123 ") == 8  # each command is echoed as it runs
+
+
+def test_push_keeps_a_corrupt_copy_out_of_place(small_bundle, capsys, fake_phone, monkeypatch):
+    monkeypatch.setenv("FAKE_PHONE_CORRUPT", "1")
+    code, _, err = run_cli(capsys, "push", "--bundle", small_bundle, "--name", "tiny")
+    assert code == 1 and "differs from the bundle for model.pte" in err
+    assert not (fake_phone / "data/local/tmp/mobilemllm/tiny").exists()
+    assert (fake_phone / "data/local/tmp/mobilemllm/tiny.partial/model.pte").exists()
