@@ -106,11 +106,20 @@ class OnnxRunner:
         self.embed_session = _session(self.dir / files["token_embedding"], self.providers, threads)
         self.decoder = _session(self.dir / files["text_decoder"], self.providers, threads)
         self.num_layers = config.llm.num_layers
-        self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
-        self.output_names = [o.name for o in self.decoder.get_outputs()]
-        if len(self.past_names) != 2 * self.num_layers:
-            raise CheckpointError(f"{files['text_decoder']} has {len(self.past_names)} past inputs; the config's "
-                                  f"{self.num_layers} layers need {2 * self.num_layers}")
+        # past_key_values.{i}.key/value in, present.{i}.key/value out, paired by name (graphs from other
+        # exporters list them in other orders).
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers)
+                                          for kv in ("key", "value")]
+        declared_in = {i.name for i in self.decoder.get_inputs()}
+        declared_out = {o.name for o in self.decoder.get_outputs()}
+        missing = sorted((set(self.past_names) - declared_in) | (set(self.output_names) - declared_out))
+        if missing:
+            raise CheckpointError(f"{files['text_decoder']} does not have the inputs/outputs a decoder needs for "
+                                  f"{self.num_layers} layers: missing {', '.join(missing[:6])}")
+        # Our decoder takes position_ids; ONNX Runtime GenAI's GroupQueryAttention decoder derives the
+        # positions from the attention mask and has no such input. Feed what the graph declares.
+        self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
 
     # ---- bundle ------------------------------------------------------------------------------
     @classmethod
@@ -164,8 +173,9 @@ class OnnxRunner:
         """One decoder call: (1, n, D) embeddings after ``past`` -> last logits (V,), new past."""
         p = past[0].shape[2]
         n = embeds.shape[1]
-        feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, p + n), dtype=np.int64),
-                "position_ids": np.arange(p, p + n, dtype=np.int64)[None]}
+        feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, p + n), dtype=np.int64)}
+        if "position_ids" in self.decoder_inputs:
+            feed["position_ids"] = np.arange(p, p + n, dtype=np.int64)[None]
         feed.update(zip(self.past_names, past))
         out = self.decoder.run(self.output_names, feed)
         return out[0][0, -1], out[1:]
