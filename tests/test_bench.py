@@ -95,6 +95,25 @@ def test_bandwidth_is_plausible_and_sets_the_ceiling():
     assert r.ceiling_tok_s == 10_000 and r.fraction == 0.25
 
 
+def test_ratios_compare_with_the_first_row_of_the_same_model():
+    from mobilemllm.bench.harness import CaseInfo, CaseResult, Repetition
+    from mobilemllm.bench.report import ratio, reference_for, result_document
+
+    def case(model, decode_s):
+        rep = Repetition(prefill_tokens=80, decode_tokens=100, ttft_s=0.1, prefill_s=0.05, decode_s=decode_s,
+                         total_s=0.1 + decode_s)
+        return CaseResult(label=model, backend="pytorch", target=model, info=CaseInfo(model_name=model), load_s=1.0,
+                          peak_rss_bytes=1, prompt_tokens=64, new_tokens=100, threads=1, repetitions=[rep], warmup=0)
+
+    cases = [case("tiny", 1.0), case("tiny", 0.5), case("bench", 4.0), case("bench", 1.0)]
+    assert [cases.index(reference_for(c, cases)) for c in cases] == [0, 0, 2, 2]
+    assert ratio(cases[1], cases[0], "decode_tok_s") == pytest.approx(2.0)
+    assert ratio(cases[3], cases[2], "decode_tok_s") == pytest.approx(4.0)
+    doc = result_document(cases, {"device": "host"}, {})
+    assert [c["ratios"]["reference"] for c in doc["cases"]] == [0, 0, 2, 2]
+    assert doc["cases"][3]["ratios"]["decode_tok_s"] == pytest.approx(4.0)
+
+
 # ---- the stats line ----------------------------------------------------------------------------------
 def test_parser_reads_real_runner_output():
     from mobilemllm.bench.adb import parse_observer_lines, stats_to_repetition

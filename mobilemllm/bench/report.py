@@ -31,7 +31,7 @@ RESULT_SCHEMA: dict[str, Any] = {
         "cases": {"type": "array", "minItems": 1, "items": {
             "type": "object",
             "required": ["label", "backend", "target", "info", "load_s", "peak_rss_bytes", "prefill_tokens",
-                         "new_tokens", "summary", "repetitions", "roofline"],
+                         "new_tokens", "summary", "repetitions", "roofline", "ratios"],
             "properties": {
                 "summary": {"type": "object", "required": ["ttft_s", "prefill_tok_s", "decode_tok_s"],
                             "additionalProperties": _SUMMARY},
@@ -40,6 +40,7 @@ RESULT_SCHEMA: dict[str, Any] = {
                     "required": ["index", "prefill_tokens", "decode_tokens", "ttft_s", "prefill_s", "decode_s",
                                  "total_s", "image_encode_s", "prefill_tok_s", "decode_tok_s", "methods",
                                  "runner_stats"]}},
+                "ratios": {"type": "object", "required": ["reference", "prefill_tok_s", "ttft_s", "decode_tok_s"]},
                 "roofline": {"type": ["object", "null"],
                              "required": ["bandwidth_bytes_s", "bytes_per_token", "ceiling_tok_s", "fraction"]},
             }}},
@@ -55,9 +56,26 @@ CSV_COLUMNS = ["label", "backend", "target", "model", "format", "quantization", 
 def result_document(cases: Sequence[CaseResult], machine: dict[str, Any], settings: dict[str, Any]) -> dict:
     import datetime as dt
 
+    docs = []
+    for c in cases:
+        d = c.to_dict()
+        ref = reference_for(c, cases)
+        d["ratios"] = {"reference": cases.index(ref), **{m: ratio(c, ref, m) for m in RATIO_METRICS}}
+        docs.append(d)
     return {"format": RESULT_FORMAT,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine, "settings": settings, "cases": [c.to_dict() for c in cases]}
+            "machine": machine, "settings": settings, "cases": docs}
+
+
+RATIO_METRICS = {"prefill_tok_s": True, "ttft_s": False, "decode_tok_s": True}  # metric -> higher is better
+
+
+def ratio(case: CaseResult, ref: CaseResult, metric: str) -> float | None:
+    """Speed-up of ``case`` over ``ref`` on the medians of ``metric`` (> 1: ``case`` is faster)."""
+    a, b = case.summary(metric), ref.summary(metric)
+    if a is None or b is None or not a.median or not b.median:
+        return None
+    return a.median / b.median if RATIO_METRICS[metric] else b.median / a.median
 
 
 def _atomic_write(path: str | Path, data: bytes) -> Path:
@@ -139,13 +157,17 @@ def table(cases: Sequence[CaseResult], machine: dict[str, Any], title: str | Non
                       ("prefill tok/s", "right"), ("TTFT ms", "right"), ("decode tok/s", "right"),
                       ("roofline", "right"), ("peak RSS MiB", "right")):
         t.add_column(col, justify=just)
-    ref = cases[0] if cases else None
+    first_of: dict[str, CaseResult] = {}
+    for c in cases:
+        first_of.setdefault(c.info.model_name, c)
 
     def med(c, m):
         s = c.summary(m)
         return s.median if s else None
 
     for i, c in enumerate(cases, 1):
+        ref = reference_for(c, cases, first_of)
+        rel = ref is not c
         roof = c.roofline
         roof_txt = "—"
         if roof:
@@ -155,9 +177,9 @@ def table(cases: Sequence[CaseResult], machine: dict[str, Any], title: str | Non
         t.add_row(
             str(i), c.label, c.backend, c.info.quantization,
             _fmt(c.info.size_bytes, 1 / 2**20), _fmt(c.load_s, 1, 2), _spread(c.summary("image_encode_s"), 1e3),
-            _spread(c.summary("prefill_tok_s"), 1, 0) + (_ratio(med(c, "prefill_tok_s"), med(ref, "prefill_tok_s"), True) if i > 1 else ""),
-            _spread(c.summary("ttft_s"), 1e3) + (_ratio(med(c, "ttft_s"), med(ref, "ttft_s"), False) if i > 1 else ""),
-            _spread(c.summary("decode_tok_s"), 1, 1) + (_ratio(med(c, "decode_tok_s"), med(ref, "decode_tok_s"), True) if i > 1 else ""),
+            _spread(c.summary("prefill_tok_s"), 1, 0) + (_ratio(med(c, "prefill_tok_s"), med(ref, "prefill_tok_s"), True) if rel else ""),
+            _spread(c.summary("ttft_s"), 1e3) + (_ratio(med(c, "ttft_s"), med(ref, "ttft_s"), False) if rel else ""),
+            _spread(c.summary("decode_tok_s"), 1, 1) + (_ratio(med(c, "decode_tok_s"), med(ref, "decode_tok_s"), True) if rel else ""),
             roof_txt, _fmt(c.peak_rss_bytes, 1 / 2**20, 0),
         )
     return t
@@ -172,10 +194,20 @@ def busy_warning(machine: dict[str, Any]) -> str | None:
     return None
 
 
+def reference_for(case: CaseResult, cases: Sequence[CaseResult],
+                  first_of: dict[str, CaseResult] | None = None) -> CaseResult:
+    """The row a case's ratios compare with: the first row of the same model, else row 1."""
+    if first_of is None:
+        first_of = {}
+        for c in cases:
+            first_of.setdefault(c.info.model_name, c)
+    return first_of.get(case.info.model_name, cases[0])
+
+
 def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any], machine: dict[str, Any] | None = None) -> list[str]:
     lines = [f"{settings['prompt_tokens']} prompt tokens + image, {settings['new_tokens']} decoded tokens (EOS "
              f"ignored); {settings['warmup']} warm-up + {settings['repeat']} runs: median (p10–p90); ×: ratio to "
-             "row 1 (>1 is faster); roofline: decode ceiling = bandwidth ÷ bytes read per token (achieved %)."]
+             "the first row of the same model (>1 is faster); roofline: decode ceiling = bandwidth ÷ bytes read per token (achieved %)."]
     for i, c in enumerate(cases, 1):
         p = c.prefill_tokens
         lines.append(f"#{i} {c.label}: prefill {p} tokens ({c.info.num_visual_tokens} image + {p - c.info.num_visual_tokens} text)"
