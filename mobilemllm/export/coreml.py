@@ -41,7 +41,7 @@ COMPRESSION_OPS = {"int8": "constexpr_blockwise_shift_scale", "int4": "constexpr
                    "palettize4": "constexpr_lut_to_dense"}
 IOS18_SPEC_VERSION = 9
 PREDICTION_NEEDS_MACOS = "Core ML prediction needs macOS"
-PARITY_GATES = {"fp16": 0.999, "int8": 0.99, "int4": 0.95, "palettize4": 0.95}  # min logit cosine vs eager
+PARITY_GATES = {"fp16": 0.999, "int8": 0.99, "int4": 0.9, "palettize4": 0.9}  # min logit cosine vs eager (macOS)
 
 
 def can_predict() -> bool:
@@ -271,6 +271,9 @@ def preflight(recipe: dict[str, Any]) -> tuple[str, int]:
         errors.append(f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(RECIPE_KEYS)})")
     scheme = recipe.get("compression", "fp16")
     block = recipe.get("block_size", 32)
+    par = recipe.get("parity") or {}
+    if not isinstance(par, dict) or set(par) - {"greedy_tokens", "min_logit_cosine"}:
+        errors.append("parity takes only greedy_tokens, min_logit_cosine")
     try:
         check_compression(scheme, block)
     except ConfigError as e:
@@ -391,6 +394,7 @@ def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dic
     got = torch.from_numpy(coreml_teacher_forced(loaded, cfg, ids, image, ref_tokens))
     cos = parity.logit_cosine(got, ref_logits)
     greedy = [int(t) for t in got.argmax(-1)]
-    return [parity.check("logits_cosine", cos, PARITY_GATES[scheme], cos >= PARITY_GATES[scheme]),
+    gate = float((recipe.get("parity") or {}).get("min_logit_cosine", PARITY_GATES[scheme]))
+    return [parity.check("logit_cosine", cos, gate, cos >= gate),
             parity.check("logits_max_rel_diff", parity.max_rel_diff(got, ref_logits)),
             parity.check(f"teacher_forced_greedy_agreement_{n}_tokens", parity.greedy_agreement(greedy, ref_tokens))]

@@ -44,11 +44,13 @@ QUANT_SCHEMES: dict[str, dict[str, Any]] = {
 }
 BLOCK_SIZES = (32, 64, 128)
 # Gates for parity at export. fp32 must match eager; quantized graphs are held to stated bounds.
+# A recipe's ``parity: {max_rel_diff: ..., min_logit_cosine: ...}`` overrides these (as for ExecuTorch).
 PARITY_GATES = {
-    "fp32": {"max_rel_diff": 1e-3, "min_cosine": 0.9999, "min_greedy_agreement": 1.0},
+    "fp32": {"max_rel_diff": 1e-4, "min_cosine": 0.9999, "min_greedy_agreement": 1.0},
     "int8": {"min_cosine": 0.99, "min_greedy_agreement": None},
-    "int4": {"min_cosine": 0.95, "min_greedy_agreement": None},
+    "int4": {"min_cosine": 0.90, "min_greedy_agreement": None},
 }
+PARITY_KEYS = ("greedy_tokens", "max_rel_diff", "min_logit_cosine")
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -402,8 +404,10 @@ def onnx_teacher_forced(runner, ids: list[int], image, tokens: list[int]):
     return np.stack(rows)
 
 
-def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16) -> list[dict[str, Any]]:
+def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
+                   overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Parity checks of an ONNX runner against the eager model, gated per PARITY_GATES[scheme]."""
+    from mobilemllm.data.images import preprocess, to_uint8_views
     from mobilemllm.export import parity
     from mobilemllm.inference import prompt_ids
 
@@ -414,17 +418,28 @@ def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16) 
     ref_logits, ref_tokens = eager_reference(model, ids, image, num_tokens)
     got_logits = torch.from_numpy(onnx_teacher_forced(runner, ids, image, ref_tokens))
     got_tokens, _, _ = runner.generate_ids(ids, image, max_new_tokens=num_tokens)
-    gates = PARITY_GATES[scheme]
+    with torch.inference_mode():
+        ref_img = model.encode_images(preprocess(image, cfg.vision).unsqueeze(0))
+    got_img = runner.vision.run(None, {"pixel_values": to_uint8_views(image, cfg.vision)})[0]
+
+    gates = dict(PARITY_GATES[scheme])
+    overrides = overrides or {}
+    if "max_rel_diff" in overrides and scheme == "fp32":
+        gates["max_rel_diff"] = float(overrides["max_rel_diff"])
+    if "min_logit_cosine" in overrides and scheme != "fp32":
+        gates["min_cosine"] = float(overrides["min_logit_cosine"])
     rel = parity.max_rel_diff(got_logits, ref_logits)
     cos = parity.logit_cosine(got_logits, ref_logits)
     agree = parity.greedy_agreement(got_tokens, ref_tokens)
+    img_rel = parity.max_rel_diff(got_img, ref_img)
     checks = []
     g = gates.get("max_rel_diff")
+    checks.append(parity.check("image_embedding_max_rel_diff", img_rel, g, None if g is None else img_rel <= g))
     checks.append(parity.check("logits_max_rel_diff", rel, g, None if g is None else rel <= g))
     g = gates.get("min_cosine")
-    checks.append(parity.check("logits_cosine", cos, g, None if g is None else cos >= g))
+    checks.append(parity.check("logit_cosine", cos, g, None if g is None else cos >= g))
     g = gates.get("min_greedy_agreement")
-    checks.append(parity.check(f"greedy_agreement_{num_tokens}_tokens", agree, g, None if g is None else agree >= g))
+    checks.append(parity.check(f"greedy_agreement_{num_tokens}", agree, g, None if g is None else agree >= g))
     checks.append(parity.check("logits_max_abs_diff", float((got_logits - ref_logits).abs().max())))
     checks.append(parity.check("prompt_tokens", len(ids)))
     return checks
@@ -468,7 +483,8 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
         tokenizer.save_pretrained(staging / bundle_mod.TOKENIZER_DIR)
 
         runner = OnnxRunner(staging, model.config, tokenizer)
-        checks = measure_parity(model, tokenizer, runner, q.strongest, num_tokens=parity_tokens)
+        checks = measure_parity(model, tokenizer, runner, q.strongest, num_tokens=parity_tokens,
+                                overrides=(recipe or {}).get("parity"))
         del runner
         result = parity.summarize(checks, forced=force)
         for c in checks:
@@ -522,10 +538,14 @@ def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
     if unknown:
         errors.append(f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(RECIPE_KEYS)})")
     par = recipe.get("parity") or {}
-    if not isinstance(par, dict) or set(par) - {"greedy_tokens"}:
-        errors.append("parity takes only {greedy_tokens: N}")
-    elif not isinstance(par.get("greedy_tokens", 16), int) or par.get("greedy_tokens", 16) < 1:
-        errors.append(f"parity.greedy_tokens must be a positive integer, got {par.get('greedy_tokens')!r}")
+    if not isinstance(par, dict) or set(par) - set(PARITY_KEYS):
+        errors.append(f"parity takes only {', '.join(PARITY_KEYS)}")
+    else:
+        if not isinstance(par.get("greedy_tokens", 16), int) or par.get("greedy_tokens", 16) < 1:
+            errors.append(f"parity.greedy_tokens must be a positive integer, got {par.get('greedy_tokens')!r}")
+        for key in ("max_rel_diff", "min_logit_cosine"):
+            if key in par and not isinstance(par[key], (int, float)):
+                errors.append(f"parity.{key} must be a number, got {par[key]!r}")
     try:
         q = parse_quantization(recipe.get("quantization"))
     except ConfigError as e:
