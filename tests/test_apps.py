@@ -277,7 +277,7 @@ def kotlin_jar(tmp_path_factory) -> Path:
               "compiler) or put kotlinc on PATH; a JDK 17+ is needed too")
     need_tool("java", shutil.which("java") is not None, "install a JDK 17+ (Debian: openjdk-17-jdk-headless)")
     jar = tmp_path_factory.mktemp("kotlin") / "parity.jar"
-    sources = [KOTLIN_DIR / "MiniJson.kt", MANIFEST_KT, KOTLIN_DIR / "BundleInputs.kt",
+    sources = [KOTLIN_DIR / "MiniJson.kt", MANIFEST_KT, KOTLIN_DIR / "BundleInputs.kt", KOTLIN_DIR / "RunnerStats.kt",
                ROOT / "android_demo/app/src/test/java/org/mobilemllm/demo/ParityMain.kt"]
     out = subprocess.run([kotlinc, *map(str, sources), "-include-runtime", "-d", str(jar)], capture_output=True,
                          text=True, timeout=600)
@@ -325,6 +325,60 @@ def test_kotlin_port_gives_the_same_image_and_prompt(app_bundle, kotlin_jar, tmp
             ids += ([IMAGE_TOKEN_ID] * m["prompt"]["num_visual_tokens"] if kind == "image"
                     else tok.encode(text, add_special_tokens=False))
         assert ids == prompt_ids(cfg, tok, q), q
+
+
+def run_kotlin(jar: Path, *args) -> str:
+    run = subprocess.run(["java", "-cp", str(jar), "org.mobilemllm.demo.ParityMainKt", *map(str, args)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.mark.slow
+def test_kotlin_port_handles_tiles(app_bundle, kotlin_jar, tmp_path):
+    """The same bundle's manifest switched to 2x3 tiles + the global view (the program input (1, 3, 7*S, S))."""
+    from PIL import Image
+
+    from mobilemllm.config import ModelConfig
+    from mobilemllm.data.images import to_uint8_views
+
+    m = json.loads((app_bundle / "manifest.json").read_text())
+    vc = ModelConfig.from_dict(m["model"]["config"]).vision
+    vc.hires, vc.tile_grid = "tiles", (2, 3)
+    s = m["preprocessing"]["image_size"]
+    m["preprocessing"].update(hires="tiles", tile_grid=[2, 3], views=7, input_shape=[1, 3, 7 * s, s])
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    pixels = np.random.default_rng(4).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    rgb = tmp_path / "img.rgb"
+    rgb.write_bytes(struct.pack(">ii", 70, 45) + pixels.tobytes())
+    run_kotlin(kotlin_jar, tmp_path / "manifest.json", rgb, "q", tmp_path / "out")
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert (res["width"], res["height"]) == (s, 7 * s)
+    want = ai.runner_image(to_uint8_views(Image.fromarray(pixels), vc)).reshape(-1)
+    assert np.array_equal(np.fromfile(tmp_path / "out.chw", dtype=np.uint8), want)
+
+
+@pytest.mark.slow
+def test_kotlin_stats_equal_the_runtime_metrics(app_bundle, kotlin_jar, tmp_path, shapes_image):
+    """The decode tokens/s android_demo shows from LlmCallback.onStats is the one mobilemllm reports."""
+    from mobilemllm.data.images import load_image
+    from mobilemllm.runtime import run_bundle
+    from mobilemllm.runtime.metrics import rates
+
+    real = run_bundle(app_bundle, load_image(shapes_image), "What colour is the shape?", max_new_tokens=16,
+                      report=False).stats
+    made_up = dict(real, inference_start_ms=1000, prompt_eval_end_ms=1040, first_token_ms=1040,
+                   inference_end_ms=1540, prompt_tokens=35, generated_tokens=15)
+    for stats in (real, made_up):
+        (tmp_path / "stats.json").write_text(json.dumps(stats))
+        got = json.loads(run_kotlin(kotlin_jar, "--stats", tmp_path / "stats.json"))
+        want = rates(stats)["decode_tokens_per_s"]
+        if stats["inference_end_ms"] > stats["prompt_eval_end_ms"]:
+            assert got["decode_tokens_per_s"] == pytest.approx(want, rel=1e-9)
+        else:  # no measurable decode time: the app shows "–"
+            assert got["decode_tokens_per_s"] is None
+        assert (got["prompt_tokens"], got["generated_tokens"]) == (stats["prompt_tokens"], stats["generated_tokens"])
+    assert got["decode_tokens_per_s"] == pytest.approx(30.0)
 
 
 # ---- 3. push -----------------------------------------------------------------------------------------

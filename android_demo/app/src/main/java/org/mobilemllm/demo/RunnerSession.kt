@@ -4,15 +4,6 @@ import android.os.SystemClock
 import org.pytorch.executorch.extension.llm.LlmCallback
 import org.pytorch.executorch.extension.llm.LlmModule
 
-/** The numbers the app shows after an answer. */
-data class AnswerStats(
-    val ttftMs: Long,                // app clock: first prefill call -> first streamed piece (image + prompt)
-    val decodeTokensPerS: Double?,   // runner stats: generated_tokens / (inference_end - prompt_eval_end)
-    val promptTokens: Long?,
-    val generatedTokens: Long?,
-    val modelLoadMs: Long?,
-)
-
 /**
  * One loaded bundle: ExecuTorch's LlmModule in its multimodal model type (the C++ MultimodalRunner that
  * `mobilemllm generate --bundle` also drives). Each question starts from an empty context.
@@ -67,27 +58,8 @@ class RunnerSession(val bundle: BundleStore.Bundle, temperature: Float) : AutoCl
         // The last segment is text (Manifest.check makes sure): generate() prefills it, then decodes.
         module.generate(segments.last().text, m.maxContextLen, callback, false)
         error?.let { throw IllegalStateException(it) }
-        return parseStats(statsJson, if (firstAt < 0) -1 else firstAt - t0)
+        return RunnerStats.parse(statsJson, if (firstAt < 0) -1 else firstAt - t0)
     }
 
     override fun close() = module.close()
-
-    companion object {
-        /** The runner's stats JSON (extension/llm/runner/stats.h) -> what the app shows. */
-        fun parseStats(json: String?, ttftMs: Long): AnswerStats {
-            val s = (json?.let { runCatching { MiniJson.parse(it) }.getOrNull() } as? Map<*, *>) ?: emptyMap<String, Any?>()
-            fun num(key: String): Double? = (s[key] as? Number)?.toDouble()
-            val scale = num("SCALING_FACTOR_UNITS_PER_SECOND") ?: 1000.0
-            val generated = num("generated_tokens")
-            val decodeUnits = (num("inference_end_ms") ?: 0.0) - (num("prompt_eval_end_ms") ?: 0.0)
-            val load = num("model_load_end_ms")?.let { end -> num("model_load_start_ms")?.let { end - it } }
-            return AnswerStats(
-                ttftMs = ttftMs,
-                decodeTokensPerS = if (generated != null && decodeUnits > 0) generated / decodeUnits * scale else null,
-                promptTokens = num("prompt_tokens")?.toLong(),
-                generatedTokens = generated?.toLong(),
-                modelLoadMs = load?.toLong(),
-            )
-        }
-    }
 }

@@ -10,9 +10,16 @@ import java.nio.ByteBuffer
  * image's width/height/channels, and the ordered prefill calls).
  *
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt manifest.json image.rgb "question" OUT
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --stats stats.json   (prints the app's numbers)
  */
 fun main(args: Array<String>) {
-    require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT" }
+    if (args.size == 2 && args[0] == "--stats") {  // ExecuTorch stats JSON -> what the app shows
+        val st = RunnerStats.parse(File(args[1]).readText(), -1)
+        println("{\"decode_tokens_per_s\":${st.decodeTokensPerS},\"prompt_tokens\":${st.promptTokens}," +
+            "\"generated_tokens\":${st.generatedTokens},\"model_load_ms\":${st.modelLoadMs}}")
+        return
+    }
+    require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT | --stats STATS.json" }
     val manifest = BundleManifest.parse(File(args[0]).readText())
     val raw = File(args[1]).readBytes()
     val head = ByteBuffer.wrap(raw, 0, 8)
