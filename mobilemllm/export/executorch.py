@@ -230,11 +230,12 @@ def check_parity(model, tokenizer, pte: Path, staging: Path, manifest: dict[str,
 
     cfg = model.config
     par = recipe.get("parity") or {}
-    n_greedy = int(par.get("greedy_tokens", 32))
     img = _parity_image(cfg)
     views = torch.from_numpy(to_uint8_views(img, cfg.vision))
     pix = normalize(views, cfg.vision)
     ids = prompt_ids(cfg, tokenizer, PARITY_PROMPT)
+    # as many greedy steps as asked for, within the exported context
+    n_greedy = max(1, min(int(par.get("greedy_tokens", 32)), manifest["context"]["max_context_len"] - len(ids)))
     program = load_program(pte)
     m_vis, m_tok, m_dec = (program.load_method(n) for n in METHODS)
 
