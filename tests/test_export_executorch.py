@@ -210,6 +210,21 @@ def test_generate_cli_streams_and_reports_speed(android_bundle, shapes_image, ca
 
 
 @pytest.mark.slow
+def test_sampled_byte_pieces_stream_as_valid_text(android_bundle, shapes_image):
+    """Temperature sampling from a random model emits lone UTF-8 bytes; the stream must not break on them
+    (executorch 1.5.1's bindings raise UnicodeDecodeError on such pieces unless we buffer bytes)."""
+    from mobilemllm.data.images import load_image
+    from mobilemllm.runtime import run_bundle
+
+    img = load_image(shapes_image)
+    streamed: list[str] = []
+    res = run_bundle(android_bundle, img, "What is this?", max_new_tokens=80, temperature=1.0,
+                     on_text=streamed.append, report=False)
+    assert res.generated_tokens + 1 >= 2 and "".join(streamed) == res.text
+    assert all(isinstance(p, str) and p for p in streamed)
+
+
+@pytest.mark.slow
 def test_generate_bundle_bad_inputs(android_bundle, tmp_path, capsys, shapes_image):
     import shutil
 
