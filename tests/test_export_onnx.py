@@ -326,3 +326,42 @@ def test_parity_failure_blocks_the_bundle(tmp_path, model, tiny_tokenizer, fp32_
     b = _export(model, tiny_tokenizer, tmp_path / "b", "int4", parity=strict, force=True, fp32_graphs=fp32_graphs)
     man = _manifest(b)
     assert man["parity"]["passed"] is False and man["parity"]["forced"] is True
+
+
+# ---- ONNX Runtime GenAI's model builder for the decoder ----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp32", "int4"])
+def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_graphs):
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install 'onnxruntime-genai==0.18.*')")
+    from mobilemllm.export.onnx import count_ops, export_onnx, parity_image
+    from mobilemllm.inference import answer
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    recipe = {"name": "onnx-genai", "format": "onnx", "decoder": "genai", "quantization": scheme,
+              "parity": {"greedy_tokens": 12}}
+    b = export_onnx(model, tiny_tokenizer, recipe, tmp_path / "b", log=lambda s: None, fp32_graphs=fp32_graphs)
+    ops = count_ops(b / "decoder.onnx")
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= set(ops)  # fused, unlike torch.onnx
+    assert ("MatMulNBits" in ops) == (scheme == "int4")
+    man = _manifest(b)
+    assert man["parity"]["passed"] and man["export"]["decoder_builder"] == "genai"
+    config = json.loads((b / "genai_config.json").read_text())
+    dec = config["model"]["decoder"]
+    assert dec["filename"] == "decoder.onnx" and dec["inputs"]["inputs_embeds"] == "inputs_embeds"
+    assert config["model"]["mobilemllm"]["num_image_tokens"] == model.config.num_visual_tokens
+    assert "genai_config.json" in man["files"] and "decoder.onnx.data" in man["files"]
+    if scheme == "fp32":  # the fused graph computes the same function: same greedy tokens as eager
+        assert _check(man, "logits_max_rel_diff")["value"] <= 1e-4
+        img = parity_image(model.config.vision, seed=5)
+        ref = answer(model, tiny_tokenizer, img, "Is it round?", max_new_tokens=16)
+        got = OnnxRunner.from_bundle(b).generate(img, "Is it round?", max_new_tokens=16)
+        assert got.tokens == ref.tokens
+    else:
+        assert man["quantization"]["text_decoder"]["scheme"] == "int4_weight"
+
+
+def test_unknown_decoder_builder():
+    from mobilemllm.export.onnx import preflight
+
+    with pytest.raises(ConfigError, match="decoder must be one of torch, genai"):
+        preflight({"name": "onnx", "decoder": "optimum"})

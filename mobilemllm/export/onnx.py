@@ -17,6 +17,7 @@ All three are ``torch.onnx.export(..., dynamo=True, opset 18)`` of thin wrappers
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -131,32 +132,50 @@ def _bytes_of(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graphs(model, out_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
-    """Write the three fp32 graphs of ``model`` into ``out_dir``; returns {part: path}."""
-    from torch.export import Dim
+def export_graphs(model, out_dir: str | Path, log: Callable[[str], None] = lambda s: None,
+                  parts: tuple[str, ...] = tuple(GRAPH_FILES)) -> dict[str, Path]:
+    """Write the fp32 graphs (``parts``, default all three) of ``model`` into ``out_dir``; returns {part: path}."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     model = model.float().eval()
-    paths = {part: out_dir / name for part, name in GRAPH_FILES.items()}
+    paths = {part: out_dir / name for part, name in GRAPH_FILES.items() if part in parts}
     ctx = cfg.llm.max_position_embeddings
     views, size = cfg.vision.num_views, cfg.vision.image_size
 
+    if "vision_encoder" in parts:
+        _export_vision(model, paths["vision_encoder"], views, size, log)
+    if "token_embedding" in parts:
+        _export_embed(model, paths["token_embedding"], ctx, log)
+    if "text_decoder" in parts:
+        _export_decoder(model, paths["text_decoder"], ctx, log)
+    return paths
+
+
+def _export_vision(model, path: Path, views: int, size: int, log) -> None:
     t0 = time.perf_counter()
     vision = VisionGraph(model).eval()
     pixels = torch.randint(0, 256, (views, 3, size, size), dtype=torch.uint8)
-    _export(vision, (pixels,), paths["vision_encoder"], ["pixel_values"], ["image_embeds"], None,
-            _bytes_of(vision) > EXTERNAL_DATA_BYTES)
+    _export(vision, (pixels,), path, ["pixel_values"], ["image_embeds"], None, _bytes_of(vision) > EXTERNAL_DATA_BYTES)
     log(f"vision.onnx written ({time.perf_counter() - t0:.1f} s)")
+
+
+def _export_embed(model, path: Path, ctx: int, log) -> None:
+    from torch.export import Dim
 
     t0 = time.perf_counter()
     n = Dim("sequence_length", min=1, max=ctx)
     embed = EmbedGraph(model).eval()
-    _export(embed, (torch.tensor([[1, 5, 7, 2, 3]]),), paths["token_embedding"], ["input_ids"], ["inputs_embeds"],
+    _export(embed, (torch.tensor([[1, 5, 7, 2, 3]]),), path, ["input_ids"], ["inputs_embeds"],
             {"input_ids": {1: n}}, _bytes_of(embed) > EXTERNAL_DATA_BYTES)
     log(f"embed.onnx written ({time.perf_counter() - t0:.1f} s)")
 
+
+def _export_decoder(model, path: Path, ctx: int, log) -> None:
+    from torch.export import Dim
+
+    cfg = model.config
     t0 = time.perf_counter()
     layers, heads, hd = cfg.llm.num_layers, cfg.llm.kv_heads, cfg.llm.head_dim
     seq = Dim("sequence_length", min=1, max=ctx)
@@ -169,10 +188,9 @@ def export_graphs(model, out_dir: str | Path, log: Callable[[str], None] = lambd
     dyn = {"inputs_embeds": {1: seq}, "attention_mask": {1: total}, "position_ids": {1: seq},
            "past": [({2: past_len}, {2: past_len}) for _ in range(layers)]}
     decoder = DecoderGraph(model.llm).eval()
-    _export(decoder, args, paths["text_decoder"], ["inputs_embeds", "attention_mask", "position_ids"]
+    _export(decoder, args, path, ["inputs_embeds", "attention_mask", "position_ids"]
             + past_names(layers), ["logits"] + present_names(layers), dyn, _bytes_of(decoder) > EXTERNAL_DATA_BYTES)
     log(f"decoder.onnx written ({time.perf_counter() - t0:.1f} s)")
-    return paths
 
 
 # ---- quantization -------------------------------------------------------------------------------
@@ -445,11 +463,85 @@ def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
     return checks
 
 
+# ---- ONNX Runtime GenAI's model builder (fused decoder) ---------------------------------------------
+DECODER_BUILDERS = ("torch", "genai")
+
+
+def _genai_available() -> bool:
+    # find_spec, not import: importing the builder configures the root logger at INFO level
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def build_genai_decoder(model, tokenizer, q: OnnxQuantization, work: Path,
+                        log: Callable[[str], None] = lambda s: None) -> tuple[Path, dict[str, Any]]:
+    """``decoder.onnx`` from ONNX Runtime GenAI's model builder, run on a local transformers folder of our LLM.
+
+    The builder emits fused GroupQueryAttention / SkipSimplifiedLayerNorm / MatMulNBits graphs. With
+    ``exclude_embeds`` the decoder takes ``inputs_embeds`` (our three-graph design), and with
+    ``prune_lm_head`` it returns only the last position's logits, like our own exporter. Its int4/int8
+    precisions are weight-only MatMulNBits (symmetric, ``q.block_size``). Returns (path, genai_config).
+    """
+    import json
+    import subprocess
+    import sys
+
+    arch = type(model.llm).__name__
+    if arch != "LlamaForCausalLM":
+        raise ConfigError(f"decoder: genai builds LLaMA decoders; this LLM is {arch}. Use decoder: torch")
+    hf_dir, out_dir = work / "hf", work / "genai"
+    model.llm.config.architectures = [arch]
+    model.llm.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    precision = {"fp32": "fp32", "int8": "int8", "int4": "int4"}[q.text_decoder]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+           "-p", precision, "-e", "cpu", "-c", str(work / "genai_cache"), "--extra_options",
+           "exclude_embeds=true", "prune_lm_head=true", "hf_token=false", "filename=decoder.onnx"]
+    if precision != "fp32":
+        cmd += [f"block_size={q.block_size}", f"accuracy_level={q.accuracy_level}", "is_symmetric=true"]
+    log(f"building the decoder with ONNX Runtime GenAI's model builder ({precision}, fused attention)")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out_dir / "decoder.onnx").exists():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise UserError(f"ONNX Runtime GenAI's model builder failed (exit {proc.returncode}):\n{tail}\n"
+                        "Use `decoder: torch` in the recipe for our own exporter")
+    log(f"genai decoder built ({time.perf_counter() - t0:.1f} s)")
+    config = json.loads((out_dir / "genai_config.json").read_text())
+    return out_dir / "decoder.onnx", config
+
+
+def genai_config_for_bundle(builder_config: dict[str, Any], cfg) -> dict[str, Any]:
+    """The builder's genai_config.json, pointed at the bundle's files, with our vision/embedding graphs named.
+
+    ONNX Runtime GenAI's runtime loads ``model.decoder`` as written by its own builder. Its multimodal
+    pipelines (``model.vision``/``model.embedding``) are tied to model types it knows (phi3v, qwen2.5-vl, ...),
+    so the two extra sections here document our graphs for apps; they are not a GenAI model type.
+    """
+    import copy
+
+    out = copy.deepcopy(builder_config)
+    model = out.setdefault("model", {})
+    model.setdefault("decoder", {})["filename"] = GRAPH_FILES["text_decoder"]
+    model["context_length"] = cfg.llm.max_position_embeddings
+    model["mobilemllm"] = {
+        "vision": {"filename": GRAPH_FILES["vision_encoder"], "inputs": {"pixel_values": "pixel_values"},
+                   "outputs": {"image_features": "image_embeds"}},
+        "embedding": {"filename": GRAPH_FILES["token_embedding"], "inputs": {"input_ids": "input_ids"},
+                      "outputs": {"inputs_embeds": "inputs_embeds"}},
+        "image_token_id": -200,
+        "num_image_tokens": cfg.num_visual_tokens,
+    }
+    out.setdefault("search", {})["max_length"] = cfg.llm.max_position_embeddings
+    return out
+
+
 # ---- bundle -------------------------------------------------------------------------------------
 def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, target: str = "onnx",
                  recipe: dict[str, Any] | None = None, source: str | None = None, force: bool = False,
                  parity_tokens: int = 16, log: Callable[[str], None] = lambda s: None,
-                 fp32_graphs: dict[str, Path] | None = None) -> Path:
+                 fp32_graphs: dict[str, Path] | None = None, decoder_builder: str = "torch") -> Path:
     """Export, quantize, check parity and write an ONNX bundle folder at ``out_dir`` (atomically).
 
     ``fp32_graphs`` (from :func:`export_graphs` of the same model) skips the export step: several
@@ -466,19 +558,31 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
     staging = bundle_mod.new_bundle_dir(out_dir)
     try:
         work = staging / "_fp32"
+        parts = tuple(p for p in GRAPH_FILES if not (p == "text_decoder" and decoder_builder == "genai"))
         if fp32_graphs is None:
-            fp32 = export_graphs(model, work, log=log)
+            fp32 = export_graphs(model, work, log=log, parts=parts)
         else:
             work.mkdir()
             fp32 = {}
             for part, src in fp32_graphs.items():
+                if part not in parts:
+                    continue
                 fp32[part] = work / Path(src).name
                 shutil.copyfile(src, fp32[part])
                 if Path(str(src) + ".data").exists():
                     shutil.copyfile(str(src) + ".data", str(fp32[part]) + ".data")
+        genai_config = None
+        if decoder_builder == "genai":
+            built, builder_config = build_genai_decoder(model, tokenizer, q, work, log=log)
         if q.strongest != "fp32":
             log(f"quantizing: {q.summary()} (vision/embed/decoder), 4-bit block size {q.block_size}")
-        paths = quantize_graphs(fp32, staging, q)
+        paths = quantize_graphs(fp32, staging, q)  # the genai decoder is already quantized by its builder
+        if decoder_builder == "genai":
+            paths["text_decoder"] = staging / GRAPH_FILES["text_decoder"]
+            os.replace(built, paths["text_decoder"])
+            os.replace(str(built) + ".data", str(paths["text_decoder"]) + ".data")
+            genai_config = genai_config_for_bundle(builder_config, model.config)
+            (staging / "genai_config.json").write_text(json.dumps(genai_config, indent=4) + "\n")
         shutil.rmtree(work)
         tokenizer.save_pretrained(staging / bundle_mod.TOKENIZER_DIR)
 
@@ -497,6 +601,13 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
         cfg = model.config
         ctx = cfg.llm.max_position_embeddings
         graphs = {part: {"file": p.name, **graph_io(p)} for part, p in paths.items()}
+        quant_manifest = q.to_manifest()
+        if decoder_builder == "genai":
+            graphs["text_decoder"]["builder"] = "onnxruntime-genai model builder"
+            entry = quant_manifest["text_decoder"]
+            if q.text_decoder != "fp32":
+                entry.update({"scheme": f"{q.text_decoder}_weight", "group_size": q.block_size,
+                              "backend": "onnxruntime_genai.models.builder (MatMulNBits)"})
         manifest: dict[str, Any] = {
             "schema_version": bundle_mod.SCHEMA_VERSION,
             "format": "onnx",
@@ -507,15 +618,17 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
             "prompt": bundle_mod.prompt_section(cfg, tokenizer),
             "preprocessing": bundle_mod.preprocessing_section(cfg.vision, "uint8", True),
             "context": {"max_seq_len": ctx, "max_context_len": ctx},
-            "quantization": q.to_manifest(),
+            "quantization": quant_manifest,
             "parity": result,
             "export": {"recipe": dict(recipe or {"quantization": q.summary()}),
                        "seconds": round(time.perf_counter() - t_start, 2),
                        "versions": bundle_mod.versions(), "backend": "onnxruntime",
+                       "decoder_builder": decoder_builder,
                        "opset": OPSET, "kv_cache": {"layers": cfg.llm.num_layers, "heads": cfg.llm.kv_heads,
                                                     "head_dim": cfg.llm.head_dim, "layout": "BHSD"}},
         }
         roles = {p.name: "graph" for p in paths.values()}
+        roles["genai_config.json"] = "other"
         roles.update({p.name + ".data": "weights" for p in paths.values()})
         sizes = ", ".join(f"{p.name} {_size_of(p) / 1e6:.1f} MB" for p in paths.values())
         out = bundle_mod.finish_bundle(staging, out_dir, manifest, roles)
@@ -528,7 +641,7 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
 
 
 # ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
-RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "providers")
+RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "providers", "decoder")
 
 
 def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
@@ -551,6 +664,9 @@ def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
     except ConfigError as e:
         errors.append(str(e))
         q = None
+    builder = recipe.get("decoder", "torch")
+    if builder not in DECODER_BUILDERS:
+        errors.append(f"decoder must be one of {', '.join(DECODER_BUILDERS)}, got {builder!r}")
     if errors:
         raise ConfigError(f"invalid ONNX recipe {recipe.get('name', '')!r}: " + "; ".join(errors))
     try:
@@ -560,6 +676,11 @@ def preflight(recipe: dict[str, Any]) -> OnnxQuantization:
         from mobilemllm.errors import BackendUnavailable
 
         raise BackendUnavailable(f"the ONNX target needs onnx, onnxscript and onnxruntime ({e})") from None
+    if builder == "genai" and not _genai_available():
+        from mobilemllm.errors import BackendUnavailable
+
+        raise BackendUnavailable("decoder: genai needs ONNX Runtime GenAI's model builder: "
+                                 "pip install 'onnxruntime-genai==0.18.*' (or use decoder: torch)")
     return q
 
 
@@ -571,4 +692,4 @@ def export_onnx(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *
     par = recipe.get("parity") or {}
     return build_bundle(model, tokenizer, out_dir, q, target=recipe.get("name", "onnx"), recipe=recipe,
                         source=source, force=force, parity_tokens=int(par.get("greedy_tokens", 16)), log=log,
-                        fp32_graphs=fp32_graphs)
+                        fp32_graphs=fp32_graphs, decoder_builder=recipe.get("decoder", "torch"))
