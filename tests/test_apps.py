@@ -278,6 +278,7 @@ def kotlin_jar(tmp_path_factory) -> Path:
     need_tool("java", shutil.which("java") is not None, "install a JDK 17+ (Debian: openjdk-17-jdk-headless)")
     jar = tmp_path_factory.mktemp("kotlin") / "parity.jar"
     sources = [KOTLIN_DIR / "MiniJson.kt", MANIFEST_KT, KOTLIN_DIR / "BundleInputs.kt", KOTLIN_DIR / "RunnerStats.kt",
+               KOTLIN_DIR / "BundleStore.kt",
                ROOT / "android_demo/app/src/test/java/org/mobilemllm/demo/ParityMain.kt"]
     out = subprocess.run([kotlinc, *map(str, sources), "-include-runtime", "-d", str(jar)], capture_output=True,
                          text=True, timeout=600)
@@ -379,6 +380,31 @@ def test_kotlin_stats_equal_the_runtime_metrics(app_bundle, kotlin_jar, tmp_path
             assert got["decode_tokens_per_s"] is None
         assert (got["prompt_tokens"], got["generated_tokens"]) == (stats["prompt_tokens"], stats["generated_tokens"])
     assert got["decode_tokens_per_s"] == pytest.approx(30.0)
+
+
+@pytest.mark.slow
+def test_kotlin_bundle_store_explains_bad_bundles(app_bundle, kotlin_jar, tmp_path):
+    """What android_demo shows for a good bundle, a half push, a manifest of another version, a missing one."""
+    root = tmp_path / "mobilemllm"
+    shutil.copytree(app_bundle, root / "good")
+    shutil.copytree(app_bundle, root / "good.partial")  # a push in progress: not listed
+    (root / "empty").mkdir()
+    shutil.copytree(app_bundle, root / "truncated")
+    with open(root / "truncated/model.pte", "r+b") as f:
+        f.truncate(100)
+    shutil.copytree(app_bundle, root / "future")
+    m = json.loads((root / "future/manifest.json").read_text())
+    (root / "future/manifest.json").write_text(json.dumps(dict(m, schema_version=2)))
+
+    def opened(name: str) -> list[str]:
+        return run_kotlin(kotlin_jar, "--open", root, name).splitlines()
+
+    lines = opened("good")
+    assert lines[0] == "bundles: future,good,truncated"
+    assert lines[1] == f"ok: {root}/good/model.pte {root}/good/tokenizer"
+    assert "model.pte is 100 bytes" in opened("truncated")[1] and "Push it again" in opened("truncated")[1]
+    assert "version 2; this app reads version 1" in opened("future")[1]
+    assert "mobilemllm push --bundle DIR --target android" in opened("empty")[1]
 
 
 # ---- 3. push -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import java.nio.ByteBuffer
  *
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt manifest.json image.rgb "question" OUT
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --stats stats.json   (prints the app's numbers)
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --open ROOT NAME     (lists bundles, opens one)
  */
 fun main(args: Array<String>) {
     if (args.size == 2 && args[0] == "--stats") {  // ExecuTorch stats JSON -> what the app shows
@@ -19,7 +20,18 @@ fun main(args: Array<String>) {
             "\"generated_tokens\":${st.generatedTokens},\"model_load_ms\":${st.modelLoadMs}}")
         return
     }
-    require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT | --stats STATS.json" }
+    if (args.size == 3 && args[0] == "--open") {  // what the app shows when the user picks bundle NAME
+        val root = File(args[1])
+        println("bundles: " + BundleStore.list(root).joinToString(","))
+        try {
+            val b = BundleStore.open(args[2], root)
+            println("ok: ${b.programPath} ${b.tokenizerPath}")
+        } catch (e: ManifestError) {
+            println("error: ${e.message}")
+        }
+        return
+    }
+    require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT | --stats STATS.json | --open ROOT NAME" }
     val manifest = BundleManifest.parse(File(args[0]).readText())
     val raw = File(args[1]).readBytes()
     val head = ByteBuffer.wrap(raw, 0, 8)
