@@ -97,6 +97,9 @@ class DemoState:
         if self.manifest["format"] != "executorch":
             raise UserError(f"{bundle} is a {self.manifest['format']} bundle; the web demo runs ExecuTorch bundles "
                             "(export one with `mobilemllm export --target android --model CKPT --out DIR`)")
+        if self.manifest["export"].get("backend") == "coreml":
+            raise UserError(f"{bundle} uses ExecuTorch's Core ML delegate, which runs only on Apple hardware; for the "
+                            "web demo export --target android (XNNPACK) or --target portable")
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_new_tokens = int(max_new_tokens)
         self.images: OrderedDict[str, Any] = OrderedDict()
