@@ -298,6 +298,25 @@ def test_executorch_runner_backend(et_bundle):
 
 
 @pytest.mark.slow
+def test_executorch_runner_backend_timed_by_its_stats(et_bundle):
+    """The path taken when the token callback cannot carry a model's pieces: the runner's stats + wall clock."""
+    from mobilemllm.bench.backends.executorch import ExecuTorchRunnerBackend
+    from mobilemllm.bench.harness import run_case
+
+    class StatsOnly(ExecuTorchRunnerBackend):
+        def load(self):
+            super().load()
+            self.use_callback = False
+
+    # a longer prompt: the runner's stats count whole milliseconds, and TTFT must not round to 0
+    res = run_case(StatsOnly(str(et_bundle), threads=1), label="t", prompt_tokens=200, new_tokens=NEW, warmup=1,
+                   repeat=2)
+    check_case(res, prompt_tokens=200, image_timed=False)
+    for r in res.repetitions:
+        assert r.ttft_s == (r.runner_stats["first_token_ms"] - r.runner_stats["inference_start_ms"]) / 1000
+
+
+@pytest.mark.slow
 def test_executorch_methods_backend(et_bundle):
     res = run("executorch-methods", et_bundle)
     check_case(res)
