@@ -72,6 +72,29 @@ def _session(path: Path, providers: list[str], threads: int | None):
         raise CheckpointError(f"ONNX Runtime cannot load {path}: {e}") from None
 
 
+class SharedKV:
+    """A KV cache of fixed-size buffers that the decoder updates in place; ``length`` tokens are filled."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.values = None  # OrtValues over ``arrays``, made on first use
+        self.length = 0
+
+    @property
+    def shape(self):
+        return self.arrays[0].shape
+
+
+def uses_group_query_attention(path: Path) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return False
+    return any(node.op_type == "GroupQueryAttention" for node in graph.node)
+
+
 def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy when temperature <= 0, else nucleus sampling (the same rule as eager ``generate``)."""
     logits = logits.astype(np.float64)
@@ -94,7 +117,8 @@ class OnnxRunner:
     """Three ONNX Runtime sessions and the generation loop over them."""
 
     def __init__(self, graph_dir: str | Path, config, tokenizer, *, files: dict[str, str] | None = None,
-                 providers: Sequence[str] | None = None, threads: int | None = None):
+                 providers: Sequence[str] | None = None, threads: int | None = None,
+                 shared_kv: bool | None = None):
         from mobilemllm.export.onnx import GRAPH_FILES
 
         self.dir = Path(graph_dir)
@@ -120,6 +144,10 @@ class OnnxRunner:
         # Our decoder takes position_ids; ONNX Runtime GenAI's GroupQueryAttention decoder derives the
         # positions from the attention mask and has no such input. Feed what the graph declares.
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+        # A GroupQueryAttention decoder (ONNX Runtime GenAI's builder) can update one max-length cache
+        # buffer in place; our torch.onnx decoder concatenates, so it gets growing arrays.
+        self.shared_kv = uses_group_query_attention(self.dir / files["text_decoder"]) if shared_kv is None \
+            else shared_kv
 
     # ---- bundle ------------------------------------------------------------------------------
     @classmethod
@@ -165,12 +193,17 @@ class OnnxRunner:
             emb[0, slots] = image_embeds[0].astype(emb.dtype)
         return emb
 
-    def empty_past(self) -> list[np.ndarray]:
+    def empty_past(self):
+        """A fresh KV cache: growing arrays, or one max-length buffer per tensor for a shared-buffer decoder."""
         heads, hd = self.config.llm.kv_heads, self.config.llm.head_dim
+        if self.shared_kv:
+            return SharedKV([np.zeros((1, heads, self.max_context, hd), dtype=np.float32) for _ in self.past_names])
         return [np.zeros((1, heads, 0, hd), dtype=np.float32) for _ in self.past_names]
 
-    def step(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(self, embeds: np.ndarray, past):
         """One decoder call: (1, n, D) embeddings after ``past`` -> last logits (V,), new past."""
+        if isinstance(past, SharedKV):
+            return self._step_shared(embeds, past)
         p = past[0].shape[2]
         n = embeds.shape[1]
         feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, p + n), dtype=np.int64)}
@@ -179,6 +212,30 @@ class OnnxRunner:
         feed.update(zip(self.past_names, past))
         out = self.decoder.run(self.output_names, feed)
         return out[0][0, -1], out[1:]
+
+    def _step_shared(self, embeds: np.ndarray, kv: "SharedKV"):
+        """GroupQueryAttention with past and present bound to the same max-length buffers: the cache is
+        written in place (as ONNX Runtime GenAI's runtime does), not copied into a longer array each step."""
+        import onnxruntime as ort
+
+        p, n = kv.length, embeds.shape[1]
+        if p + n > self.max_context:
+            raise UserError(f"the KV cache holds {self.max_context} tokens; {p} + {n} do not fit")
+        io = self.decoder.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        io.bind_cpu_input("attention_mask", np.ones((1, p + n), dtype=np.int64))
+        if "position_ids" in self.decoder_inputs:
+            io.bind_cpu_input("position_ids", np.arange(p, p + n, dtype=np.int64)[None])
+        if kv.values is None:
+            kv.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv.arrays]
+        for name, value in zip(self.past_names, kv.values):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits")  # first: copy_outputs_to_cpu returns outputs in binding order
+        for name, value in zip(self.output_names[1:], kv.values):
+            io.bind_ortvalue_output(name, value)
+        self.decoder.run_with_iobinding(io)
+        kv.length = p + n
+        return io.copy_outputs_to_cpu()[0][0, -1], kv
 
     def prompt_ids(self, question: str) -> list[int]:
         from mobilemllm.inference import prompt_ids
