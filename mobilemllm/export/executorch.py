@@ -150,13 +150,22 @@ def _partitioners(backend: str, recipe: dict[str, Any]) -> dict[str, list] | Non
         import coremltools as ct
 
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.compiler.coreml_preprocess import MULTIMETHOD_WEIGHT_SHARING_STRATEGY
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
         specs = CoreMLBackend.generate_compile_specs(
             minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
             compute_unit=ct.ComputeUnit.ALL)
+        # The custom SDPA / cache-update ops stay outside Core ML, so the decoder is several partitions
+        # per method; methods are compiled independently (no positional weight sharing across them).
+        specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
+            MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
         # take_over_mutable_buffer: the KV cache becomes Core ML state (stateful models, iOS 18).
-        return {name: [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)] for name in METHODS}
+        # Core ML takes no uint8 inputs: the image's uint8 -> float cast stays on the CPU kernels.
+        return {name: [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True,
+                                         skip_ops_for_coreml_delegation=["aten._to_copy.default",
+                                                                         "dim_order_ops._to_dim_order_copy.default"])]
+                for name in METHODS}
     if backend == "qnn":  # preflight() already refused when the SDK is missing
         raise BackendUnavailable("QNN lowering is not wired up in this build: it needs the QNN SDK on the "
                                  "exporting machine; use --target android")
