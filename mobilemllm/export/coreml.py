@@ -19,7 +19,6 @@ skipped with that reason; on macOS the same export also predicts and compares lo
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable

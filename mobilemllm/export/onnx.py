@@ -116,16 +116,27 @@ class DecoderGraph(nn.Module):
 # ---- export -------------------------------------------------------------------------------------
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
             dynamic_shapes: Any, large: bool) -> None:
+    import logging
     import warnings
 
+    onnx_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" per export: noise here
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-                                 input_names=input_names, output_names=output_names, verbose=False,
-                                 external_data=large, optimize=True)
+        try:
+            prog = _export_program(module, args, input_names, output_names, dynamic_shapes, large)
+        finally:
+            onnx_log.setLevel(level)
         if prog is None:  # pragma: no cover - dynamo=True always returns a program
             raise RuntimeError("torch.onnx.export returned nothing")
         prog.save(str(path), external_data=large)
+
+
+def _export_program(module, args, input_names, output_names, dynamic_shapes, large):
+    return torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                             input_names=input_names, output_names=output_names, verbose=False,
+                             external_data=large, optimize=True)
 
 
 def _bytes_of(module: nn.Module) -> int:
