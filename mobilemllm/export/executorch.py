@@ -156,16 +156,19 @@ def _partitioners(backend: str, recipe: dict[str, Any]) -> dict[str, list] | Non
         specs = CoreMLBackend.generate_compile_specs(
             minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
             compute_unit=ct.ComputeUnit.ALL)
-        # The custom SDPA / cache-update ops stay outside Core ML, so the decoder is several partitions
-        # per method; methods are compiled independently (no positional weight sharing across them).
         specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
             MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
-        # take_over_mutable_buffer: the KV cache becomes Core ML state (stateful models, iOS 18).
-        # Core ML takes no uint8 inputs: the image's uint8 -> float cast stays on the CPU kernels.
-        return {name: [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True,
-                                         skip_ops_for_coreml_delegation=["aten._to_copy.default",
-                                                                         "dim_order_ops._to_dim_order_copy.default"])]
-                for name in METHODS}
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        # The vision tower goes to Core ML (GPU/ANE, fp16); Core ML takes no uint8 inputs, so the image's
+        # uint8 -> float cast stays on the CPU kernels. The decoder stays on XNNPACK: its attention and KV
+        # cache are ExecuTorch's custom ops, and Core ML partitions cannot take the SymInt start position
+        # those ops share with RoPE (measured: coremltools rejects a SymInt partition input).
+        return {"vision_encoder": [CoreMLPartitioner(
+                    compile_specs=specs, skip_ops_for_coreml_delegation=[
+                        "aten._to_copy.default", "dim_order_ops._to_dim_order_copy.default"])],
+                "token_embedding": [XnnpackPartitioner()],
+                "text_decoder": [XnnpackPartitioner()]}
     if backend == "qnn":  # preflight() already refused when the SDK is missing
         raise BackendUnavailable("QNN lowering is not wired up in this build: it needs the QNN SDK on the "
                                  "exporting machine; use --target android")
