@@ -113,14 +113,19 @@ ct = pytest.importorskip("coremltools")
 
 
 @pytest.fixture(scope="module")
-def coreml_bundle(tmp_path_factory, tiny_tokenizer):
-    from mobilemllm.export.coreml import export_coreml
+def coreml_bundle(tmp_path_factory, tiny_checkpoint):
+    """`mobilemllm export --target coreml` (the shipped recipe: int4, block 32) of the tiny checkpoint."""
+    import contextlib
+    import io
 
-    logs: list[str] = []
-    out = export_coreml(_model(), tiny_tokenizer, {"name": "coreml", "format": "coreml", "compression": "int4",
-                                                    "block_size": 32}, tmp_path_factory.mktemp("cm") / "b",
-                        log=logs.append)
-    return out, logs
+    from mobilemllm.cli import main
+
+    out = tmp_path_factory.mktemp("cm") / "b"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["export", "--model", str(tiny_checkpoint), "--target", "coreml", "--out", str(out)])
+    assert rc == 0, err.getvalue()[-2000:]
+    return out, err.getvalue().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -199,14 +204,15 @@ def test_compression_recipes(fp16_decoder, scheme, op, count, tmp_path):
 
 @needs_macos
 @pytest.mark.slow
-def test_predictions_match_eager_on_macos(coreml_bundle, tiny_tokenizer):
+def test_predictions_match_eager_on_macos(coreml_bundle, tiny_checkpoint, tiny_tokenizer):
     from mobilemllm.export.coreml import PACKAGE_FILES, coreml_teacher_forced
     from mobilemllm.export.onnx import eager_reference, parity_image
     from mobilemllm.export.parity import logit_cosine
     from mobilemllm.inference import prompt_ids
+    from mobilemllm.models.checkpoint import load_checkpoint
 
     b, _ = coreml_bundle
-    model = _model()
+    model, _ = load_checkpoint(tiny_checkpoint)
     image = parity_image(model.config.vision)
     ids = prompt_ids(model.config, tiny_tokenizer, "What is in the image?")
     ref, tokens = eager_reference(model, ids, image, 6)

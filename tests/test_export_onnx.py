@@ -203,6 +203,30 @@ def test_generate_cli_runs_onnx_bundle(bundles, model, tiny_tokenizer, tmp_path,
     assert "ONNX Runtime CPUExecutionProvider" in out.err and "time to first token" in out.err
 
 
+@pytest.mark.slow
+def test_export_cli_shipped_recipe_then_generate(tiny_checkpoint, tiny_config, tmp_path, capsys):
+    """`mobilemllm export --target onnx` (export/onnx.yaml) of a checkpoint, then `generate --bundle`: the
+    streamed text is what the runner produces (the int4 bundle is held to parity bounds, not to eager text)."""
+    from mobilemllm.cli import main
+    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(tiny_checkpoint), "--target", "onnx", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "ONNX bundle (fp32/fp32/int4) written to" in err and "parity logit_cosine" in err
+    man = _manifest(out)
+    assert man["target"] == "onnx" and man["export"]["recipe"]["name"] == "onnx" and man["parity"]["passed"]
+    img = tmp_path / "img.png"
+    parity_image(tiny_config.vision, seed=2).save(img)
+    rc = main(["generate", "--bundle", str(out), "--image", str(img), "--prompt", "What colour is it?",
+               "--max-new-tokens", "12"])
+    streamed = capsys.readouterr().out.strip()
+    assert rc == 0
+    want = OnnxRunner.from_bundle(out).generate(img, "What colour is it?", max_new_tokens=12).text
+    assert streamed == want and streamed
+
+
 def test_run_bundle_dispatches_to_onnx(bundles, model):
     from mobilemllm.export.onnx import parity_image
     from mobilemllm.runtime import run_bundle
