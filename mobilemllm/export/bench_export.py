@@ -24,7 +24,8 @@ import torch
 
 
 def export_child(model: str, target: str, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "mobilemllm", "export", "--model", model, "--target", target, "--out", str(out), *extra]
+    where = [] if "--recipe" in extra else ["--target", target]
+    cmd = [sys.executable, "-m", "mobilemllm", "export", "--model", model, *where, "--out", str(out), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
