@@ -151,6 +151,11 @@ def merge_lora(model, adapter_dir: Path | None = None) -> None:
     model.llm = model.llm.merge_and_unload()
 
 
+def _concat(datasets: list):
+    """One data set, or several files of a stage (``data: [a.json, b.json]``) read as one."""
+    return datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
+
+
 def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_dir: Path, init: str | Path | None,
               resume: bool = True, progress: bool = True, fingerprint: str = "") -> dict[str, Any]:
     """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``."""
@@ -181,9 +186,9 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     else:
         cfg = stage_train_config(recipe, stage)
         opts = stage_options(recipe, stage)
-        data_path = Path(opts.get("data") or st.data)
-        if not data_path.is_absolute():
-            data_path = data_dir / data_path
+        files = opts.get("data") or st.data
+        data_paths = [Path(f) if Path(f).is_absolute() else data_dir / f
+                      for f in ([files] if isinstance(files, str) else files)]
         image_folder = opts.get("image_folder")
         template = opts.get("template") or st.template
         parts = trainable_parts(st, opts.get("train_vision"), opts.get("train_connector"), opts.get("train_llm"))
@@ -199,12 +204,13 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
             if init is None:
                 raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
             reference, _ = load_checkpoint(init, with_tokenizer=False)
-            dataset = PreferenceDataset(data_path, image_folder, tok, model.config, template=template)
+            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template)
+                               for p in data_paths])
             objective = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
             collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
         else:
-            dataset = ConversationDataset(data_path, image_folder, tok, model.config, template=template,
-                                          max_length=opts.get("max_length"))
+            dataset = _concat([ConversationDataset(p, image_folder, tok, model.config, template=template,
+                                                   max_length=opts.get("max_length")) for p in data_paths])
             objective = LMObjective()
             collate_fn = lambda items: collate(items, pad)  # noqa: E731
         trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
@@ -286,6 +292,8 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
         recipe = load_recipe(recipe, overrides)
     out_dir = Path(out_dir)
     env = dist_env()
+    if not env.is_main:
+        log = lambda _m: None  # noqa: E731
     threads = cpu_threads(recipe.get("num_threads"), env.world_size)
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
@@ -313,7 +321,7 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
         if stage not in todo:
             continue
         state = stage_state(out_dir, stage)
-        if state and state.get("fingerprint") == fp:
+        if resume and state and state.get("fingerprint") == fp:
             log(f"{stage}: reusing {out_dir / stage}")
         else:
             if prev is None:
