@@ -389,3 +389,21 @@ def test_unknown_decoder_builder():
 
     with pytest.raises(ConfigError, match="decoder must be one of torch, genai"):
         preflight({"name": "onnx", "decoder": "optimum"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])
+def test_external_data_for_large_graphs(scheme, tmp_path, monkeypatch, model, tiny_tokenizer):
+    """Graphs over protobuf's 2 GB limit are written with external data; shrink the limit to check the path."""
+    import mobilemllm.export.onnx as onnx_export
+    from mobilemllm.runtime.onnx_runner import OnnxRunner
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)
+    b = _export(model, tiny_tokenizer, tmp_path / "b", scheme)
+    man = _manifest(b)
+    assert man["parity"]["passed"]
+    data = {name for name in man["files"] if name.endswith(".onnx.data")}
+    assert "decoder.onnx.data" in data and man["files"]["decoder.onnx.data"]["role"] == "weights"
+    assert (b / "decoder.onnx.data").stat().st_size > 0
+    res = OnnxRunner.from_bundle(b).generate(onnx_export.parity_image(model.config.vision), "Hi?", max_new_tokens=4)
+    assert len(res.tokens) == 4
