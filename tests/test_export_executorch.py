@@ -207,6 +207,16 @@ def test_generate_cli_streams_and_reports_speed(android_bundle, shapes_image, ca
     assert code == 0, out.err
     assert out.out.strip()
     assert "time to first token" in out.err and "decode" in out.err and "tok/s" in out.err
+    # as a real process: the text reaches the real stdout (the C++ runner's own printing does not)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mobilemllm", "generate", "--bundle", str(android_bundle), "--image",
+                           str(shapes_image), "--prompt", "What shape is it?", "--max-new-tokens", "12"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == out.out.strip()
+    assert "PyTorchObserver" not in proc.stdout and "time to first token" in proc.stderr
 
 
 @pytest.mark.slow

@@ -82,14 +82,33 @@ def _complete_prefix(data: bytes) -> int:
 
 @contextmanager
 def _quiet_stdout():
-    """The C++ runner prints every piece and a report to stdout itself; keep the CLI's output ours."""
+    """The C++ runner prints every piece and a report to stdout (fd 1) itself; send that to /dev/null while
+    Python's ``sys.stdout`` (where ``on_text`` streams) keeps writing to the real stdout."""
+    import ctypes
+
     sys.stdout.flush()
+    try:
+        on_fd1 = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        on_fd1 = False  # captured (pytest, notebooks): nothing of ours goes through fd 1
     saved = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
+    old = sys.stdout
+    if on_fd1:
+        sys.stdout = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                               errors="replace")
     try:
         yield
     finally:
+        try:
+            ctypes.CDLL(None).fflush(None)  # the runner's buffered C stdio output goes to /dev/null, not later
+        except (OSError, AttributeError):
+            pass
+        if on_fd1:
+            sys.stdout.flush()
+            sys.stdout.close()
+            sys.stdout = old
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
