@@ -27,7 +27,7 @@ def train(
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint folder the first stage run starts from "
                                         "(default: the previous stage's folder in --out)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted stage from its last "
-                                "saved state, and reuse finished stages."),
+                                "saved state and reuse finished, unchanged stages; --no-resume retrains them."),
     fresh: bool = typer.Option(False, "--fresh/--no-fresh", help="Delete the stages' folders in --out first."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate each trained stage on the recipe's "
                                   "evaluation data."),
@@ -45,8 +45,6 @@ def train(
         extra.append(f"data={data}")
     rec = load_recipe(recipe, extra)
     stages = None if stage == "all" else [stage]
-    if not resume and stages is None:
-        fresh = True
     results = run_recipe(rec, out, stages=stages, resume=resume, fresh=fresh, evaluate_stages=evaluate, init=init,
                          progress=progress)
     from mobilemllm.training.distributed import dist_env
