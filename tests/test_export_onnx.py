@@ -121,7 +121,7 @@ def test_fp32_graphs_match_eager_step_by_step(bundles, model, tiny_tokenizer):
     past = r.empty_past()
     for chunk in (emb[:, :5], emb[:, 5:20], emb[:, 20:]):
         last, past = r.step(chunk, past)
-    assert past[0].shape[2] == emb.shape[1]
+    assert past.length == emb.shape[1] and past.numpy()[0].shape[2] == emb.shape[1]
     np.testing.assert_allclose(last, full, atol=1e-4 * np.abs(full).max())
 
 
@@ -214,7 +214,7 @@ def test_export_cli_shipped_recipe_then_generate(tiny_checkpoint, tiny_config, t
     out = tmp_path / "bundle"
     assert main(["export", "--model", str(tiny_checkpoint), "--target", "onnx", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "ONNX bundle (fp32/fp32/int4) written to" in err and "parity logit_cosine" in err
+    assert "ONNX bundle (int8/int8/int4) written to" in err and "parity logit_cosine" in err
     man = _manifest(out)
     assert man["target"] == "onnx" and man["export"]["recipe"]["name"] == "onnx" and man["parity"]["passed"]
     img = tmp_path / "img.png"
@@ -248,6 +248,7 @@ def test_onnx_recipe_file_is_valid():
     assert path.read_text().startswith("# mobilemllm export")
     q = preflight(recipe)
     assert recipe["format"] == "onnx" and q.text_decoder == "int4" and q.block_size == 32
+    assert q.vision_encoder == q.token_embedding == "int8"
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -380,6 +381,9 @@ def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_gra
         ref = answer(model, tiny_tokenizer, img, "Is it round?", max_new_tokens=16)
         got = OnnxRunner.from_bundle(b).generate(img, "Is it round?", max_new_tokens=16)
         assert got.tokens == ref.tokens
+        # the in-place KV cache (past and present bound to one buffer) gives the same tokens
+        shared = OnnxRunner.from_bundle(b, shared_kv=True)
+        assert shared.shared_kv and shared.generate(img, "Is it round?", max_new_tokens=16).tokens == ref.tokens
     else:
         assert man["quantization"]["text_decoder"]["scheme"] == "int4_weight"
 
@@ -387,7 +391,7 @@ def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_gra
 def test_unknown_decoder_builder():
     from mobilemllm.export.onnx import preflight
 
-    with pytest.raises(ConfigError, match="decoder must be one of torch, genai"):
+    with pytest.raises(ConfigError, match="decoder must be one of auto, torch, genai"):
         preflight({"name": "onnx", "decoder": "optimum"})
 
 

@@ -475,7 +475,7 @@ def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
 
 
 # ---- ONNX Runtime GenAI's model builder (fused decoder) ---------------------------------------------
-DECODER_BUILDERS = ("torch", "genai")
+DECODER_BUILDERS = ("auto", "torch", "genai")  # auto: genai when installed and the LLM is a LLaMA, else torch
 
 
 def _genai_available() -> bool:
@@ -483,6 +483,21 @@ def _genai_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def resolve_decoder_builder(choice: str, model, log: Callable[[str], None] = lambda s: None) -> str:
+    """``auto`` -> ``genai`` where ONNX Runtime GenAI's builder is installed and fits the LLM, else ``torch``."""
+    if choice != "auto":
+        return choice
+    if type(model.llm).__name__ != "LlamaForCausalLM":
+        log("decoder: auto -> torch (ONNX Runtime GenAI's builder is used for LLaMA decoders only)")
+        return "torch"
+    if not _genai_available():
+        log("decoder: auto -> torch (install onnxruntime-genai for the fused GroupQueryAttention decoder: "
+            "pip install 'mobilemllm[genai]')")
+        return "torch"
+    log("decoder: auto -> genai (ONNX Runtime GenAI's model builder)")
+    return "genai"
 
 
 def build_genai_decoder(model, tokenizer, q: OnnxQuantization, work: Path,
@@ -565,6 +580,7 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
     if tokenizer is None:
         raise UserError("an ONNX bundle needs a tokenizer; export from a checkpoint folder that has tokenizer.json")
     bundle_mod.check_out_dir(out_dir)
+    decoder_builder = resolve_decoder_builder(decoder_builder, model, log)
     t_start = time.perf_counter()
     staging = bundle_mod.new_bundle_dir(out_dir)
     try:
