@@ -344,7 +344,9 @@ def test_trained_model_android_bundle_keeps_accuracy(tmp_path_factory):
     ckpt, eval_dir = trained["checkpoints"]["dpo"], trained["eval_dir"]
     out = _export(ckpt, tmp_path_factory.mktemp("trained") / "android", "--target", "android")
     model, tok = load(ckpt)
-    qs = _questions(eval_dir / QUESTIONS_FILE, 150)
+    # Enough questions that one flipped answer moves accuracy by well under the 2-point budget: with ~5 %
+    # of answers differing after 4-bit quantization, 150 questions made the net difference a coin toss.
+    qs = _questions(eval_dir / QUESTIONS_FILE, 600)
     eager_hits = bundle_hits = 0
     for q in qs:
         img = load_image(eval_dir / "images" / q["image"])

@@ -203,6 +203,23 @@ def test_generate_cli_runs_onnx_bundle(bundles, model, tiny_tokenizer, tmp_path,
     assert "ONNX Runtime CPUExecutionProvider" in out.err and "time to first token" in out.err
 
 
+def test_generate_cli_providers_option(bundles, tmp_path, capsys):
+    """--providers picks ONNX Runtime execution providers; an unknown one is one clear error."""
+    from PIL import Image
+
+    from mobilemllm.cli import main
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
+    args = ["generate", "--bundle", str(bundles["fp32"]), "--image", str(path), "--prompt", "Colour?",
+            "--max-new-tokens", "4"]
+    assert main(args + ["--providers", "CPUExecutionProvider"]) == 0
+    assert "CPUExecutionProvider" in capsys.readouterr().err
+    assert main(args + ["--providers", "NoSuchExecutionProvider"]) != 0
+    err = capsys.readouterr().err
+    assert "NoSuchExecutionProvider" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_export_cli_shipped_recipe_then_generate(tiny_checkpoint, tiny_config, tmp_path, capsys):
     """`mobilemllm export --target onnx` (export/onnx.yaml) of a checkpoint, then `generate --bundle`: the

@@ -21,6 +21,9 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    providers: Optional[str] = typer.Option(
+        None, help="ONNX bundles: comma-separated ONNX Runtime execution providers in order of preference "
+                   "(e.g. NnapiExecutionProvider,CPUExecutionProvider); default: CPU."),
 ) -> None:
     """Answer a prompt about an image, streaming the text as it is generated."""
     from mobilemllm.errors import UserError
@@ -34,7 +37,8 @@ def generate(
         from mobilemllm.runtime import run_bundle
 
         run_bundle(bundle, img, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                   on_text=_write, image_path=image)
+                   on_text=_write, image_path=image,
+                   providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None)
         return
     from mobilemllm.api import load
     from mobilemllm.inference import answer

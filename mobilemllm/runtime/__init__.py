@@ -36,16 +36,20 @@ def _stderr(msg: str) -> None:
 
 
 def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-               on_text: Callable[[str], None] | None = None, image_path=None, report: bool = True):
+               on_text: Callable[[str], None] | None = None, image_path=None, report: bool = True,
+               providers: list[str] | None = None):
     """Generate text for ``prompt`` about ``pil_image`` with the bundle at ``bundle_dir``; returns a RunResult.
 
-    Prints time to first token and tokens/s to stderr when ``report``.
+    Prints time to first token and tokens/s to stderr when ``report``. ``providers`` names ONNX Runtime
+    execution providers for ONNX bundles (e.g. ``["QNNExecutionProvider", "CPUExecutionProvider"]``).
     """
     from mobilemllm.export.bundle import load_manifest
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     fmt = manifest["format"]
+    if providers and fmt != "onnx":
+        raise UserError(f"--providers applies to ONNX bundles; {bundle_dir} is a {fmt} bundle")
     if fmt == "executorch":
         res = _run_executorch(bundle_dir, manifest, pil_image, prompt, max_new_tokens, temperature, on_text,
                               image_path)
@@ -55,7 +59,8 @@ def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, tem
         except ModuleNotFoundError as e:
             raise UserError(f"this mobilemllm cannot run ONNX bundles ({e})") from None
         return run_onnx_bundle(bundle_dir, manifest, pil_image, prompt, max_new_tokens=max_new_tokens,
-                               temperature=temperature, on_text=on_text, image_path=image_path)
+                               temperature=temperature, on_text=on_text, image_path=image_path,
+                               providers=providers, report=report)
     elif fmt == "coreml":
         from mobilemllm.errors import BackendUnavailable
 
