@@ -313,7 +313,8 @@ def test_executorch_runner_backend_timed_by_its_stats(et_bundle):
                    repeat=2)
     check_case(res, prompt_tokens=200, image_timed=False)
     for r in res.repetitions:
-        assert r.ttft_s == (r.runner_stats["first_token_ms"] - r.runner_stats["inference_start_ms"]) / 1000
+        stats_ttft = (r.runner_stats["first_token_ms"] - r.runner_stats["inference_start_ms"]) / 1000
+        assert r.ttft_s == min(stats_ttft, r.total_s)  # ms ticks may round above a short run's wall clock
 
 
 @pytest.mark.slow

@@ -195,7 +195,8 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
             ttft, decode_s, decoded = metrics.time_to_first_token(t0, stamps[0]), stamps[-1] - stamps[0], len(stamps) - 1
         else:
             rep = stats_to_repetition(st)
-            ttft, decoded = rep.ttft_s, rep.decode_tokens
+            # the runner's stats tick in whole ms: on a short run they can exceed the wall clock (µs)
+            ttft, decoded = min(rep.ttft_s, t1 - t0), rep.decode_tokens
             decode_s = max((t1 - t0) - ttft, 1e-6)  # the wall clock (µs) less the runner's first-token time (ms)
         return Repetition(prefill_tokens=int(st["prompt_tokens"]), decode_tokens=decoded, ttft_s=ttft,
                           prefill_s=ttft, decode_s=decode_s, total_s=t1 - t0, image_encode_s=None, runner_stats=st)
