@@ -1,0 +1,120 @@
+"""The commands shown in README.md and docs/ must not rot.
+
+Every `mobilemllm ...` line in them is parsed by the real CLI (command, sub-command, options and their
+types; nothing runs), and the cheap ones run for real. The expensive ones (train, export, bench,
+quickstart) run in the quickstart and in the slow tests with tiny settings.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PLACEHOLDER = re.compile(r"<[^>]+>|\.\.\.|\[--")
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) for every `mobilemllm` command line in a fenced bash block of the docs."""
+    out = []
+    for path in DOCS:
+        lines = path.read_text().splitlines()
+        in_block = False
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            if line.startswith("```"):
+                in_block = line.strip() in ("```bash", "```sh", "```shell")
+                i += 1
+                continue
+            text, start = line, i
+            while in_block and text.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                text = text.rstrip()[:-1] + " " + lines[i].strip()
+            i += 1
+            stripped = text.strip()
+            if not in_block or not re.match(r"^(\.venv/bin/)?mobilemllm\b", stripped):
+                continue
+            argv = shlex.split(stripped, comments=True)
+            if PLACEHOLDER.search(" ".join(argv)):
+                continue
+            out.append((f"{path.relative_to(ROOT)}:{start + 1}", argv[1:]))
+    return out
+
+
+COMMANDS = doc_commands()
+
+
+def test_docs_show_commands():
+    assert len(COMMANDS) >= 20, COMMANDS
+    shown = {argv[0] for _, argv in COMMANDS if argv and not argv[0].startswith("-")}
+    assert {"quickstart", "info", "data", "train", "eval", "import", "export", "generate", "bench", "push",
+            "demo"} <= shown
+
+
+@pytest.mark.parametrize("where,argv", COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_doc_command_parses(where, argv):
+    """The command, its sub-command and every option exist and take the values shown."""
+    assert parse_error(argv) is None, f"{where}: `mobilemllm {' '.join(argv)}` does not parse: {parse_error(argv)}"
+
+
+def parse_error(argv: list[str]) -> str | None:
+    """Parse argv with the real CLI without running it; the usage error's message, or None.
+
+    Duck-typed on purpose: typer may bundle its own copy of click, so isinstance checks on click's
+    classes are unreliable.
+    """
+    import typer
+
+    from mobilemllm.cli import app
+
+    cmd = typer.main.get_command(app)
+    args = list(argv)
+    ctx = None
+    while hasattr(cmd, "list_commands") and args and not args[0].startswith("-"):
+        name = args.pop(0)
+        ctx = cmd.context_class(cmd, info_name=cmd.name or "mobilemllm", parent=ctx)
+        sub = cmd.get_command(ctx, name)
+        if sub is None:
+            return f"unknown command {name!r}"
+        cmd = sub
+    # Paths in the docs point at files the reader makes first: check option names and types, not files.
+    for p in cmd.params:
+        if type(getattr(p, "type", None)).__name__ == "Path":
+            p.type = type(p.type)()
+    try:
+        cmd.make_context(cmd.name, args, parent=ctx)
+    except Exception as e:  # noqa: BLE001 - click's Exit (from --help) or UsageError, whichever click it is
+        if type(e).__name__ == "Exit":
+            return None
+        if hasattr(e, "format_message"):
+            return e.format_message()
+        raise
+    return None
+
+
+def test_parse_check_catches_mistakes():
+    assert parse_error(["info", "tiny"]) is None
+    assert parse_error(["export", "--model", "x", "--out", "y", "--target", "android"]) is None
+    assert "no-such" in parse_error(["export", "--model", "x", "--out", "y", "--no-such-option"])
+    assert "nope" in parse_error(["nope"])
+    assert parse_error(["generate", "--image", "a.png"]) is not None  # --prompt is required
+
+
+def test_cheap_readme_commands_run(tmp_path, monkeypatch, capsys):
+    """`info` and `data synth` exactly as the README shows them (in a scratch folder)."""
+    from mobilemllm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for where, argv in COMMANDS:
+        if where.startswith("README") and argv[:1] in (["info"], ["data"], ["--help"]):
+            assert main(argv) == 0, where
+            ran += 1
+    assert ran >= 3
+    assert (tmp_path / "runs" / "data" / "instruct.json").exists()
+    assert "144 tokens" in capsys.readouterr().out
