@@ -27,24 +27,9 @@ from torch.nn import functional as F
 MASK_MIN = -1e4  # additive mask value that is still finite in fp16
 
 
-class _RMSNorm(nn.Module):
-    """LLaMA RMSNorm sharing the original weight, computed as transformers does (fp32, then cast)."""
-
-    def __init__(self, weight: nn.Parameter, eps: float):
-        super().__init__()
-        self.weight = weight
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+# The same RMSNorm and rotary helper as the ExecuTorch decoder (one implementation, shared weights).
+from mobilemllm.export.export_llama import RMSNorm as _RMSNorm  # noqa: E402
+from mobilemllm.export.export_llama import _rotate_half  # noqa: E402
 
 
 class _Layer(nn.Module):
