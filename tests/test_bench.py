@@ -47,6 +47,24 @@ def test_rates_and_ttft():
     assert metrics.prefill_tokens(128, 144) == 272
 
 
+def test_runner_rates_use_the_wall_clock_when_ms_ticks_are_too_coarse():
+    from mobilemllm.runtime.metrics import rates, wall_rates
+
+    # a sub-millisecond run: every ms tick is the same, so the stats alone say 0 tok/s
+    stats = {"inference_start_ms": 1000, "prompt_eval_end_ms": 1000, "first_token_ms": 1000,
+             "inference_end_ms": 1000, "prompt_tokens": 35, "generated_tokens": 3}
+    assert rates(stats)["decode_tokens_per_s"] == 0.0
+    r = wall_rates(stats, 10.0, [10.0004, 10.0005, 10.0006, 10.0007], 10.0008)
+    assert r["ttft_s"] == pytest.approx(0.0004)
+    assert r["decode_tokens_per_s"] == pytest.approx(3 / 0.0003)
+    assert r["prefill_tokens_per_s"] == pytest.approx(35 / 0.0004)
+    # a long prefill keeps the runner's own prefill span (it excludes image encoding time on the wall clock)
+    stats.update(prompt_eval_end_ms=1200, first_token_ms=1201, inference_end_ms=1300)
+    r = wall_rates(stats, 10.0, [10.25, 10.3], 10.31)
+    assert r["prefill_tokens_per_s"] == pytest.approx(35 / 0.2)
+    assert r["decode_tokens_per_s"] == pytest.approx(1 / 0.05)
+
+
 def test_peak_rss_sees_a_large_allocation_after_reset(tmp_path):
     if not metrics.reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,17 +174,25 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
     pieces = PieceDecoder(buf.put)
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=float(temperature),
                               num_bos=0, num_eos=0, seq_len=ctx)
+    stamps: list[float] = []
+
+    def on_token(piece: str) -> None:
+        stamps.append(time.perf_counter())
+        pieces(piece)
+
     with _quiet_stdout():
         runner = MultimodalRunner(str(pte), str(pieces_dir))
-        runner.generate(inputs, config, pieces, lambda s: stats.update(json.loads(s.to_json_string())))
+        t0 = time.perf_counter()
+        runner.generate(inputs, config, on_token, lambda s: stats.update(json.loads(s.to_json_string())))
+        t1 = time.perf_counter()
     buf.flush()
-    return _result(buf.text, stats)
+    return _result(buf.text, stats, (t0, stamps, t1))
 
 
-def _result(text: str, stats: dict[str, Any]) -> RunResult:
-    from mobilemllm.runtime.metrics import rates
+def _result(text: str, stats: dict[str, Any], timing: tuple[float, list[float], float] | None = None) -> RunResult:
+    from mobilemllm.runtime.metrics import rates, wall_rates
 
-    r = rates(stats)
+    r = rates(stats) if timing is None else wall_rates(stats, *timing)
     return RunResult(text=text, prompt_tokens=int(stats.get("prompt_tokens", 0)),
                      generated_tokens=int(stats.get("generated_tokens", 0)), ttft_s=r["ttft_s"],
                      prefill_tokens_per_s=r["prefill_tokens_per_s"], decode_tokens_per_s=r["decode_tokens_per_s"],

@@ -136,8 +136,14 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
     def load(self) -> None:
         from executorch.extension.llm.runner import MultimodalRunner
 
+        from mobilemllm.export.bundle import sha256_file
+        from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir
+
+        # the same vocabulary, but every piece is ASCII: the per-token callback (µs timestamps) then works for
+        # byte-level BPE too, whose raw pieces can end inside a UTF-8 character and abort pybind11's str()
+        pieces = decode_only_tokenizer_dir(self.tokenizer, sha256_file(self.tokenizer_dir / "tokenizer.json"))
         with _CapturedOutput():
-            self.runner = MultimodalRunner(str(self.pte), str(self.tokenizer_dir))
+            self.runner = MultimodalRunner(str(self.pte), str(pieces))
         self.image = image_input_tensor(self.manifest)
         self.captured: list[str] = []
         self._first_load = True
