@@ -1,0 +1,180 @@
+"""Training throughput of a preset's shapes: tokens/s per device and peak memory, through the real trainer.
+
+``mobilemllm train-bench --preset mobilevlm-v2-1.7b --steps 200`` builds the preset with random weights
+(no checkpoint needed), makes fixed-length synthetic samples (one image, a prompt, an answer), and runs
+the pretrain or instruct stage's freezing with :class:`~mobilemllm.training.trainer.Trainer` — the same
+loop, precision (bf16 autocast on GPU), gradient checkpointing and optimizer as ``mobilemllm train``. The
+first ``--warmup`` steps (allocator growth, kernel autotuning) are left out of the rate.
+
+Reported, per device (``torchrun`` runs report the rank-0 view; every rank holds the same batch size):
+
+- ``tokens_per_s``: sequence tokens (text + visual tokens, what the LLM processes) per second;
+- ``text_tokens_per_s``: the same without visual tokens (comparable with LM pretraining figures such as
+  MobileLLaMA-1.4B's 18,800 tokens/s per A100);
+- ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU;
+- ``model_tflops_per_s``: an estimate, 6 x trainable + 2 x frozen parameters per LLM token (backward of
+  frozen layers under trainable ones is counted as forward-only, which under-counts) plus the vision
+  tower's forward per image; attention's quadratic term is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobilemllm.errors import UserError
+
+STAGES = ("pretrain", "instruct")
+
+
+def synthetic_samples(config, n: int, text_tokens: int, answer_tokens: int, seed: int = 0) -> list:
+    """``n`` samples of exactly ``1 + visual + text_tokens`` ids: BOS, the image, a prompt, an answer."""
+    from mobilemllm.data.dataset import Sample
+    from mobilemllm.models.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+    if not 1 <= answer_tokens <= text_tokens:
+        raise UserError(f"--answer-tokens must be between 1 and --text-tokens ({text_tokens}); got {answer_tokens}")
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.llm.vocab_size
+    vis = config.num_visual_tokens
+    views = config.vision.num_views
+    size = config.vision.image_size
+    prompt_len = text_tokens - answer_tokens
+    out = []
+    for _ in range(n):
+        text = torch.randint(3, vocab, (text_tokens,), generator=g).tolist()
+        ids = [1] + [IMAGE_TOKEN_ID] * vis + text
+        labels = [IGNORE_INDEX] * (1 + vis + prompt_len) + text[prompt_len:]
+        pix = torch.randn((views, 3, size, size) if views > 1 else (3, size, size), generator=g)
+        out.append(Sample(ids, labels, pix))
+    return out
+
+
+def _flops_per_token(model, config, stage_parts: dict[str, bool]) -> float:
+    counts = model.parameter_counts()
+    llm_flops = (6 if stage_parts["llm"] else 2) * counts["llm"]
+    connector = 6 * counts["connector"] if stage_parts["connector"] else 2 * counts["connector"]
+    # the connector and vision tower run once per image; spread them over the image's tokens below
+    vision = (6 if stage_parts["vision"] else 2) * counts["vision"] * config.vision.num_patches * config.vision.num_views
+    return llm_flops, connector + vision
+
+
+def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, warmup: int = 5, micro_batch: int = 4,
+            global_batch: int | None = None, text_tokens: int = 128, answer_tokens: int = 32,
+            grad_checkpointing: bool = True, precision: str = "auto", lr: float = 2e-5,
+            run_dir: str | Path | None = None, progress: bool = True, overrides: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Train ``steps`` optimizer steps of ``stage`` on ``preset``'s shapes (random weights); return the rates."""
+    from mobilemllm.bench.metrics import peak_rss_bytes, reset_peak_rss
+    from mobilemllm.config import ModelConfig
+    from mobilemllm.data.dataset import collate
+    from mobilemllm.models.vlm import MobileVLM
+    from mobilemllm.training.distributed import dist_env, pick_device
+    from mobilemllm.training.losses import LMObjective
+    from mobilemllm.training.stages import get_stage, trainable_parts
+    from mobilemllm.training.trainer import TrainConfig, Trainer
+
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; train-bench measures one of: {', '.join(STAGES)}")
+    if steps <= warmup:
+        raise UserError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
+    config = ModelConfig.from_preset(preset, **(overrides or {}))
+    config = config.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
+    seq = 1 + config.num_visual_tokens + text_tokens
+    if seq > config.llm.max_position_embeddings:
+        raise UserError(f"{seq} tokens per sample ({config.num_visual_tokens} visual + {text_tokens} text + BOS) "
+                        f"exceed {preset}'s context of {config.llm.max_position_embeddings}; lower --text-tokens")
+    env = dist_env()
+    device = pick_device(env)
+    global_batch = global_batch or micro_batch * env.world_size
+    torch.manual_seed(0)
+    with torch.device(device):  # build on the GPU directly: a 1.7B model's random init on CPU takes minutes
+        model = MobileVLM(config, load_weights=False)
+    parts = trainable_parts(get_stage(stage))
+    model.set_trainable(**parts)
+    samples = synthetic_samples(config, global_batch, text_tokens, answer_tokens)
+    cfg = TrainConfig(lr=lr, global_batch=global_batch, micro_batch=micro_batch, max_steps=steps,
+                      warmup_ratio=0.0, grad_checkpointing=grad_checkpointing, precision=precision,
+                      save_every=steps + 1, log_every=steps + 1)
+    times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+    def on_step(step: int, _metrics: dict) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory(prefix="mobilemllm-train-bench-") as tmp:
+        trainer = Trainer(model, LMObjective(), samples, lambda items: collate(items, 0), cfg,
+                          Path(run_dir) if run_dir else Path(tmp), progress=progress, desc=f"{stage} ({preset})")
+        summary = trainer.fit(resume=False, on_step=on_step)
+    timed = times[warmup:]
+    elapsed = timed[-1] - times[warmup - 1] if warmup > 0 else None
+    if elapsed is None:  # no warm-up: time from the first step's end (one step fewer)
+        elapsed, timed = timed[-1] - timed[0], timed[1:]
+    per_device_tokens = seq * global_batch // env.world_size
+    per_device_text = text_tokens * global_batch // env.world_size
+    n = len(timed)
+    tokens_per_s = per_device_tokens * n / elapsed
+    llm_flops, image_flops = _flops_per_token(model, config, parts)
+    images_per_s = (global_batch // env.world_size) * n / elapsed
+    tflops = (llm_flops * tokens_per_s + image_flops * images_per_s) / 1e12
+    counts = model.parameter_counts()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        peak = int(peak_rss_bytes())
+        device_name = f"CPU ({torch.get_num_threads()} threads)"
+    return {
+        "preset": preset, "stage": stage, "device": device_name, "world_size": env.world_size,
+        "precision": "bf16 autocast" if trainer.autocast_dtype is not None else "fp32",
+        "grad_checkpointing": grad_checkpointing, "parameters": counts, "trainable_parameters": trainable,
+        "micro_batch": micro_batch, "global_batch": global_batch, "sequence_tokens": seq,
+        "visual_tokens": config.num_visual_tokens, "text_tokens": text_tokens,
+        "steps": steps, "warmup_steps": warmup, "timed_steps": n, "timed_s": round(elapsed, 6),
+        "step_s": round(elapsed / n, 6),
+        "tokens_per_s": round(tokens_per_s, 2), "text_tokens_per_s": round(per_device_text * n / elapsed, 2),
+        "model_tflops_per_s": round(tflops, 2), "peak_memory_bytes": peak,
+        "final_loss": summary.get("final_loss"),
+        "torch": torch.__version__,
+    }
+
+
+def print_report(r: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"train-bench: {r['stage']} on {r['preset']} ({r['device']}, {r['precision']})", show_header=False)
+    rows = [
+        ("trainable / total params", f"{r['trainable_parameters'] / 1e6:,.1f}M / {r['parameters']['total'] / 1e6:,.1f}M"),
+        ("batch", f"{r['global_batch']} x {r['sequence_tokens']} tokens ({r['visual_tokens']} visual), "
+                  f"micro-batch {r['micro_batch']}, world size {r['world_size']}"),
+        ("timed", f"{r['timed_steps']} steps after {r['warmup_steps']} warm-up, {r['step_s'] * 1000:.1f} ms/step"),
+        ("tokens/s per device", f"{r['tokens_per_s']:,.0f} (text only {r['text_tokens_per_s']:,.0f})"),
+        ("model TFLOP/s (est.)", f"{r['model_tflops_per_s']:.2f}"),
+        ("peak memory", f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
+        ("final loss", "-" if r["final_loss"] is None or not math.isfinite(r["final_loss"]) else f"{r['final_loss']:.3f}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def write_json(r: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(r, indent=2) + "\n")
+    tmp.replace(path)
