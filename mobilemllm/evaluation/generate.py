@@ -17,6 +17,8 @@ def greedy_batch(model, prompts: list[list[int]], pixel_values: torch.Tensor | N
     """Greedy continuations (EOS excluded) of ``prompts``; ``pixel_values`` holds one image per prompt."""
     from transformers import DynamicCache
 
+    from mobilemllm.models.llm import cache_kwargs
+
     device = next(model.parameters()).device
     b = len(prompts)
     n = max(len(p) for p in prompts)
@@ -38,7 +40,7 @@ def greedy_batch(model, prompts: list[list[int]], pixel_values: torch.Tensor | N
     out: list[list[int]] = [[] for _ in range(b)]
     embed_tokens = model.llm.get_input_embeddings()
     for _ in range(max_new_tokens):
-        logits = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache,
+        logits = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **cache_kwargs(cache),
                            use_cache=True).logits[:, -1]
         nxt = logits.float().argmax(-1)
         finished_now = torch.isin(nxt, eos)

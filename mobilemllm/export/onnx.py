@@ -101,14 +101,16 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
+        from mobilemllm.models.llm import cache_kwargs, output_cache
+
         cache = DynamicCache()
         for i, (k, v) in enumerate(past):
             cache.update(k, v, i)
         out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, use_cache=True)
+                             position_ids=position_ids, **cache_kwargs(cache), use_cache=True)
         logits = self.llm.lm_head(out.last_hidden_state[:, -1:, :])
         present = []
-        for layer in out.cache.layers:
+        for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
         return (logits, *present)
 

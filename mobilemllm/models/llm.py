@@ -5,12 +5,37 @@ Any local transformers causal-LM folder of the LLaMA family can stand in via ``p
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 from torch import nn
 
 from mobilemllm.config import LLMConfig
 from mobilemllm.errors import CheckpointError
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_arg() -> str:
+    """The name transformers' decoders take the KV cache under: ``cache`` (newer 5.x) or ``past_key_values``."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """``llm(..., **cache_kwargs(cache))``: pass a KV cache whatever this transformers version calls it.
+
+    An unknown keyword is swallowed by the model's ``**kwargs``, so the wrong name silently decodes without
+    the cache (each step sees only its own token); every cached call goes through here.
+    """
+    return {_cache_arg(): cache}
+
+
+def output_cache(out):
+    """The KV cache a decoder call returned (``out.cache`` or, in older 5.x, ``out.past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def hf_llama_config(cfg: LLMConfig):

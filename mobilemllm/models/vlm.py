@@ -116,12 +116,14 @@ class MobileVLM(nn.Module):
         if use_cache:
             from transformers import DynamicCache
 
+            from mobilemllm.models.llm import cache_kwargs
+
             past = DynamicCache()
         seq_emb = emb  # the whole sequence so far (used uncached); step_in is what the cached path feeds
         step_in = emb
         for step in range(max_new_tokens):
             if use_cache:
-                out = self.llm(inputs_embeds=step_in, cache=past, use_cache=True)
+                out = self.llm(inputs_embeds=step_in, **cache_kwargs(past), use_cache=True)
             else:
                 out = self.llm(inputs_embeds=seq_emb, use_cache=False)
             logits = out.logits[0, -1].float()

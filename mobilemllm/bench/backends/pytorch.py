@@ -91,6 +91,8 @@ class PyTorchBackend(Backend):
         import torch
         from transformers import DynamicCache
 
+        from mobilemllm.models.llm import cache_kwargs
+
         from mobilemllm.models.vlm import IMAGE_TOKEN_ID
 
         model, p = self.model, self.prompt
@@ -103,12 +105,12 @@ class PyTorchBackend(Backend):
             t1 = metrics.now()
             emb = model.embed(ids, image_embeds=image_embeds)
             cache = DynamicCache()
-            out = model.llm(inputs_embeds=emb, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model.llm(inputs_embeds=emb, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             token = int(torch.argmax(out.logits[0, -1]))
             t2 = metrics.now()
             for _ in range(self.new_tokens):
                 step = embed_tokens(torch.tensor([[token]]))
-                out = model.llm(inputs_embeds=step, cache=cache, use_cache=True, logits_to_keep=1)
+                out = model.llm(inputs_embeds=step, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 token = int(torch.argmax(out.logits[0, -1]))
             t3 = metrics.now()
         return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
