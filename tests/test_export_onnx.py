@@ -428,3 +428,42 @@ def test_external_data_for_large_graphs(scheme, tmp_path, monkeypatch, model, ti
     assert (b / "decoder.onnx.data").stat().st_size > 0
     res = OnnxRunner.from_bundle(b).generate(onnx_export.parity_image(model.config.vision), "Hi?", max_new_tokens=4)
     assert len(res.tokens) == 4
+
+
+def test_export_cli_quantization_options_override_the_onnx_recipe(tiny_checkpoint, tmp_path, capsys):
+    """--decoder-quant/--embedding-quant/--vision-quant/--group-size work for the onnx target too."""
+    from mobilemllm.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(tiny_checkpoint), "--target", "onnx", "--out", str(out),
+                 "--decoder-quant", "int4", "--group-size", "64", "--embedding-quant", "fp32",
+                 "--vision-quant", "fp32"]) == 0
+    assert "ONNX bundle (fp32/fp32/int4) written to" in capsys.readouterr().err
+    q = _manifest(out)["quantization"]
+    assert q["text_decoder"]["scheme"] == "int4_weight" and q["text_decoder"]["group_size"] == 64
+    assert q["vision_encoder"]["scheme"] == q["token_embedding"]["scheme"] == "fp32"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "onnx", "--decoder-quant", "8da4w"], "unknown ONNX quantization '8da4w' for text_decoder"),
+    (["--target", "onnx", "--group-size", "48"], "block_size must be one of 32, 64, 128"),
+    (["--target", "onnx", "--max-context-len", "64"], "--max-context-len applies to ExecuTorch targets"),
+    (["--target", "coreml", "--vision-quant", "int8"], "compresses every package with one scheme"),
+    (["--target", "coreml", "--decoder-quant", "int3"], "unknown Core ML compression 'int3'"),
+])
+def test_export_cli_bad_quantization_options_one_line(args, message, tmp_path, capsys):
+    from mobilemllm.cli import main
+
+    assert main(["export", "--model", "tiny", "--out", str(tmp_path / "b"), *args]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_cli_coreml_options_set_compression_and_block():
+    from mobilemllm.cli.export import _apply_overrides
+    from mobilemllm.export.recipes import load_recipe
+
+    rec = load_recipe(target="coreml")
+    _apply_overrides(rec, "int8", None, None, 64, None)
+    assert (rec["compression"], rec["block_size"]) == ("int8", 64)

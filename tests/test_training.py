@@ -310,12 +310,18 @@ def test_tiny_pipeline_runs_and_learns(tmp_path_factory):
 
     again = run_tiny_pipeline(t["out_dir"], progress=False)
     assert again["table"] == table and again["total_wall_s"] < 60
+    # ... also when the run folder is reached through a symlink (the data path is fingerprinted resolved)
+    link = tmp_path_factory.mktemp("linked") / "tiny"
+    link.symlink_to(t["out_dir"], target_is_directory=True)
+    via_link = run_tiny_pipeline(link, progress=False)
+    assert via_link["table"] == table and via_link["total_wall_s"] < 60
     assert res["stages"]["instruct"]["eval"]["vqa"]["n"] >= 500
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 3 targets not met yet: the tiny instruct model reaches ~55% held-out VQA "
-                          "(target 90%) and DPO does not yet lower caption hallucination; see docs/training.md",
+@pytest.mark.xfail(reason="issue 3 targets not met yet: the tiny instruct model reaches ~50-60% held-out VQA "
+                          "(target 90%; 'where is X' and 'is there X' stay at chance even with 9x the steps) "
+                          "and DPO barely lowers caption hallucination; see docs/training.md",
                    strict=False)
 def test_tiny_pipeline_meets_the_issue_targets(tmp_path_factory):
     """The issue's targets: >= 90% VQA after instruct; DPO lowers hallucination, costs <= 1 point."""

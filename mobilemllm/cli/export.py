@@ -16,14 +16,20 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically if it is a bundle)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe YAML file instead of a shipped target."),
     decoder_quant: Optional[str] = typer.Option(None, help="Override the text decoder's scheme "
-                                                           "(executorch: fp32 | 8da4w | 8da8w | int8_weight)."),
+                                                           "(executorch: fp32 | 8da4w | 8da8w | int8_weight; onnx: "
+                                                           "fp32 | int8 | int4; coreml: the compression of every "
+                                                           "package, fp16 | int8 | int4 | palettize4)."),
     embedding_quant: Optional[str] = typer.Option(None, help="Override the token embedding's scheme "
-                                                             "(executorch: fp32 | embedding4 | embedding8)."),
+                                                             "(executorch: fp32 | embedding4 | embedding8; "
+                                                             "onnx: fp32 | int8)."),
     vision_quant: Optional[str] = typer.Option(None, help="Override the vision encoder's scheme "
-                                                          "(executorch: fp32 | 8da8w | int8_weight)."),
+                                                          "(executorch: fp32 | 8da8w | int8_weight; onnx: fp32 | "
+                                                          "int8)."),
     group_size: Optional[int] = typer.Option(None, min=0, help="Group size for 4-bit weights and embeddings "
-                                                                "(0 = per channel)."),
-    max_context_len: Optional[int] = typer.Option(None, min=8, help="KV-cache length (default: the model's context)."),
+                                                                "(0 = per channel; onnx: block size 32 | 64 | 128; "
+                                                                "coreml: 16 | 32 | 64 | 128)."),
+    max_context_len: Optional[int] = typer.Option(None, min=8, help="KV-cache length (default: the model's context; "
+                                                                  "ExecuTorch targets)."),
     force: bool = typer.Option(False, "--force/--no-force",
                                help="Write the bundle even if parity fails (marked as forced in the manifest)."),
 ) -> None:
@@ -61,10 +67,26 @@ def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, visi
                      group_size: int | None, max_context_len: int | None) -> None:
     from mobilemllm.errors import ConfigError
 
-    if rec["format"] != "executorch":
-        if any(v is not None for v in (decoder, embedding, vision, group_size, max_context_len)):
-            raise ConfigError(f"--decoder-quant/--embedding-quant/--vision-quant/--group-size/--max-context-len "
-                              f"apply to ExecuTorch targets; edit the {rec['format']} recipe (--recipe FILE) instead")
+    fmt = rec["format"]
+    if fmt != "executorch" and max_context_len is not None:
+        raise ConfigError(f"--max-context-len applies to ExecuTorch targets; {fmt} bundles use the model's context "
+                          f"({'dynamic sequence lengths' if fmt == 'onnx' else 'a KV-cache state of that size'})")
+    if fmt == "onnx":
+        _onnx_overrides(rec, decoder, embedding, vision, group_size)
+        return
+    if fmt == "coreml":
+        if embedding is not None or vision is not None:
+            raise ConfigError("a Core ML recipe compresses every package with one scheme: use --decoder-quant "
+                              "(fp16 | int8 | int4 | palettize4), not --embedding-quant/--vision-quant")
+        if decoder is not None:
+            rec["compression"] = decoder
+        if group_size is not None:
+            rec["block_size"] = group_size
+        return
+    if fmt != "executorch":
+        if any(v is not None for v in (decoder, embedding, vision, group_size)):
+            raise ConfigError(f"--decoder-quant/--embedding-quant/--vision-quant/--group-size do not apply to "
+                              f"{fmt} recipes; edit the recipe (--recipe FILE) instead")
         return
     from mobilemllm.export.quantize import check_scheme
 
@@ -81,6 +103,26 @@ def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, visi
         rec["max_context_len"] = max_context_len
         if rec.get("max_seq_len") and rec["max_seq_len"] > max_context_len:
             rec["max_seq_len"] = max_context_len
+
+
+def _onnx_overrides(rec: dict, decoder: str | None, embedding: str | None, vision: str | None,
+                    group_size: int | None) -> None:
+    """Fold the CLI's scheme options into an ONNX recipe's per-graph ``quantization`` mapping."""
+    from mobilemllm.export.onnx import parse_quantization
+
+    if all(v is None for v in (decoder, embedding, vision, group_size)):
+        return
+    q = parse_quantization(rec.get("quantization"))  # the recipe as written, normalised (and validated)
+    spec: dict = {"text_decoder": {"scheme": q.scheme("text_decoder"), "block_size": q.block_size},
+                  "token_embedding": q.scheme("token_embedding"), "vision_encoder": q.scheme("vision_encoder"),
+                  "accuracy_level": q.accuracy_level}
+    for part, scheme in (("text_decoder", decoder), ("token_embedding", embedding), ("vision_encoder", vision)):
+        if scheme is not None:
+            spec[part] = {**spec[part], "scheme": scheme} if isinstance(spec[part], dict) else scheme
+    if group_size is not None:
+        spec["text_decoder"]["block_size"] = group_size
+    parse_quantization(spec)  # unknown scheme / block size: one clear error before any weights load
+    rec["quantization"] = spec
 
 
 def register(app: typer.Typer) -> None:

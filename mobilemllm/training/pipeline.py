@@ -106,7 +106,8 @@ def _previous(stages: list[str], stage: str) -> str | None:
 
 
 def _fingerprint(recipe: dict[str, Any], stage: str, prev_fp: str | None, data: Path) -> str:
-    keys = {"stage": stage, "section": recipe.get(stage), "prev": prev_fp, "data": str(data),
+    # the data folder's real path: the same run reached through a symlink or a relative --out is reused
+    keys = {"stage": stage, "section": recipe.get(stage), "prev": prev_fp, "data": str(Path(data).resolve()),
             "model": recipe.get("model"), "model_overrides": recipe.get("model_overrides"),
             "seed": recipe.get("seed"), "synthetic": recipe.get("synthetic")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
