@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,42 @@ NOT_RUN_HERE = {
 }
 
 
+# Commands of docs/*.md that the walkthrough runs too (after the README's), as (file, command start, extra
+# arguments). Retraining examples get `instruct.max_steps=2` and write to a copy of the run (runs/tiny-copy),
+# not to the shared trained model. The docs' other commands need what this machine does not have: a phone
+# (--device adb), downloaded checkpoints (import, ckpt/...), the reader's own recipe and data
+# (my_recipe.yaml, /data/llava), or bundles of the 1.4B model (benchmarking.md's reference runs).
+SHORT = ["instruct.max_steps=2"]
+DOCS_RUN = [
+    ("docs/training.md", "train --recipe tiny --stage all --out runs/tiny", []),
+    ("docs/training.md", "eval --model runs/tiny/dpo", []),
+    ("docs/training.md", "train --recipe tiny --stage instruct --out runs/tiny instruct.lr", SHORT),
+    ("docs/training.md", "train --recipe tiny --stage instruct --out runs/tiny instruct.lora", SHORT),
+    ("docs/export.md", "export --model runs/tiny --target android", []),
+    ("docs/export.md", "generate --bundle bundles/tiny-android --image cat.png", []),
+    ("docs/onnx.md", "export --model runs/tiny --target onnx", []),
+    ("docs/onnx.md", "generate --bundle bundles/tiny-onnx --image cat.png", []),
+    ("docs/coreml.md", "export --model runs/tiny --target coreml", []),
+    ("docs/benchmarking.md", "bench --bundle bundles/tiny-android --prompt-tokens", []),
+    ("docs/benchmarking.md", "export --model runs/tiny/instruct --target android", []),
+    ("docs/benchmarking.md", "export --model runs/tiny/instruct --target onnx", []),
+    ("docs/benchmarking.md", "bench --model runs/tiny/instruct", []),
+    ("docs/apps.md", "export --target android --model CKPT", []),
+]
+
+
+def _docs_tour() -> list[list[str]]:
+    tour = []
+    for doc, start, extra in DOCS_RUN:
+        found = [argv for where, argv in COMMANDS if where.startswith(doc + ":") and " ".join(argv).startswith(start)]
+        assert found, f"{doc} no longer shows `mobilemllm {start} ...`; update DOCS_RUN"
+        argv = [a.replace("CKPT", "runs/tiny/dpo") for a in found[0]] + extra
+        if extra:  # a retraining example: into a copy of the run
+            argv = [a if a != "runs/tiny" else "runs/tiny-copy" for a in argv]
+        tour.append(argv)
+    return tour
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     from _trained import trained_tiny
@@ -138,7 +175,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_readme_cli_tour_runs_on_the_trained_tiny_model(trained, tmp_path, monkeypatch):
-    """Every command of the README's CLI section, exactly as written, in a scratch folder whose runs/tiny is
+    """Every command of the README's CLI section (and DOCS_RUN's from docs/), exactly as written, in a scratch folder whose runs/tiny is
     the session's trained tiny model (so `train` reuses its stages) and whose quickstart reuses that training."""
     import os
 
@@ -149,16 +186,21 @@ def test_readme_cli_tour_runs_on_the_trained_tiny_model(trained, tmp_path, monke
     os.symlink(trained["out_dir"], tmp_path / "runs" / "tiny")
     os.symlink(trained["out_dir"], tmp_path / "runs" / "quickstart" / "train")
     tour = [argv for where, argv in COMMANDS if where.startswith("README") and argv[:1] != ["--help"]]
+    tour += _docs_tour()
+    shutil.copy(trained["eval_dir"] / "images" / "shapes_1_000000.png", tmp_path / "cat.png")  # the docs' image
+    shutil.copytree(trained["out_dir"], tmp_path / "runs" / "tiny-copy", ignore=shutil.ignore_patterns("logs"))
     ran = []
     for argv in tour:
         if argv[0] in NOT_RUN_HERE:
             continue
-        if argv[0] == "train":  # the same recipe as the fixture: every stage is reused, nothing retrains
-            assert "--stage" in argv and argv[argv.index("--out") + 1] == "runs/tiny"
+        if argv[0] == "train" and argv[argv.index("--out") + 1] == "runs/tiny":
+            assert argv[argv.index("--stage") + 1] == "all"  # the fixture's recipe: every stage is reused
         assert main(list(argv)) == 0, f"`mobilemllm {' '.join(argv)}` failed"
         ran.append(argv[0])
     assert {"quickstart", "train", "eval", "export", "generate", "bench", "push"} <= set(ran), ran
     assert (tmp_path / "bundles" / "tiny-android" / "manifest.json").exists()
     assert (tmp_path / "bench.json").exists()
+    for bundle in ("tiny-onnx", "tiny-coreml", "tiny-android-8da4w", "tiny-onnx-int4"):
+        assert (tmp_path / "bundles" / bundle / "manifest.json").exists()
     quick = json.loads((tmp_path / "runs" / "quickstart" / "quickstart.json").read_text())
     assert all(quick[s]["done"] for s in ("train", "export-android", "export-onnx", "answer", "bench"))

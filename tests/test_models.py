@@ -398,6 +398,21 @@ def test_missing_config_or_folder_is_a_clear_error(tmp_path, tiny_checkpoint):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def test_a_training_run_folder_loads_its_last_stage(tmp_path, tiny_checkpoint, capsys):
+    run = tmp_path / "run"
+    copy_checkpoint(tiny_checkpoint, run / "pretrain")
+    copy_checkpoint(tiny_checkpoint, run / "instruct")
+    (run / "dpo").mkdir()  # an unfinished stage is skipped
+    model, _ = load_checkpoint(run)
+    err = capsys.readouterr().err
+    assert "using its last stage" in err and str(run / "instruct") in err and model.config.name == "tiny"
+    from mobilemllm.models.checkpoint import check_checkpoint_dir
+
+    assert check_checkpoint_dir(run) == run / "instruct"
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        check_checkpoint_dir(run / "dpo")
+
+
 # ------------------------------------------------------------------------------------- inference
 
 

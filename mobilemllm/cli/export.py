@@ -9,7 +9,8 @@ import typer
 
 
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, or a preset name (random weights)."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, a training run folder (its last "
+                                                         "stage), or a preset name (random weights)."),
     target: Optional[str] = typer.Option(None, "--target", "-t",
                                          help="android | ios | ios-coreml | android-qnn | portable | onnx | coreml "
                                               "(the recipes in the export/ folder)."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -66,13 +67,22 @@ def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = Non
         raise
 
 
+RUN_STAGES_LAST_FIRST = ("dpo", "instruct", "pretrain", "foundations")
+
+
 def check_checkpoint_dir(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder, or the last stage's folder of a training run; else a clear error."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint folder {path} does not exist. Make one with `mobilemllm train ...`, import one with "
             "`mobilemllm import ...`, or use a preset name such as `tiny`")
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).exists()]
+    if len(missing) == 2:  # a `mobilemllm train --out` folder: its last trained stage
+        for stage in RUN_STAGES_LAST_FIRST:
+            if all((path / stage / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
+                print(f"note: {path} is a training run; using its last stage, {path / stage}", file=sys.stderr)
+                return path / stage
     if missing:
         present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise CheckpointError(f"checkpoint folder {path} is missing {', '.join(missing)} (it has: {present})")
