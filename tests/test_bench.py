@@ -316,26 +316,6 @@ def test_executorch_runner_backend(et_bundle):
 
 
 @pytest.mark.slow
-def test_executorch_runner_backend_timed_by_its_stats(et_bundle):
-    """The path taken when the token callback cannot carry a model's pieces: the runner's stats + wall clock."""
-    from mobilemllm.bench.backends.executorch import ExecuTorchRunnerBackend
-    from mobilemllm.bench.harness import run_case
-
-    class StatsOnly(ExecuTorchRunnerBackend):
-        def load(self):
-            super().load()
-            self.use_callback = False
-
-    # a longer prompt: the runner's stats count whole milliseconds, and TTFT must not round to 0
-    res = run_case(StatsOnly(str(et_bundle), threads=1), label="t", prompt_tokens=200, new_tokens=NEW, warmup=1,
-                   repeat=2)
-    check_case(res, prompt_tokens=200, image_timed=False)
-    for r in res.repetitions:
-        stats_ttft = (r.runner_stats["first_token_ms"] - r.runner_stats["inference_start_ms"]) / 1000
-        assert r.ttft_s == min(stats_ttft, r.total_s)  # ms ticks may round above a short run's wall clock
-
-
-@pytest.mark.slow
 def test_executorch_methods_backend(et_bundle):
     res = run("executorch-methods", et_bundle)
     check_case(res)
@@ -435,3 +415,23 @@ def test_bundle_backend_mismatches_fail_before_loading(et_bundle, onnx_bundle, t
     (coreml / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendUnavailable, match="only on Apple hardware"):
         plan_cases([str(coreml)], [], [])
+
+
+def test_runner_pieces_are_ascii_and_carry_the_bytes(tiny_tokenizer):
+    """The ExecuTorch backend's runner decodes with this folder: every piece is ASCII (so pybind11's str() of a
+    piece never fails mid-character) and the pieces of a multi-byte text give back its exact UTF-8 bytes."""
+    from tokenizers import Tokenizer
+
+    from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir
+
+    folder = decode_only_tokenizer_dir(tiny_tokenizer, f"test-{len(tiny_tokenizer)}-{tiny_tokenizer.name_or_path}")
+    pieces_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "a red ✓ circle — é"
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    got: list[bytes] = []
+    dec = PieceDecoder(got.append)
+    for i in ids:
+        piece = pieces_tok.decode([i], skip_special_tokens=False)
+        assert piece.isascii(), (i, piece)
+        dec(piece)
+    assert b"".join(got).decode("utf-8") == text

@@ -106,8 +106,8 @@ def test_info_on_a_preset(capsys):
     p = report["parameters"]
     assert p["total"] == p["vision"] + p["connector"] + p["llm"]
     assert round(p["connector"] / 1e6, 1) == 6.3
-    assert 1.2e9 < p["llm"] < 1.5e9  # MobileLLaMA 1.4B
-    assert 3.0e8 < p["vision"] < 3.1e8  # CLIP ViT-L/14 vision tower
+    assert p["llm"] == 1_364_297_728  # MobileLLaMA 1.4B: 24 x 2048, vocab 32000, untied head
+    assert p["vision"] == 303_507_456  # CLIP ViT-L/14-336 vision tower (post-layernorm included)
 
     code, out, err = run(capsys, "info", "tiny")  # the table
     assert code == 0, err

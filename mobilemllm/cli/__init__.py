@@ -13,8 +13,8 @@ import sys
 import typer
 
 # Command modules, in the order `--help` lists them. Each has register(app).
-COMMAND_MODULES = ["quickstart", "data", "info", "train", "train_bench", "eval", "export", "generate", "bench", "push", "demo",
-                   "import_"]
+COMMAND_MODULES = ["quickstart", "data", "info", "train", "train_bench", "eval", "export", "generate", "bench",
+                   "push", "demo", "import_"]
 
 app = typer.Typer(
     name="mobilemllm",

@@ -71,8 +71,8 @@ def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, tem
         if on_text is not None:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        def rate(v: float) -> str:  # the runner's clock ticks in ms: a run that short has no rate
-            return f"{v:.1f} tok/s" if v > 0 else "n/a tok/s (under 1 ms)"
+        def rate(v: float) -> str:  # 0: nothing to time (e.g. one generated token: no decode step)
+            return f"{v:.1f} tok/s" if v > 0 else "n/a"
 
         _stderr(f"[{res.prompt_tokens} prompt tokens, {res.generated_tokens + 1} generated; "
                 f"time to first token {res.ttft_s * 1000:.0f} ms, prefill {rate(res.prefill_tokens_per_s)}, "

@@ -13,8 +13,8 @@ Reported, per device (``torchrun`` runs report the rank-0 view; every rank holds
   MobileLLaMA-1.4B's 18,800 tokens/s per A100);
 - ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU;
 - ``model_tflops_per_s``: an estimate, 6 x trainable + 2 x frozen parameters per LLM token (backward of
-  frozen layers under trainable ones is counted as forward-only, which under-counts) plus the vision
-  tower's forward per image; attention's quadratic term is left out.
+  frozen layers under trainable ones is counted as forward-only, which under-counts) plus the vision tower
+  and connector per patch of each image, by the same rule; attention's quadratic term is left out.
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ def synthetic_samples(config, n: int, text_tokens: int, answer_tokens: int, seed
     return out
 
 
-def _flops_per_token(model, config, stage_parts: dict[str, bool]) -> float:
+def _flops_per_token(model, config, stage_parts: dict[str, bool]) -> tuple[float, float]:
+    """(FLOPs per LLM token, FLOPs per image for the connector and vision tower)."""
     counts = model.parameter_counts()
     llm_flops = (6 if stage_parts["llm"] else 2) * counts["llm"]
-    connector = 6 * counts["connector"] if stage_parts["connector"] else 2 * counts["connector"]
-    # the connector and vision tower run once per image; spread them over the image's tokens below
-    vision = (6 if stage_parts["vision"] else 2) * counts["vision"] * config.vision.num_patches * config.vision.num_views
-    return llm_flops, connector + vision
+    # the vision tower and the connector (its MLP dominates) run on every patch of every view of an image
+    patches = config.vision.num_patches * config.vision.num_views
+    per_image = ((6 if stage_parts["vision"] else 2) * counts["vision"]
+                 + (6 if stage_parts["connector"] else 2) * counts["connector"]) * patches
+    return llm_flops, per_image
 
 
 def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, warmup: int = 5, micro_batch: int = 4,
@@ -82,8 +84,8 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
 
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; train-bench measures one of: {', '.join(STAGES)}")
-    if steps <= warmup:
-        raise UserError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
+    if steps <= max(warmup, 1):
+        raise UserError(f"--steps ({steps}) must be larger than --warmup ({warmup}) and than 1")
     config = ModelConfig.from_preset(preset, **(overrides or {}))
     config = config.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
     seq = 1 + config.num_visual_tokens + text_tokens
@@ -117,10 +119,9 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
         trainer = Trainer(model, LMObjective(), samples, lambda items: collate(items, 0), cfg,
                           Path(run_dir) if run_dir else Path(tmp), progress=progress, desc=f"{stage} ({preset})")
         summary = trainer.fit(resume=False, on_step=on_step)
-    timed = times[warmup:]
-    elapsed = timed[-1] - times[warmup - 1] if warmup > 0 else None
-    if elapsed is None:  # no warm-up: time from the first step's end (one step fewer)
-        elapsed, timed = timed[-1] - timed[0], timed[1:]
+    first = max(warmup, 1)  # timing starts at the end of the last warm-up step (or of the first step)
+    timed = times[first:]
+    elapsed = timed[-1] - times[first - 1]
     per_device_tokens = seq * global_batch // env.world_size
     per_device_text = text_tokens * global_batch // env.world_size
     n = len(timed)

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 from mobilemllm.bench import metrics
-from mobilemllm.bench.adb import stats_to_repetition
 from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
@@ -147,7 +146,6 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
         self.image = image_input_tensor(self.manifest)
         self.captured: list[str] = []
         self._first_load = True
-        self.use_callback = True
 
     def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
         self.prompt_tokens, self.new_tokens = prompt_tokens, new_tokens
@@ -156,18 +154,6 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
         return self.prompt
 
     def run_once(self) -> Repetition:
-        if self.use_callback:
-            try:
-                return self._generate(with_callback=True)
-            except UnicodeDecodeError:
-                # pybind11 turns each piece into a Python str: a piece that ends inside a UTF-8 character
-                # (byte-level BPE) aborts generate(). Time this case from the runner's own stats instead.
-                self.use_callback = False
-                self.info.notes.append("timed from the runner's stats (ms) and the wall clock: its token "
-                                       "callback cannot carry this model's partial UTF-8 pieces")
-        return self._generate(with_callback=False)
-
-    def _generate(self, with_callback: bool) -> Repetition:
         from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_token_input
 
         from mobilemllm.bench.adb import parse_observer_lines
@@ -178,11 +164,10 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
         config = GenerationConfig(echo=False, max_new_tokens=self.new_tokens + 1, temperature=0.0, num_bos=0,
                                   num_eos=0, seq_len=-1)
         stamps: list[float] = []
-        callback = (lambda _piece: stamps.append(metrics.now())) if with_callback else None
         self.runner.reset()
         with _CapturedOutput() as out:
             t0 = metrics.now()
-            self.runner.generate(inputs, config, callback, None)
+            self.runner.generate(inputs, config, lambda _piece: stamps.append(metrics.now()), None)
             t1 = metrics.now()
         stats = parse_observer_lines(out.text)
         if not stats:
@@ -195,15 +180,9 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
             self._first_load = False
         if st["prompt_tokens"] != p.prefill_tokens:
             raise RuntimeError(f"the runner prefilled {st['prompt_tokens']} tokens, the request has {p.prefill_tokens}")
-        if with_callback:
-            if not stamps:
-                raise RuntimeError("the ExecuTorch runner generated no token")
-            ttft, decode_s, decoded = metrics.time_to_first_token(t0, stamps[0]), stamps[-1] - stamps[0], len(stamps) - 1
-        else:
-            rep = stats_to_repetition(st)
-            # the runner's stats tick in whole ms: on a short run they can exceed the wall clock (µs)
-            ttft, decoded = min(rep.ttft_s, t1 - t0), rep.decode_tokens
-            decode_s = max((t1 - t0) - ttft, 1e-6)  # the wall clock (µs) less the runner's first-token time (ms)
+        if not stamps:
+            raise RuntimeError("the ExecuTorch runner generated no token")
+        ttft, decode_s, decoded = metrics.time_to_first_token(t0, stamps[0]), stamps[-1] - stamps[0], len(stamps) - 1
         return Repetition(prefill_tokens=int(st["prompt_tokens"]), decode_tokens=decoded, ttft_s=ttft,
                           prefill_s=ttft, decode_s=decode_s, total_s=t1 - t0, image_encode_s=None, runner_stats=st)
 

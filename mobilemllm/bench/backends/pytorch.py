@@ -92,7 +92,6 @@ class PyTorchBackend(Backend):
         from transformers import DynamicCache
 
         from mobilemllm.models.llm import cache_kwargs
-
         from mobilemllm.models.vlm import IMAGE_TOKEN_ID
 
         model, p = self.model, self.prompt
