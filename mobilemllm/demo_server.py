@@ -159,10 +159,11 @@ class DemoState:
 def warm_up() -> None:
     """Import the runner's libraries now, so the first question does not wait for torch + ExecuTorch."""
     try:
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (the runner's kernels)
         import executorch.extension.llm.runner  # noqa: F401
 
-        import mobilemllm.runtime.executorch_runner  # noqa: F401
+        from mobilemllm.runtime.executorch_runner import load_kernels
+
+        load_kernels()
     except ImportError:
         pass  # run_bundle reports a missing backend clearly when a question comes
 

@@ -400,6 +400,30 @@ def test_cli_matrix_of_every_backend(tiny_checkpoint, et_bundle, onnx_bundle, tm
 
 
 @pytest.mark.slow
+def test_quantized_bundle_benches_in_a_fresh_process(tiny_checkpoint, tmp_path):
+    """A 4-bit embedding needs ExecuTorch's quantized kernels registered in the bench's own process: in a
+    fresh interpreter (nothing imported by other tests) the runner used to fail with "Missing operator:
+    quantized_decomposed::embedding_4bit.out"."""
+    import subprocess
+    import sys
+
+    from mobilemllm.export.executorch import export_executorch
+    from mobilemllm.models.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(tiny_checkpoint)
+    recipe = {"name": "android", "backend": "xnnpack",
+              "quantization": {"text_decoder": {"scheme": "8da4w", "group_size": 32},
+                               "token_embedding": {"scheme": "embedding4", "group_size": 32}}}
+    bundle = export_executorch(model, tok, recipe, tmp_path / "q", force=True, log=lambda s: None)
+    args = [sys.executable, "-m", "mobilemllm", *bench_args(tmp_path, "--bundle", str(bundle), "--backend",
+                                                            "executorch", "--backend", "executorch-methods")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = check_outputs(tmp_path, 2, 2)
+    assert all(c["info"]["quantization"].startswith("8da4w") for c in doc["cases"])
+
+
+@pytest.mark.slow
 def test_bundle_backend_mismatches_fail_before_loading(et_bundle, onnx_bundle, tmp_path):
     import shutil
 

@@ -214,9 +214,11 @@ def delegation_summary(et_program) -> dict[str, dict[str, int]]:
 # ---- parity ---------------------------------------------------------------------------------------
 def load_program(path: str | Path):
     """An ExecuTorch Program (Python bindings), with the llm custom ops registered."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::* kernels)
-    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit etc.)
     from executorch.runtime import Runtime
+
+    from mobilemllm.runtime.executorch_runner import load_kernels
+
+    load_kernels()
 
     return Runtime.get().load_program(str(path))
 

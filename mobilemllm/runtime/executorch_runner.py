@@ -151,12 +151,19 @@ def count_prompt_tokens(manifest: dict[str, Any], tokenizer, question: str) -> i
     return len(prompt_token_ids(manifest["prompt"], tokenizer, question, manifest["tokenizer"]["bos_id"]))
 
 
+def load_kernels() -> None:
+    """Register the kernels our programs call outside the delegates, in this process: the LLM custom ops
+    (``llama::custom_sdpa``, ``llama::update_cache``) and the quantized ones (``quantized_decomposed::
+    embedding_4bit`` etc.). Without them a bundle loads but its first run fails with "Missing operator"."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+
 def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, Any], views_u8, question: str, *,
                 max_new_tokens: int = 64, temperature: float = 0.0,
                 on_text: Callable[[str], None] | None = None) -> RunResult:
     """Generate with MultimodalRunner; ``views_u8`` is the preprocessed uint8 image (V, 3, S, S)."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa etc.)
-    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit etc.)
+    load_kernels()
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
 
     from mobilemllm.data.tokenizer import load_tokenizer

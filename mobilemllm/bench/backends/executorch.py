@@ -74,7 +74,9 @@ class _ExecuTorchBase(Backend):
         from mobilemllm.data.tokenizer import load_tokenizer
 
         try:
-            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
+            from mobilemllm.runtime.executorch_runner import load_kernels
+
+            load_kernels()  # custom SDPA / cache update and the quantized embedding kernels
         except ImportError as e:
             raise BackendUnavailable(f"the executorch backend needs the executorch package ({e}): "
                                      "pip install executorch==1.5.1") from None
@@ -165,10 +167,15 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
                                   num_eos=0, seq_len=-1)
         stamps: list[float] = []
         self.runner.reset()
-        with _CapturedOutput() as out:
-            t0 = metrics.now()
-            self.runner.generate(inputs, config, lambda _piece: stamps.append(metrics.now()), None)
-            t1 = metrics.now()
+        try:
+            with _CapturedOutput() as out:
+                t0 = metrics.now()
+                self.runner.generate(inputs, config, lambda _piece: stamps.append(metrics.now()), None)
+                t1 = metrics.now()
+        except RuntimeError as e:  # the runner's reason is in what it logged, not in the exception
+            lines = [ln for ln in out.text.splitlines() if ln.strip() and "tokenizers:regex" not in ln]
+            raise BackendUnavailable(f"the ExecuTorch runner could not run {self.pte} ({e}); its last log lines:\n"
+                               + "\n".join(lines[-8:])) from None
         stats = parse_observer_lines(out.text)
         if not stats:
             raise RuntimeError("the ExecuTorch runner printed no PyTorchObserver stats line; output was:\n"
