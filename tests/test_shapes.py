@@ -366,3 +366,60 @@ def test_write_synthetic_rejects_bad_arguments(tmp_path: Path) -> None:
         write_synthetic(tmp_path, num_images=0)
     with pytest.raises(ValueError):
         write_synthetic(tmp_path, num_images=2, hallucination_rate=1.5)
+    with pytest.raises(ValueError, match="caption_order"):
+        write_synthetic(tmp_path, num_images=2, caption_order="alphabetical")
+
+
+def test_shuffled_captions_and_reading_docs_change_only_the_text(split: Path, tmp_path: Path) -> None:
+    """The options of issue 3's experiments (docs/training.md): captions that name shapes in a random order,
+    and "reading" lines in the LM corpus. Scenes, images, questions and evaluation files stay the same."""
+    out = tmp_path / "shuffled"
+    meta = write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, caption_order="shuffled",
+                           reading_docs=True)
+    assert meta["caption_order"] == "shuffled" and meta["reading_docs"] is True
+    a, b = tree(split), tree(out)
+    for name in a:
+        if name.startswith("images/") or name.startswith("eval_pope") or name in ("scenes.json", "eval_questions.json"):
+            assert a[name] == b[name], name
+    scenes_ = [Scene.from_dict(d) for d in load(out, "scenes.json")]
+    reordered = 0
+    for scene, rec in zip(scenes_, load(out, "pretrain.json")):
+        cap = rec["conversations"][1]["value"]
+        assert parse_objects(cap) == set(scene.objects)
+        for s in scene.shapes:  # every shape is named with its own place
+            assert f"a {s.phrase()} in the {s.position}" in cap
+        reordered += cap != caption(scene)
+    assert reordered > N // 4
+    for rec, scene in zip(load(out, "dpo.json"), scenes_):  # chosen and rejected share the order
+        chosen = rec["chosen"].split(". ")
+        rejected = rec["rejected"].split(". ")
+        assert len(rejected) == len(chosen) + 1 and all(x in rejected for x in chosen[:-1])
+        assert parse_objects(rec["chosen"]) == set(scene.objects)
+    corpus = (out / "corpus.txt").read_text().splitlines()
+    reading = [ln for ln in corpus if ln.startswith("A ") and ". " in ln and "?" in ln]
+    assert len(reading) == N
+    for line, scene in zip(reading, scenes_):
+        assert parse_objects(line.split(".")[0]) == set(scene.objects)
+        assert line.count("?") >= 2
+    plain = tree(split)["corpus.txt"]
+    assert len(plain) < len(b["corpus.txt"])
+
+
+def test_training_data_is_rewritten_when_the_synthetic_options_change(tmp_path: Path) -> None:
+    from mobilemllm.training.pipeline import prepare_data
+
+    recipe = {"data": None, "eval_data": None, "synthetic": {"train_images": 6, "eval_images": 4}}
+    train, evald = prepare_data(recipe, tmp_path, log=lambda s: None)
+    assert load(train, "meta.json")["caption_order"] == "quadrant" and load(evald, "meta.json")["num_images"] == 4
+    stamp = (train / "meta.json").stat().st_mtime_ns
+    prepare_data(recipe, tmp_path, log=lambda s: None)  # same options: reused
+    assert (train / "meta.json").stat().st_mtime_ns == stamp
+    recipe["synthetic"] |= {"caption_order": "shuffled", "reading_docs": True}
+    prepare_data(recipe, tmp_path, log=lambda s: None)
+    meta = load(train, "meta.json")
+    assert meta["caption_order"] == "shuffled" and meta["reading_docs"] is True
+    from mobilemllm.errors import ConfigError
+
+    recipe["synthetic"]["caption_order"] = "sorted"
+    with pytest.raises(ConfigError, match="synthetic: unknown caption_order 'sorted'"):
+        prepare_data(recipe, tmp_path / "bad", log=lambda s: None)

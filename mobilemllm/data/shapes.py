@@ -234,9 +234,35 @@ def _join(parts: Sequence[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(scene: Scene) -> str:
-    """Short caption, shapes in quadrant order: "a large red circle in the top left and ..."."""
-    return _join([f"a {s.phrase()} in the {s.position}" for s in scene.shapes]) + "."
+CAPTION_ORDERS: tuple[str, ...] = ("quadrant", "shuffled")
+
+
+def _check_order(caption_order: str) -> None:
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"unknown caption_order {caption_order!r}; expected one of {CAPTION_ORDERS}")
+
+
+def shapes_in_order(scene: Scene, rng: random.Random | None = None, caption_order: str = "quadrant") -> list[Shape]:
+    """The scene's shapes in the order a caption names them: quadrant order, or shuffled with ``rng``.
+
+    Shuffled captions make the text name an object *before* its place, so describing an image exercises
+    the content-keyed look-up that "Where is the red circle?" needs (in quadrant order a caption only
+    ever reads the image place by place).
+    """
+    _check_order(caption_order)
+    shapes = list(scene.shapes)
+    if caption_order == "shuffled":
+        if rng is None:
+            raise ValueError("a shuffled caption order needs an rng")
+        rng.shuffle(shapes)
+    return shapes
+
+
+def caption(scene: Scene, shapes: Sequence[Shape] | None = None) -> str:
+    """Short caption: "a large red circle in the top left and ..." (``shapes``: the order to name them in;
+    default quadrant order)."""
+    shapes = scene.shapes if shapes is None else shapes
+    return _join([f"a {s.phrase()} in the {s.position}" for s in shapes]) + "."
 
 
 def _sentence(shape: Shape) -> str:
@@ -264,22 +290,26 @@ def _hallucinated_shape(scene: Scene, rng: random.Random, allow_occupied: bool) 
     return Shape(kind, colour, rng.choice(SIZES), position)
 
 
-def _detailed_text(scene: Scene, extra: Shape | None) -> str:
+def _detailed_text(scene: Scene, extra: Shape | None, shapes: Sequence[Shape] | None = None,
+                   extra_at: int | None = None) -> str:
+    """``shapes``: the real shapes in caption order (default quadrant order); ``extra_at``: where the
+    hallucinated sentence goes among them (default: its quadrant's place)."""
     sentences = [_count_sentence(len(scene.shapes))]
-    shapes = list(scene.shapes)
+    shapes = list(scene.shapes if shapes is None else shapes)
     order = {p: i for i, p in enumerate(POSITIONS)}
     for s in shapes:
         sentences.append(_sentence(s))
     if extra is not None:
         # Insert in quadrant order (after a real shape of the same quadrant) so the fake sentence
-        # is not given away by its place.
-        at = 1 + sum(1 for s in shapes if order[s.position] <= order[extra.position])
-        sentences.insert(at, _sentence(extra))
+        # is not given away by its place; in a shuffled caption, at a random place.
+        if extra_at is None:
+            extra_at = sum(1 for s in shapes if order[s.position] <= order[extra.position])
+        sentences.insert(1 + extra_at, _sentence(extra))
     return " ".join(sentences)
 
 
 def detailed_caption(
-    scene: Scene, rng: random.Random, hallucination_rate: float = 0.0
+    scene: Scene, rng: random.Random, hallucination_rate: float = 0.0, caption_order: str = "quadrant"
 ) -> tuple[str, list[str]]:
     """"There are 2 shapes. A large red circle is in the top left. ..." and the hallucinated objects.
 
@@ -289,20 +319,31 @@ def detailed_caption(
     extra = None
     if rng.random() < hallucination_rate:
         extra = _hallucinated_shape(scene, rng, allow_occupied=False)
-    return _detailed_text(scene, extra), ([extra.object] if extra else [])
+    shapes, at = _caption_layout(scene, rng, caption_order, extra)
+    return _detailed_text(scene, extra, shapes, at), ([extra.object] if extra else [])
 
 
-def preference_pair(scene: Scene, rng: random.Random) -> dict[str, Any]:
+def _caption_layout(scene: Scene, rng: random.Random, caption_order: str,
+                    extra: Shape | None) -> tuple[list[Shape], int | None]:
+    if caption_order == "quadrant":
+        _check_order(caption_order)
+        return list(scene.shapes), None
+    shapes = shapes_in_order(scene, rng, caption_order)
+    return shapes, (rng.randint(0, len(shapes)) if extra is not None else None)
+
+
+def preference_pair(scene: Scene, rng: random.Random, caption_order: str = "quadrant") -> dict[str, Any]:
     """A DPO pair: chosen = faithful detailed caption, rejected = it plus one hallucinated object.
 
     The hallucinated sentence goes to a free quadrant, or to an occupied one when all are taken.
     """
     extra = _hallucinated_shape(scene, rng, allow_occupied=True)
     assert extra is not None
+    shapes, at = _caption_layout(scene, rng, caption_order, extra)
     return {
         "prompt": DETAIL_PROMPT,
-        "chosen": _detailed_text(scene, None),
-        "rejected": _detailed_text(scene, extra),
+        "chosen": _detailed_text(scene, None, shapes),
+        "rejected": _detailed_text(scene, extra, shapes, at),
         "hallucinated": [extra.object],
     }
 
@@ -445,8 +486,16 @@ def write_synthetic(
     hallucination_rate: float = 0.3,
     split: str = "train",
     progress: bool = False,
+    caption_order: str = "quadrant",
+    reading_docs: bool = False,
 ) -> dict[str, Any]:
     """Generate ``num_images`` scenes from ``seed`` and write images and LLaVA-format files.
+
+    ``caption_order``: name a scene's shapes in quadrant order ("quadrant") or in a random order per
+    caption ("shuffled") in the short, detailed and preference captions.
+    ``reading_docs``: also add to ``corpus.txt`` one line per scene that holds its caption followed by
+    questions about it and their answers, so the language-model foundation learns to answer a question
+    from a description earlier in its context (the look-up the image questions need later).
 
     Every file is written atomically. Returns the meta dict (also written to ``meta.json``).
     """
@@ -456,6 +505,7 @@ def write_synthetic(
         raise ValueError(f"image_size must be at least 8, got {image_size}")
     if not 0.0 <= hallucination_rate <= 1.0:
         raise ValueError(f"hallucination_rate must be in [0, 1], got {hallucination_rate}")
+    _check_order(caption_order)
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -487,7 +537,8 @@ def write_synthetic(
             _atomic_write_bytes(images_dir / image, buf.getvalue())
 
             # Alignment pretraining.
-            cap = caption(scene)
+            cap = caption(scene, shapes_in_order(scene, _rng(seed, i, "caption"), caption_order)
+                          if caption_order != "quadrant" else None)
             pretrain.append(
                 {
                     "id": scene.id,
@@ -504,7 +555,7 @@ def write_synthetic(
             rng = _rng(seed, i, "instruct")
             turns = [(q.text, q.answer) for q in sample_questions(scene, rng, rng.randint(2, 4))]
             if rng.random() < 0.5:
-                text, fake = detailed_caption(scene, rng, hallucination_rate)
+                text, fake = detailed_caption(scene, rng, hallucination_rate, caption_order)
                 hallucinated_captions += bool(fake)
                 turns.insert(rng.randint(0, len(turns)), (DETAIL_PROMPT, text))
             conv = []
@@ -512,10 +563,15 @@ def write_synthetic(
                 conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
                 conv.append({"from": "gpt", "value": a})
                 corpus += [q, a]
+            if reading_docs:
+                rr = _rng(seed, i, "reading")
+                order = shapes_in_order(scene, rr, caption_order) if caption_order != "quadrant" else None
+                qa = [f"{q.text} {q.answer}" for q in sample_questions(scene, rr, 6)]
+                corpus.append(" ".join([caption(scene, order).capitalize(), *qa]))
             instruct.append({"id": scene.id, "image": image, "conversations": conv})
 
             # Preference pairs.
-            pair = preference_pair(scene, _rng(seed, i, "dpo"))
+            pair = preference_pair(scene, _rng(seed, i, "dpo"), caption_order)
             dpo.append(
                 {
                     "id": scene.id,
@@ -583,6 +639,8 @@ def write_synthetic(
         "num_images": num_images,
         "image_size": image_size,
         "hallucination_rate": hallucination_rate,
+        "caption_order": caption_order,
+        "reading_docs": reading_docs,
         "image_folder": "images",
         "hallucinated_instruct_captions": hallucinated_captions,
         "pope_popular_ranking": popularity,

@@ -8,7 +8,8 @@ A recipe's top-level keys::
     tokenizer: null             # tokenizer folder; null: the checkpoint's, or the tiny preset's BPE
     data: null                  # folder of LLaVA-format files; null: write the synthetic shapes world
     eval_data: null             # folder of evaluation files; null: the synthetic held-out split
-    synthetic: {...}            # sizes of the synthetic train / eval splits (when data is null)
+    synthetic: {...}            # the synthetic world (when data is null): split sizes, hallucination_rate,
+                                #   caption_order (quadrant | shuffled), reading_docs
     stages: [...]               # what `--stage all` runs, in order
     seed                        # default for every stage
     num_threads                 # CPU threads per process: an int or auto
