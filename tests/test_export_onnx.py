@@ -396,11 +396,20 @@ def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_gra
         assert _check(man, "logits_max_rel_diff")["value"] <= 1e-4
         img = parity_image(model.config.vision, seed=5)
         ref = answer(model, tiny_tokenizer, img, "Is it round?", max_new_tokens=16)
-        got = OnnxRunner.from_bundle(b).generate(img, "Is it round?", max_new_tokens=16)
+        # the default for a GroupQueryAttention decoder: the in-place KV cache (past and present bound to
+        # one buffer, one IOBinding for the whole generation)
+        runner = OnnxRunner.from_bundle(b)
+        assert runner.shared_kv and runner.fixed_logits
+        got = runner.generate(img, "Is it round?", max_new_tokens=16)
         assert got.tokens == ref.tokens
-        # the in-place KV cache (past and present bound to one buffer) gives the same tokens
-        shared = OnnxRunner.from_bundle(b, shared_kv=True)
-        assert shared.shared_kv and shared.generate(img, "Is it round?", max_new_tokens=16).tokens == ref.tokens
+        assert runner.generate(img, "Is it round?", max_new_tokens=16).tokens == ref.tokens  # a fresh cache each time
+        # the growing cache (present concatenated by the graph every step) gives the same tokens
+        grow = OnnxRunner.from_bundle(b, shared_kv=False)
+        assert not grow.shared_kv and grow.generate(img, "Is it round?", max_new_tokens=16).tokens == ref.tokens
+        # and so does a decoder whose logits shape is not fixed (the output is bound afresh each step)
+        free = OnnxRunner.from_bundle(b)
+        free.fixed_logits = False
+        assert free.generate(img, "Is it round?", max_new_tokens=16).tokens == ref.tokens
     else:
         assert man["quantization"]["text_decoder"]["scheme"] == "int4_weight"
 

@@ -84,12 +84,19 @@ class BoundKV:
 
 
 class SharedKV:
-    """A KV cache of fixed-size buffers that the decoder updates in place; ``length`` tokens are filled."""
+    """A KV cache of fixed-size buffers that the decoder updates in place; ``length`` tokens are filled.
+
+    It also keeps the decoder's IOBinding: past and present are bound to the same buffers once, and each
+    step rebinds only the new embeddings and the attention mask (a view of one preallocated row of ones).
+    """
 
     def __init__(self, arrays: list[np.ndarray]):
         self.arrays = arrays
         self.values = None  # OrtValues over ``arrays``, made on first use
         self.length = 0
+        self.io = None  # the decoder's IOBinding, made on first use
+        self.mask = np.ones((1, arrays[0].shape[2]), dtype=np.int64)
+        self.logits: np.ndarray | None = None  # preallocated output when the graph's logits shape is fixed
 
     @property
     def shape(self):
@@ -129,7 +136,7 @@ class OnnxRunner:
 
     def __init__(self, graph_dir: str | Path, config, tokenizer, *, files: dict[str, str] | None = None,
                  providers: Sequence[str] | None = None, threads: int | None = None,
-                 shared_kv: bool = False):
+                 shared_kv: bool | None = None):
         from mobilemllm.export.onnx import GRAPH_FILES
 
         self.dir = Path(graph_dir)
@@ -155,17 +162,19 @@ class OnnxRunner:
         # Our decoder takes position_ids; ONNX Runtime GenAI's GroupQueryAttention decoder derives the
         # positions from the attention mask and has no such input. Feed what the graph declares.
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
-        # A GroupQueryAttention decoder (ONNX Runtime GenAI's builder) can also update one max-length cache
-        # buffer in place (shared_kv=True). Off by default: on the CPU execution provider (onnxruntime 1.32)
-        # it measured several times slower than growing arrays (bench preset, int4: 36 vs 202 tok/s), so
-        # it is there for providers where in-place updates pay off, and is tested for equal results.
-        self.shared_kv = bool(shared_kv) and uses_group_query_attention(self.dir / files["text_decoder"])
+        # A GroupQueryAttention decoder (ONNX Runtime GenAI's builder) updates one max-length cache buffer
+        # per tensor in place, as ONNX Runtime GenAI's runtime does (past_present_share_buffer): the default
+        # for such graphs (shared_kv=None); shared_kv=False grows the cache by concatenation instead.
+        gqa = uses_group_query_attention(self.dir / files["text_decoder"])
+        self.shared_kv = gqa if shared_kv is None else (bool(shared_kv) and gqa)
+        shape = self.decoder.get_outputs()[0].shape  # logits: (batch, 1, vocab) when the builder pruned the lm head
+        self.fixed_logits = (len(shape) == 3 and shape[1] == 1 and isinstance(shape[2], int))
 
     # ---- bundle ------------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, bundle: str | Path, manifest: dict | None = None, *,
                     providers: Sequence[str] | None = None, threads: int | None = None,
-                    shared_kv: bool = False) -> "OnnxRunner":
+                    shared_kv: bool | None = None) -> "OnnxRunner":
         from mobilemllm.config import ModelConfig
         from mobilemllm.data.tokenizer import load_tokenizer
 
@@ -258,23 +267,32 @@ class OnnxRunner:
         import onnxruntime as ort
 
         p, n = kv.length, embeds.shape[1]
-        if p + n > self.max_context:
-            raise UserError(f"the KV cache holds {self.max_context} tokens; {p} + {n} do not fit")
-        io = self.decoder.io_binding()
+        if p + n > kv.mask.shape[1]:
+            raise UserError(f"the KV cache holds {kv.mask.shape[1]} tokens; {p} + {n} do not fit")
+        io = kv.io
+        if io is None:
+            kv.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv.arrays]
+            io = kv.io = self.decoder.io_binding()
+            for name, value in zip(self.past_names, kv.values):
+                io.bind_ortvalue_input(name, value)
+            for name, value in zip(self.output_names[1:], kv.values):
+                io.bind_ortvalue_output(name, value)
+            if self.fixed_logits:  # written in place every step; nothing to allocate or copy out
+                kv.logits = np.empty([1, 1, self.decoder.get_outputs()[0].shape[2]], dtype=np.float32)
+                io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(kv.logits))
+            else:
+                io.bind_output("logits")
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        io.bind_cpu_input("attention_mask", np.ones((1, p + n), dtype=np.int64))
+        io.bind_cpu_input("attention_mask", kv.mask[:, :p + n])
         if "position_ids" in self.decoder_inputs:
             io.bind_cpu_input("position_ids", np.arange(p, p + n, dtype=np.int64)[None])
-        if kv.values is None:
-            kv.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kv.arrays]
-        for name, value in zip(self.past_names, kv.values):
-            io.bind_ortvalue_input(name, value)
-        io.bind_output("logits")  # first: copy_outputs_to_cpu returns outputs in binding order
-        for name, value in zip(self.output_names[1:], kv.values):
-            io.bind_ortvalue_output(name, value)
         self.decoder.run_with_iobinding(io)
         kv.length = p + n
-        return io.copy_outputs_to_cpu()[0][0, -1], kv
+        if kv.logits is not None:
+            return kv.logits[0, -1].copy(), kv
+        # only the logits come back to numpy (copy_outputs_to_cpu() would copy every max-length cache too);
+        # outputs come back in binding order, logits first
+        return io.get_outputs()[-1].numpy()[0, -1], kv
 
     def prompt_ids(self, question: str) -> list[int]:
         from mobilemllm.inference import prompt_ids
