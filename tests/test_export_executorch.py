@@ -41,6 +41,32 @@ def test_export_llama_matches_transformers(kv_heads):
             torch.testing.assert_close(out, _reference_logits(model.llm, seq[:, :pos + 1]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_int8_kv_cache_stays_close_to_the_fp32_cache(kv_heads):
+    """kv_cache="int8": per-token int8 keys/values (and query) through llama::custom_quantized_sdpa; prefill and
+    cached decode stay within rounding of the fp32 cache, and the cache really is int8."""
+    from mobilemllm.export.export_llama import ExportLlama
+
+    cfg = make_tiny_config(llm={"num_kv_heads": kv_heads})
+    model = make_tiny_model(cfg, seed=1)
+    dec = ExportLlama(model.llm, cfg.llm, max_context_len=64, kv_cache="int8").eval()
+    assert dec.layers[0].k_cache.dtype == torch.int8 and dec.layers[0].v_scales.shape == (1, 64, cfg.llm.kv_heads, 1)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(1, 14, cfg.llm.hidden_size, generator=g)
+    with torch.no_grad():
+        for lo, hi in [(0, 9)] + [(p, p + 1) for p in range(9, 14)]:
+            out = dec(seq[:, lo:hi], torch.tensor([lo]))
+            ref = _reference_logits(model.llm, seq[:, :hi])
+            assert torch.nn.functional.cosine_similarity(out, ref).item() > 0.9999
+            assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+            assert out.argmax().item() == ref.argmax().item()
+        assert dec.layers[0].k_cache[0, :14].abs().sum() > 0 and dec.layers[0].k_cache[0, 14:].abs().sum() == 0
+        dec.reset_cache()
+        assert dec.layers[0].k_cache.abs().sum() == 0 and dec.layers[0].k_scales.eq(1).all()
+    with pytest.raises(ValueError, match="kv_cache"):
+        ExportLlama(model.llm, cfg.llm, max_context_len=64, kv_cache="int4")
+
+
 def test_export_llama_strict_export_keeps_the_cache_as_state():
     """After strict torch.export (+ RemoveRedundantTransposes, re-export) the cache is still mutable state."""
     from mobilemllm.export.executorch import build_modules, export_programs
@@ -322,6 +348,42 @@ def test_ios_coreml_target_lowers_but_cannot_run_here(tiny_checkpoint, tmp_path,
     assert b"CoreMLBackend" in (out / "model.pte").read_bytes()
     with pytest.raises(BackendUnavailable, match="Apple"):
         run_bundle(out, load_image(shapes_image), "hi", report=False)
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_bundle_runs_and_matches_eager(tiny_checkpoint, tmp_path, shapes_image):
+    """--kv-cache int8 end to end: lowered (the quantize/choose-qparams ops need ExecuTorch's quantized
+    kernels), run by MultimodalRunner, greedy text equal to eager with fp32 weights, recorded in the manifest."""
+    from mobilemllm.api import load
+    from mobilemllm.data.images import load_image
+    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.inference import answer
+    from mobilemllm.runtime import run_bundle
+
+    out = _export(tiny_checkpoint, tmp_path / "kv8", "--target", "android", "--decoder-quant", "fp32",
+                  "--embedding-quant", "fp32", "--vision-quant", "fp32", "--kv-cache", "int8")
+    m = load_manifest(out)
+    assert m["context"]["kv_cache"] == "int8" and m["export"]["recipe"]["kv_cache"] == "int8"
+    checks = {c["name"]: c for c in m["parity"]["checks"]}
+    assert m["parity"]["passed"] and checks["logit_cosine"]["value"] > 0.999
+    model, tok = load(tiny_checkpoint)
+    img = load_image(shapes_image)
+    res = run_bundle(out, img, "What colour is the circle?", max_new_tokens=16, report=False)
+    assert res.text.strip() == answer(model, tok, img, "What colour is the circle?", max_new_tokens=16).text
+
+
+def test_kv_cache_option_errors(tiny_checkpoint, tmp_path, capsys):
+    from mobilemllm.export.recipes import parse_recipe
+
+    with pytest.raises(ConfigError, match="kv_cache must be one of fp32, int8"):
+        parse_recipe("format: executorch\nkv_cache: int4\n", "x.yaml")
+    assert main(["export", "--model", str(tiny_checkpoint), "--target", "android", "--kv-cache", "fp8",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "unknown --kv-cache 'fp8'; valid: fp32, int8" in capsys.readouterr().err
+    assert main(["export", "--model", str(tiny_checkpoint), "--target", "onnx", "--kv-cache", "int8",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--kv-cache applies to ExecuTorch targets" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 _TRAINED = (Path(__file__).parent / "_trained.py").exists()

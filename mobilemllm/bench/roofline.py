@@ -52,9 +52,9 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, threads: int
     return bw
 
 
-def kv_cache_bytes(llm_cfg, position: int, dtype_bytes: int = 4) -> int:
+def kv_cache_bytes(llm_cfg, position: int, dtype_bytes: float = 4) -> int:
     """KV cache one decode step reads at ``position``: K and V of every layer for every earlier token."""
-    return 2 * llm_cfg.num_layers * llm_cfg.kv_heads * llm_cfg.head_dim * int(position) * dtype_bytes
+    return int(2 * llm_cfg.num_layers * llm_cfg.kv_heads * llm_cfg.head_dim * int(position) * dtype_bytes)
 
 
 def scheme_bytes_per_weight(scheme: str, group_size: int | None = None) -> float:

@@ -31,6 +31,9 @@ def export(
                                                                 "coreml: 16 | 32 | 64 | 128)."),
     max_context_len: Optional[int] = typer.Option(None, min=8, help="KV-cache length (default: the model's context; "
                                                                   "ExecuTorch targets)."),
+    kv_cache: Optional[str] = typer.Option(None, help="KV-cache precision of the text decoder: fp32 | int8 "
+                                                        "(per-token int8 keys/values, a quarter of the cache "
+                                                        "memory; ExecuTorch targets)."),
     force: bool = typer.Option(False, "--force/--no-force",
                                help="Write the bundle even if parity fails (marked as forced in the manifest)."),
 ) -> None:
@@ -45,7 +48,7 @@ def export(
         raise UserError("give exactly one of --target NAME or --recipe FILE")
     rec = load_recipe(target=target, path=recipe)  # unknown target: fails here, before any weights load
     fmt = rec["format"]
-    _apply_overrides(rec, decoder_quant, embedding_quant, vision_quant, group_size, max_context_len)
+    _apply_overrides(rec, decoder_quant, embedding_quant, vision_quant, group_size, max_context_len, kv_cache)
     module = importlib.import_module(f"mobilemllm.export.{fmt}")
     builder = getattr(module, f"export_{fmt}")
     if hasattr(module, "preflight"):
@@ -65,10 +68,18 @@ def export(
 
 
 def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, vision: str | None,
-                     group_size: int | None, max_context_len: int | None) -> None:
+                     group_size: int | None, max_context_len: int | None, kv_cache: str | None = None) -> None:
     from mobilemllm.errors import ConfigError
 
     fmt = rec["format"]
+    if kv_cache is not None:
+        from mobilemllm.export.export_llama import KV_CACHE_DTYPES
+
+        if fmt != "executorch":
+            raise ConfigError(f"--kv-cache applies to ExecuTorch targets, not to {fmt} bundles")
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ConfigError(f"unknown --kv-cache {kv_cache!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
+        rec["kv_cache"] = kv_cache
     if fmt != "executorch" and max_context_len is not None:
         raise ConfigError(f"--max-context-len applies to ExecuTorch targets; {fmt} bundles use the model's context "
                           f"({'dynamic sequence lengths' if fmt == 'onnx' else 'a KV-cache state of that size'})")

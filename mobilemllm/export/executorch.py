@@ -82,12 +82,12 @@ def context_lengths(model, recipe: dict[str, Any]) -> tuple[int, int]:
     return ctx, seq
 
 
-def build_modules(model, max_context_len: int):
+def build_modules(model, max_context_len: int, kv_cache: str = "fp32"):
     """(vision_encoder, token_embedding, text_decoder) modules sharing ``model``'s weights."""
     from mobilemllm.export.export_llama import ExportLlama, TokenEmbedding, VisionEncoder
 
     return (VisionEncoder(model).eval(), TokenEmbedding(model.llm.get_input_embeddings()).eval(),
-            ExportLlama(model.llm, model.config.llm, max_context_len).eval())
+            ExportLlama(model.llm, model.config.llm, max_context_len, kv_cache=kv_cache).eval())
 
 
 def _example_image(cfg) -> torch.Tensor:
@@ -361,8 +361,10 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
     ctx, seq = context_lengths(model, recipe)
     model = model.float().eval()
 
-    log(f"building {', '.join(METHODS)} ({backend}, context {ctx}, prefill up to {seq} tokens)")
-    modules = build_modules(model, ctx)
+    kv_cache = recipe.get("kv_cache") or "fp32"
+    log(f"building {', '.join(METHODS)} ({backend}, context {ctx}, prefill up to {seq} tokens, "
+        f"{kv_cache} KV cache)")
+    modules = build_modules(model, ctx, kv_cache)
     vision, embed, decoder = modules
     qinfo = {
         "vision_encoder": quantize_linears(vision, **_qargs(quant.get("vision_encoder"))),
@@ -371,7 +373,8 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
     }
     for part, info in qinfo.items():
         info["backend"] = backend
-    fp32 = all(q["scheme"] == "fp32" for q in qinfo.values())
+    # an int8 KV cache rounds keys, values and queries: checked like a quantized bundle, not to 1e-4
+    fp32 = all(q["scheme"] == "fp32" for q in qinfo.values()) and kv_cache == "fp32"
     log("quantization: " + ", ".join(f"{k} {v['scheme']}" + (f"/g{v['group_size']}" if v.get("group_size") else "")
                                      for k, v in qinfo.items()))
     t_exp = time.perf_counter()
@@ -457,7 +460,8 @@ def _manifest(model, tokenizer, recipe, qinfo, summary, constants, source) -> di
         "preprocessing": {**B.preprocessing_section(cfg.vision, "uint8", True),
                           # the runner passes one image: views (tiles, then the global view) stacked top to bottom
                           "input_shape": [1, 3, views * s, s], "views_stacked": "vertical"},
-        "context": {"max_seq_len": constants["get_max_seq_len"], "max_context_len": constants["get_max_context_len"]},
+        "context": {"max_seq_len": constants["get_max_seq_len"], "max_context_len": constants["get_max_context_len"],
+                    "kv_cache": recipe.get("kv_cache") or "fp32"},
         "quantization": qinfo,
         "parity": P.summarize([]),
         "export": {"recipe": dict(recipe), "backend": recipe.get("backend", "xnnpack"), "versions": B.versions(),

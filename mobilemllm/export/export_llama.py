@@ -12,6 +12,12 @@
 - Everything stays in the ``(batch, seq, heads, head_dim)`` layout those ops use, so there are no KV-cache
   transposes to begin with (``RemoveRedundantTransposes`` still runs, for the ones quantization adds).
 
+- ``kv_cache="int8"`` stores keys and values as int8 with a float scale and an int8 zero point per
+  position and head (asymmetric, per token), written by the same ``llama::update_cache`` and read by
+  ``llama::custom_quantized_sdpa``, which attends over the int8 cache without dequantizing it (the query
+  is quantized per token too). A quarter of the cache's memory and of the bytes attention reads per
+  decoded token; the logits move by the rounding (checked against eager with a tolerance, not exactly).
+
 Quantization replaces this module's Linear weights (``quantize_`` swaps the parameter), never the
 original model's.
 """
@@ -22,9 +28,22 @@ import torch
 from torch import nn
 
 
+KV_CACHE_DTYPES = ("fp32", "int8")
+
+
 def _load_custom_ops() -> None:
-    """Register llama::custom_sdpa / llama::update_cache (eager kernels + export meta functions)."""
+    """Register llama::custom_sdpa / llama::update_cache / llama::custom_quantized_sdpa and the
+    quantized_decomposed ops (eager kernels + export meta functions)."""
+    import executorch.kernels.quantized  # noqa: F401  (the .out variants the int8 KV cache's ops lower to)
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 values, float32 scales and int8 zero points of ``x``, asymmetric per vector of the last dim."""
+    scale, zero = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    q = torch.ops.quantized_decomposed.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+    return q, scale.to(torch.float32), zero.to(torch.int8)
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +84,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, layer, cfg, max_context_len: int):
+    def __init__(self, layer, cfg, max_context_len: int, kv_cache: str = "fp32"):
         super().__init__()
+        self.kv_int8 = kv_cache == "int8"
         attn, mlp = layer.self_attn, layer.mlp
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(layer.input_layernorm.weight, cfg.rms_norm_eps)
@@ -75,8 +95,15 @@ class Block(nn.Module):
                                               _linear(attn.o_proj))
         self.w_gate, self.w_up, self.w_down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
         shape = (1, max_context_len, self.n_kv, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        if self.kv_int8:
+            qshape = (1, max_context_len, self.n_kv, 1)
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.int8), persistent=False)
+                self.register_buffer(f"{name}_scales", torch.ones(qshape), persistent=False)
+                self.register_buffer(f"{name}_zero_points", torch.zeros(qshape, dtype=torch.int8), persistent=False)
+        else:
+            self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
     def forward(self, h: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = h.shape
@@ -86,24 +113,42 @@ class Block(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        torch.ops.llama.update_cache(k, self.k_cache, start)
-        torch.ops.llama.update_cache(v, self.v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+        if self.kv_int8:
+            out = self._attend_int8(q, k, v, start)
+        else:
+            torch.ops.llama.update_cache(k, self.k_cache, start)
+            torch.ops.llama.update_cache(v, self.v_cache, start)
+            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
         h = h + self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))
         x = self.mlp_norm(h)
         return h + self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
 
 
+    def _attend_int8(self, q, k, v, start: int) -> torch.Tensor:
+        for name, x in (("k", k), ("v", v)):
+            xq, scale, zero = quantize_per_token(x)
+            torch.ops.llama.update_cache(xq, getattr(self, f"{name}_cache"), start)
+            torch.ops.llama.update_cache(scale, getattr(self, f"{name}_scales"), start)
+            torch.ops.llama.update_cache(zero, getattr(self, f"{name}_zero_points"), start)
+        qq, q_scale, q_zero = quantize_per_token(q)
+        return torch.ops.llama.custom_quantized_sdpa(
+            qq, self.k_cache, self.v_cache, start, None, 0.0, True, None, q_zero, q_scale,
+            self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales, False)
+
+
 class ExportLlama(nn.Module):
     """text_decoder(embeds, input_pos) -> last-position logits, with a static KV cache in buffers."""
 
-    def __init__(self, llm, cfg, max_context_len: int | None = None):
+    def __init__(self, llm, cfg, max_context_len: int | None = None, kv_cache: str = "fp32"):
         super().__init__()
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache {kv_cache!r}; expected one of {KV_CACHE_DTYPES}")
         _load_custom_ops()
         self.cfg = cfg
+        self.kv_cache = kv_cache
         self.max_context_len = int(max_context_len or cfg.max_position_embeddings)
         base = llm.model
-        self.layers = nn.ModuleList(Block(layer, cfg, self.max_context_len) for layer in base.layers)
+        self.layers = nn.ModuleList(Block(layer, cfg, self.max_context_len, kv_cache) for layer in base.layers)
         self.norm = RMSNorm(base.norm.weight, cfg.rms_norm_eps)
         self.lm_head = _linear(llm.lm_head)
         cos, sin = rope_tables(cfg.head_dim, self.max_context_len, cfg.rope_theta)
@@ -114,6 +159,10 @@ class ExportLlama(nn.Module):
         for layer in self.layers:
             layer.k_cache.zero_()
             layer.v_cache.zero_()
+            if layer.kv_int8:
+                for name in ("k", "v"):
+                    getattr(layer, f"{name}_scales").fill_(1.0)
+                    getattr(layer, f"{name}_zero_points").zero_()
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seqlen = embeds.shape[1]

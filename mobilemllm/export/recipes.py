@@ -72,6 +72,10 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
             v = recipe.get(key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 errors.append(f"{key} must be a positive integer or null, got {v!r}")
+        from mobilemllm.export.export_llama import KV_CACHE_DTYPES
+
+        if recipe.get("kv_cache") not in (None, *KV_CACHE_DTYPES):
+            errors.append(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {recipe.get('kv_cache')!r}")
     if errors:
         raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
     recipe.setdefault("name", Path(source).stem)

@@ -66,7 +66,10 @@ def decode_bytes_per_token(manifest: dict, position: int) -> int:
     cfg = bundle_config(manifest)
     q = (manifest.get("quantization") or {}).get("text_decoder") or {}
     gs = q.get("group_size")
-    return decoder_weight_bytes(cfg.llm, q.get("scheme", "fp32"), gs if gs else None) + kv_cache_bytes(cfg.llm, position)
+    # an int8 cache reads 1 byte per value plus a float scale and an int8 zero point per head_dim values
+    kv_bytes = 1 + 5 / cfg.llm.head_dim if (manifest.get("context") or {}).get("kv_cache") == "int8" else 4
+    return (decoder_weight_bytes(cfg.llm, q.get("scheme", "fp32"), gs if gs else None)
+            + int(kv_cache_bytes(cfg.llm, position, dtype_bytes=kv_bytes)))
 
 
 class _ExecuTorchBase(Backend):
