@@ -77,6 +77,50 @@ def test_decoder_fp16_cache_close_and_reset():
     torch.testing.assert_close(again, first, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_runner_decoder_matches_llama(kv_heads):
+    """CoreMLRunnerDecoder: the ExecuTorch text_decoder signature (embeds, start_pos tensor), the cache written
+    through a one-hot matmul and read whole under a mask; equal to our LLaMA (fp32 cache), close in fp16."""
+    from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
+
+    model = _model(kv_heads)
+    cfg = model.config.llm
+    emb = torch.randn(1, 12, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.llm(inputs_embeds=emb).logits[0]
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            dec = CoreMLRunnerDecoder(model.llm, cfg, max_context=32, cache_dtype=dtype).eval()
+            pos = 0
+            for n in (8, 1, 1, 2):
+                out = dec(emb[:, pos:pos + n], torch.tensor([pos]))[0]
+                pos += n
+                torch.testing.assert_close(out, ref[pos - 1], atol=tol, rtol=tol)
+            assert dec.inner.layers[0].k_cache[0, :, :12].abs().sum() > 0 and dec.inner.layers[0].k_cache[0, :, 12:].abs().sum() == 0
+            dec.reset_cache()
+            torch.testing.assert_close(dec(emb[:, :12], torch.tensor([0]))[0], ref[11], atol=tol, rtol=tol)
+    assert dec.inner.layers[0].q_proj.weight is model.llm.model.layers[0].self_attn.q_proj.weight
+
+
+def test_runner_decoder_strict_export_keeps_the_cache_as_state():
+    """What the ios-coreml target exports: strict torch.export, prefill length dynamic below the cache size."""
+    from torch.export import Dim, export
+
+    from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
+
+    model = _model(kv_heads=1)
+    cfg = model.config.llm
+    dec = CoreMLRunnerDecoder(model.llm, cfg, max_context=32, cache_dtype=torch.float32).eval()
+    ep = export(dec, (torch.zeros(1, 4, cfg.hidden_size), torch.tensor([0])),
+                dynamic_shapes=({1: Dim("seq", min=1, max=31)}, None), strict=True).run_decompositions({})
+    assert len(ep.graph_signature.buffers_to_mutate) == 4  # k and v of 2 layers: the future Core ML states
+    exported = ep.module()
+    emb = torch.randn(1, 9, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model.llm(inputs_embeds=emb).logits[0]
+        torch.testing.assert_close(exported(emb[:, :7], torch.tensor([0]))[0], ref[6], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported(emb[:, 7:8], torch.tensor([7]))[0], ref[7], atol=1e-4, rtol=1e-4)
+
+
 def test_decoder_after_torch_export_matches_eager():
     from torch.export import Dim, export
 

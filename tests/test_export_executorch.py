@@ -345,6 +345,11 @@ def test_ios_coreml_target_lowers_but_cannot_run_here(tiny_checkpoint, tmp_path,
     assert m["export"]["backend"] == "coreml"
     assert "macOS" in m["parity"]["skipped_reason"] and m["parity"]["checks"] == []
     assert all(m["methods"][n]["delegate_calls"] > 0 for n in ("vision_encoder", "text_decoder"))
+    # the whole decoder is one Core ML call (its KV cache is Core ML state): no CPU kernels, no XNNPACK
+    assert m["methods"]["text_decoder"]["backends"] == ["CoreMLBackend"]
+    assert m["methods"]["text_decoder"]["delegate_calls"] == 1
+    assert m["methods"]["vision_encoder"]["backends"] == ["CoreMLBackend"]
+    assert m["quantization"]["text_decoder"]["scheme"] == "fp32"
     assert b"CoreMLBackend" in (out / "model.pte").read_bytes()
     with pytest.raises(BackendUnavailable, match="Apple"):
         run_bundle(out, load_image(shapes_image), "hi", report=False)
@@ -370,6 +375,14 @@ def test_int8_kv_cache_bundle_runs_and_matches_eager(tiny_checkpoint, tmp_path, 
     img = load_image(shapes_image)
     res = run_bundle(out, img, "What colour is the circle?", max_new_tokens=16, report=False)
     assert res.text.strip() == answer(model, tok, img, "What colour is the circle?", max_new_tokens=16).text
+
+
+def test_ios_coreml_refuses_cpu_quantization_for_core_ml_parts(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", "--model", str(tiny_checkpoint), "--target", "ios-coreml", "--decoder-quant", "8da4w",
+                 "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "ios-coreml runs the text_decoder in Core ML" in err and "--target ios" in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_kv_cache_option_errors(tiny_checkpoint, tmp_path, capsys):

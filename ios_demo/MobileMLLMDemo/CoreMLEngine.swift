@@ -1,4 +1,4 @@
-// Core ML path, for bundles exported with `mobilemllm export --target ios-coreml` (format "coreml"):
+// Core ML path, for bundles exported with `mobilemllm export --target coreml` (format "coreml"):
 // vision.mlpackage (pixels (V,3,S,S) float 0...255 -> image embeddings), embed.mlpackage (ids -> embeddings)
 // and a stateful decoder.mlpackage (inputs_embeds + additive causal_mask -> last logits; the KV cache is
 // a Core ML state, iOS 18). Text is tokenized with swift-transformers' Tokenizers from tokenizer.json.

@@ -70,6 +70,35 @@ class _Layer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
+    def forward_at(self, x, cos, sin, mask, write, keep):
+        """The same layer for a start position that is data, not a shape: the new keys/values go into the
+        whole cache through a one-hot ``write`` (1, 1, C, n) (``keep`` = 1 - its row sums), and attention
+        reads all C slots under ``mask`` (1, 1, n, C). Static shapes only, so Core ML can take it."""
+        n = x.shape[1]
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(1, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        dt = self.k_cache.dtype
+        keys = self.k_cache * keep.to(dt) + torch.matmul(write.to(dt), k.to(dt))
+        values = self.v_cache * keep.to(dt) + torch.matmul(write.to(dt), v.to(dt))
+        self.k_cache.copy_(keys)
+        self.v_cache.copy_(values)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        rep = self.heads // self.kv_heads
+        c = keys.shape[2]
+        if rep > 1:
+            keys = keys[:, :, None].expand(1, self.kv_heads, rep, c, self.head_dim).reshape(1, self.heads, c, self.head_dim)
+            values = values[:, :, None].expand(1, self.kv_heads, rep, c, self.head_dim).reshape(
+                1, self.heads, c, self.head_dim)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
 class CoreMLDecoder(nn.Module):
     """Our LLaMA's decoder with a stateful KV cache, for ``torch.export`` -> Core ML."""
 
@@ -113,3 +142,40 @@ def causal_mask(past: int, n: int, dtype: torch.dtype = torch.float32) -> torch.
     q = torch.arange(past, past + n).unsqueeze(1)
     k = torch.arange(past + n).unsqueeze(0)
     return torch.where(k <= q, 0.0, MASK_MIN).to(dtype).view(1, 1, n, past + n)
+
+
+class CoreMLRunnerDecoder(nn.Module):
+    """The ``text_decoder`` method of an ExecuTorch program whose decoder runs in Core ML (``ios-coreml``).
+
+    ``forward(embeds (1, n, D) float, start_pos (1,) int64) -> logits (1, V)``: the signature ExecuTorch's
+    ``MultimodalRunner`` calls, like ``ExportLlama``. Core ML partitions cannot take a SymInt, so the start
+    position stays a tensor: RoPE angles, the causal mask over all ``max_context`` cache slots and the one-hot
+    cache write are computed from it with static shapes (``_Layer.forward_at``). The fp16 key/value buffers
+    are mutable state that ExecuTorch's Core ML partitioner turns into Core ML states (iOS 18). Attention
+    reads the whole cache every step (masked), the price of static shapes.
+    """
+
+    def __init__(self, llm, llm_cfg, max_context: int | None = None, cache_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.inner = CoreMLDecoder(llm, llm_cfg, max_context, cache_dtype)
+        self.max_context = self.inner.max_context
+        self.register_buffer("slots", torch.arange(self.max_context, dtype=torch.int64), persistent=False)
+
+    def reset_cache(self) -> None:
+        self.inner.reset_cache()
+
+    def forward(self, embeds: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        n = embeds.shape[1]
+        pos = start_pos.reshape(1) + torch.arange(n, dtype=torch.int64)  # (n,) positions of the new tokens
+        freqs = pos.to(torch.float32).unsqueeze(1) * self.inner.inv_freq.unsqueeze(0)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = angles.cos().to(embeds.dtype), angles.sin().to(embeds.dtype)
+        hidden = (self.slots.unsqueeze(0) > pos.unsqueeze(1)).to(embeds.dtype)  # (n, C): 1 = a future slot
+        # unsqueeze, not view: coremltools cannot reshape to a shape holding the symbolic n
+        mask = (hidden * MASK_MIN).unsqueeze(0).unsqueeze(0)
+        write = (self.slots.unsqueeze(1) == pos.unsqueeze(0)).to(embeds.dtype).unsqueeze(0).unsqueeze(0)
+        keep = 1.0 - write.sum(dim=-1, keepdim=True)
+        x = embeds
+        for layer in self.inner.layers:
+            x = layer.forward_at(x, cos, sin, mask, write, keep)
+        return self.inner.lm_head(self.inner.norm(x[:, -1, :]))

@@ -62,6 +62,12 @@ def preflight(recipe: dict[str, Any]) -> None:
             raise BackendUnavailable(f"QNN_SDK_ROOT is set but ExecuTorch's QNN backend cannot load ({e}); build "
                                      "ExecuTorch with -DEXECUTORCH_BUILD_QNN=ON against that SDK") from None
     if backend == "coreml":
+        for part in ("text_decoder", "vision_encoder"):
+            scheme = ((recipe.get("quantization") or {}).get(part) or {}).get("scheme", "fp32")
+            if scheme != "fp32":
+                raise ConfigError(f"ios-coreml runs the {part} in Core ML (fp16 compute), so its scheme must be "
+                                  f"fp32, not {scheme!r}; for compressed Core ML weights use --target coreml "
+                                  "(int8 / int4 / palettize4 .mlpackages), for 8da4w --target ios (XNNPACK)")
         try:
             import coremltools  # noqa: F401
         except ImportError:
@@ -77,17 +83,29 @@ def context_lengths(model, recipe: dict[str, Any]) -> tuple[int, int]:
     seq = int(recipe.get("max_seq_len") or ctx)
     if seq > ctx:
         raise ConfigError(f"max_seq_len {seq} is larger than max_context_len {ctx}")
+    if recipe.get("backend") == "coreml" and seq >= ctx:
+        seq = ctx - 1  # coremltools needs the prefill length's upper bound below the cache size
     if model.config.num_visual_tokens + 2 > seq:
         raise ConfigError(f"max_seq_len {seq} cannot hold the image's {model.config.num_visual_tokens} visual tokens")
     return ctx, seq
 
 
-def build_modules(model, max_context_len: int, kv_cache: str = "fp32"):
-    """(vision_encoder, token_embedding, text_decoder) modules sharing ``model``'s weights."""
+def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: str = "xnnpack"):
+    """(vision_encoder, token_embedding, text_decoder) modules sharing ``model``'s weights.
+
+    For Core ML the decoder is ``CoreMLRunnerDecoder`` (same signature, no custom ops, the start position
+    kept a tensor, fp16 cache buffers that become Core ML states); everywhere else ``ExportLlama``."""
     from mobilemllm.export.export_llama import ExportLlama, TokenEmbedding, VisionEncoder
 
-    return (VisionEncoder(model).eval(), TokenEmbedding(model.llm.get_input_embeddings()).eval(),
-            ExportLlama(model.llm, model.config.llm, max_context_len, kv_cache=kv_cache).eval())
+    if backend == "coreml":
+        from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
+
+        if kv_cache != "fp32":
+            raise ConfigError("ios-coreml keeps its KV cache as fp16 Core ML state; --kv-cache int8 is for XNNPACK")
+        decoder = CoreMLRunnerDecoder(model.llm, model.config.llm, max_context_len)
+    else:
+        decoder = ExportLlama(model.llm, model.config.llm, max_context_len, kv_cache=kv_cache)
+    return (VisionEncoder(model).eval(), TokenEmbedding(model.llm.get_input_embeddings()).eval(), decoder.eval())
 
 
 def _example_image(cfg) -> torch.Tensor:
@@ -161,14 +179,14 @@ def _partitioners(backend: str, recipe: dict[str, Any]) -> dict[str, list] | Non
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         # The vision tower goes to Core ML (GPU/ANE, fp16); Core ML takes no uint8 inputs, so the image's
-        # uint8 -> float cast stays on the CPU kernels. The decoder stays on XNNPACK: its attention and KV
-        # cache are ExecuTorch's custom ops, and Core ML partitions cannot take the SymInt start position
-        # those ops share with RoPE (measured: coremltools rejects a SymInt partition input).
+        # uint8 -> float cast stays on the CPU kernels. The decoder (CoreMLRunnerDecoder: no custom ops, the
+        # start position a tensor, since Core ML partitions cannot take a SymInt) goes to Core ML whole, its
+        # KV-cache buffers taken over as Core ML states. The token embedding (a 4-bit lookup) stays on the CPU.
         return {"vision_encoder": [CoreMLPartitioner(
                     compile_specs=specs, skip_ops_for_coreml_delegation=[
                         "aten._to_copy.default", "dim_order_ops._to_dim_order_copy.default"])],
                 "token_embedding": [XnnpackPartitioner()],
-                "text_decoder": [XnnpackPartitioner()]}
+                "text_decoder": [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)]}
     if backend == "qnn":  # preflight() already refused when the SDK is missing
         raise BackendUnavailable("QNN lowering is not wired up in this build: it needs the QNN SDK on the "
                                  "exporting machine; use --target android")
@@ -207,6 +225,7 @@ def delegation_summary(et_program) -> dict[str, dict[str, int]]:
         ops = sum(1 for c in plan.chains for i in c.instructions
                   if type(i.instr_args).__name__ == "KernelCall")
         out[plan.name] = {"delegate_calls": delegates, "kernel_calls": ops,
+                          "backends": sorted({d.id for d in plan.delegates}),
                           "operators": sorted({op.name for op in plan.operators})}
     return out
 
@@ -364,7 +383,7 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
     kv_cache = recipe.get("kv_cache") or "fp32"
     log(f"building {', '.join(METHODS)} ({backend}, context {ctx}, prefill up to {seq} tokens, "
         f"{kv_cache} KV cache)")
-    modules = build_modules(model, ctx, kv_cache)
+    modules = build_modules(model, ctx, kv_cache, backend)
     vision, embed, decoder = modules
     qinfo = {
         "vision_encoder": quantize_linears(vision, **_qargs(quant.get("vision_encoder"))),
@@ -446,6 +465,7 @@ def _manifest(model, tokenizer, recipe, qinfo, summary, constants, source) -> di
     for name in METHODS:
         if name in summary:
             methods[name]["delegate_calls"] = summary[name]["delegate_calls"]
+            methods[name]["backends"] = summary[name].get("backends", [])
     for name, value in constants.items():
         methods[name] = {"value": value}
     return {
