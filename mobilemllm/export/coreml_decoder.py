@@ -46,57 +46,45 @@ class _Layer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
 
-    def forward(self, x, cos, sin, mask, past: int, end: int):
+    def _qkv(self, x, cos, sin):
         n = x.shape[1]
         h = self.input_norm(x)
         q = self.q_proj(h).view(1, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        self.k_cache[:, :, past:end, :] = k.to(self.k_cache.dtype)
-        self.v_cache[:, :, past:end, :] = v.to(self.v_cache.dtype)
-        keys = self.k_cache[:, :, :end, :].to(q.dtype)
-        values = self.v_cache[:, :, :end, :].to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _attend_and_mlp(self, x, q, keys, values, mask):
+        n, length = x.shape[1], keys.shape[2]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         rep = self.heads // self.kv_heads
         if rep > 1:
-            keys = keys[:, :, None].expand(1, self.kv_heads, rep, end, self.head_dim).reshape(
-                1, self.heads, end, self.head_dim)
-            values = values[:, :, None].expand(1, self.kv_heads, rep, end, self.head_dim).reshape(
-                1, self.heads, end, self.head_dim)
+            keys = keys[:, :, None].expand(1, self.kv_heads, rep, length, self.head_dim).reshape(
+                1, self.heads, length, self.head_dim)
+            values = values[:, :, None].expand(1, self.kv_heads, rep, length, self.head_dim).reshape(
+                1, self.heads, length, self.head_dim)
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.o_proj(att.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
+    def forward(self, x, cos, sin, mask, past: int, end: int):
+        q, k, v = self._qkv(x, cos, sin)
+        self.k_cache[:, :, past:end, :] = k.to(self.k_cache.dtype)
+        self.v_cache[:, :, past:end, :] = v.to(self.v_cache.dtype)
+        return self._attend_and_mlp(x, q, self.k_cache[:, :, :end, :], self.v_cache[:, :, :end, :], mask)
 
     def forward_at(self, x, cos, sin, mask, write, keep):
         """The same layer for a start position that is data, not a shape: the new keys/values go into the
         whole cache through a one-hot ``write`` (1, 1, C, n) (``keep`` = 1 - its row sums), and attention
         reads all C slots under ``mask`` (1, 1, n, C). Static shapes only, so Core ML can take it."""
-        n = x.shape[1]
-        h = self.input_norm(x)
-        q = self.q_proj(h).view(1, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(x, cos, sin)
         dt = self.k_cache.dtype
         keys = self.k_cache * keep.to(dt) + torch.matmul(write.to(dt), k.to(dt))
         values = self.v_cache * keep.to(dt) + torch.matmul(write.to(dt), v.to(dt))
         self.k_cache.copy_(keys)
         self.v_cache.copy_(values)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-        rep = self.heads // self.kv_heads
-        c = keys.shape[2]
-        if rep > 1:
-            keys = keys[:, :, None].expand(1, self.kv_heads, rep, c, self.head_dim).reshape(1, self.heads, c, self.head_dim)
-            values = values[:, :, None].expand(1, self.kv_heads, rep, c, self.head_dim).reshape(
-                1, self.heads, c, self.head_dim)
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
-        h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self._attend_and_mlp(x, q, keys, values, mask)
 
 
 class CoreMLDecoder(nn.Module):
