@@ -423,3 +423,35 @@ def test_training_data_is_rewritten_when_the_synthetic_options_change(tmp_path: 
     recipe["synthetic"]["caption_order"] = "sorted"
     with pytest.raises(ConfigError, match="synthetic: unknown caption_order 'sorted'"):
         prepare_data(recipe, tmp_path / "bad", log=lambda s: None)
+
+
+def test_yes_no_lookups_append_right_answers(split: Path, tmp_path: Path) -> None:
+    """synthetic.yes_no_lookups=N: N forward-look-up yes/no turns at the end of every instruct conversation."""
+    out = tmp_path / "lookups"
+    meta = write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, yes_no_lookups=3)
+    assert meta["yes_no_lookups"] == 3
+    base, more = load(split, "instruct.json"), load(out, "instruct.json")
+    scenes_ = {d["id"]: Scene.from_dict(d) for d in load(out, "scenes.json")}
+    answers = {"yes": 0, "no": 0}
+    for a, b in zip(base, more):
+        assert b["conversations"][:len(a["conversations"])] == a["conversations"]  # the rest is unchanged
+        extra = b["conversations"][len(a["conversations"]):]
+        assert len(extra) == 6
+        scene = scenes_[b["id"]]
+        for q, ans in zip(extra[::2], extra[1::2]):
+            text, ans = q["value"], ans["value"]
+            pos = next(p for p in POSITIONS if f"in the {p}" in text)
+            shape = scene.at(pos)
+            if text.startswith("Is there a shape"):
+                want = shape is not None
+            elif text.startswith("Is the shape") and " a " in text.split(pos)[1]:
+                want = text.removesuffix("?").endswith(shape.kind)
+            else:
+                want = text.removesuffix("?").endswith(shape.colour)
+            assert ans == ("yes" if want else "no"), text
+            answers[ans] += 1
+    assert min(answers.values()) > 0.25 * sum(answers.values())
+    for name in ("eval_questions.json", "scenes.json", "pretrain.json", "dpo.json"):
+        assert tree(split)[name] == tree(out)[name]
+    with pytest.raises(ValueError, match="yes_no_lookups"):
+        write_synthetic(tmp_path / "bad", num_images=2, yes_no_lookups=-1)

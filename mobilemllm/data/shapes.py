@@ -392,6 +392,23 @@ def ask(scene: Scene, rng: random.Random, qtype: str) -> Question | None:
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
+def yes_no_lookup(scene: Scene, rng: random.Random) -> Question:
+    """A yes/no question answered by looking at one named quadrant: "Is there a shape in the top left?",
+    "Is the shape in the top left red?", "Is the shape in the top left a circle?" (half of the attribute
+    questions name the true attribute). Training-only: unlike "Is there a red circle?", the answer follows
+    from a forward look-up, which gives the yes/no answer a first path from the image and the question."""
+    p = rng.choice(POSITIONS)
+    s = scene.at(p)
+    kind = rng.random()
+    if s is None or kind < 1 / 3:
+        return Question(f"Is there a shape in the {p}?", "yes" if s is not None else "no", "lookup")
+    if kind < 2 / 3:
+        c = s.colour if rng.random() < 0.5 else rng.choice(tuple(COLOURS))
+        return Question(f"Is the shape in the {p} {c}?", "yes" if c == s.colour else "no", "lookup")
+    k = s.kind if rng.random() < 0.5 else rng.choice(KINDS)
+    return Question(f"Is the shape in the {p} a {k}?", "yes" if k == s.kind else "no", "lookup")
+
+
 def sample_questions(scene: Scene, rng: random.Random, n: int) -> list[Question]:
     """Up to ``n`` distinct questions of random types."""
     out: list[Question] = []
@@ -488,6 +505,7 @@ def write_synthetic(
     progress: bool = False,
     caption_order: str = "quadrant",
     reading_docs: bool = False,
+    yes_no_lookups: int = 0,
 ) -> dict[str, Any]:
     """Generate ``num_images`` scenes from ``seed`` and write images and LLaVA-format files.
 
@@ -496,6 +514,7 @@ def write_synthetic(
     ``reading_docs``: also add to ``corpus.txt`` one line per scene that holds its caption followed by
     questions about it and their answers, so the language-model foundation learns to answer a question
     from a description earlier in its context (the look-up the image questions need later).
+    ``yes_no_lookups``: append that many :func:`yes_no_lookup` turns to every instruction conversation.
 
     Every file is written atomically. Returns the meta dict (also written to ``meta.json``).
     """
@@ -506,6 +525,8 @@ def write_synthetic(
     if not 0.0 <= hallucination_rate <= 1.0:
         raise ValueError(f"hallucination_rate must be in [0, 1], got {hallucination_rate}")
     _check_order(caption_order)
+    if not isinstance(yes_no_lookups, int) or yes_no_lookups < 0:
+        raise ValueError(f"yes_no_lookups must be a non-negative integer, got {yes_no_lookups!r}")
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -558,6 +579,9 @@ def write_synthetic(
                 text, fake = detailed_caption(scene, rng, hallucination_rate, caption_order)
                 hallucinated_captions += bool(fake)
                 turns.insert(rng.randint(0, len(turns)), (DETAIL_PROMPT, text))
+            if yes_no_lookups:
+                ry = _rng(seed, i, "lookup")
+                turns += [(q.text, q.answer) for q in (yes_no_lookup(scene, ry) for _ in range(yes_no_lookups))]
             conv = []
             for j, (q, a) in enumerate(turns):
                 conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
@@ -641,6 +665,7 @@ def write_synthetic(
         "hallucination_rate": hallucination_rate,
         "caption_order": caption_order,
         "reading_docs": reading_docs,
+        "yes_no_lookups": yes_no_lookups,
         "image_folder": "images",
         "hallucinated_instruct_captions": hallucinated_captions,
         "pope_popular_ranking": popularity,

@@ -62,17 +62,20 @@ def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
     rate = syn.get("hallucination_rate", 0.3)
     order = syn.get("caption_order", "quadrant")
     reading = bool(syn.get("reading_docs", False))
+    lookups = syn.get("yes_no_lookups", 0)
     meta = path / "meta.json"
     if meta.exists():
         m = json.loads(meta.read_text())
         if (m.get("num_images") == n and m.get("seed") == seed and m.get("hallucination_rate") == rate
-                and m.get("caption_order", "quadrant") == order and m.get("reading_docs", False) == reading):
+                and m.get("caption_order", "quadrant") == order and m.get("reading_docs", False) == reading
+                and m.get("yes_no_lookups", 0) == lookups):
             return
     if dist_env().is_main:
         log(f"writing {n} synthetic images (seed {seed}) to {path}")
         try:
             write_synthetic(path, num_images=n, seed=seed, hallucination_rate=rate, caption_order=order,
-                            reading_docs=reading, split="train" if seed == syn.get("train_seed", 0) else "eval")
+                            reading_docs=reading, yes_no_lookups=lookups,
+                            split="train" if seed == syn.get("train_seed", 0) else "eval")
         except ValueError as e:
             raise ConfigError(f"synthetic: {e}") from None
     barrier(dist_env())

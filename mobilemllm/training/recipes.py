@@ -9,7 +9,7 @@ A recipe's top-level keys::
     data: null                  # folder of LLaVA-format files; null: write the synthetic shapes world
     eval_data: null             # folder of evaluation files; null: the synthetic held-out split
     synthetic: {...}            # the synthetic world (when data is null): split sizes, hallucination_rate,
-                                #   caption_order (quadrant | shuffled), reading_docs
+                                #   caption_order (quadrant | shuffled), reading_docs, yes_no_lookups
     stages: [...]               # what `--stage all` runs, in order
     seed                        # default for every stage
     num_threads                 # CPU threads per process: an int or auto
