@@ -325,11 +325,10 @@ def detailed_caption(
 
 def _caption_layout(scene: Scene, rng: random.Random, caption_order: str,
                     extra: Shape | None) -> tuple[list[Shape], int | None]:
-    if caption_order == "quadrant":
-        _check_order(caption_order)
-        return list(scene.shapes), None
+    """The shapes in caption order and where a hallucinated sentence goes (None: its quadrant's place)."""
     shapes = shapes_in_order(scene, rng, caption_order)
-    return shapes, (rng.randint(0, len(shapes)) if extra is not None else None)
+    shuffled = caption_order == "shuffled"
+    return shapes, (rng.randint(0, len(shapes)) if extra is not None and shuffled else None)
 
 
 def preference_pair(scene: Scene, rng: random.Random, caption_order: str = "quadrant") -> dict[str, Any]:
@@ -558,8 +557,7 @@ def write_synthetic(
             _atomic_write_bytes(images_dir / image, buf.getvalue())
 
             # Alignment pretraining.
-            cap = caption(scene, shapes_in_order(scene, _rng(seed, i, "caption"), caption_order)
-                          if caption_order != "quadrant" else None)
+            cap = caption(scene, shapes_in_order(scene, _rng(seed, i, "caption"), caption_order))
             pretrain.append(
                 {
                     "id": scene.id,
@@ -589,7 +587,7 @@ def write_synthetic(
                 corpus += [q, a]
             if reading_docs:
                 rr = _rng(seed, i, "reading")
-                order = shapes_in_order(scene, rr, caption_order) if caption_order != "quadrant" else None
+                order = shapes_in_order(scene, rr, caption_order)
                 qa = [f"{q.text} {q.answer}" for q in sample_questions(scene, rr, 6)]
                 corpus.append(" ".join([caption(scene, order).capitalize(), *qa]))
             instruct.append({"id": scene.id, "image": image, "conversations": conv})

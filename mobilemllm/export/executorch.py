@@ -62,6 +62,8 @@ def preflight(recipe: dict[str, Any]) -> None:
             raise BackendUnavailable(f"QNN_SDK_ROOT is set but ExecuTorch's QNN backend cannot load ({e}); build "
                                      "ExecuTorch with -DEXECUTORCH_BUILD_QNN=ON against that SDK") from None
     if backend == "coreml":
+        if (recipe.get("kv_cache") or "fp32") != "fp32":
+            raise ConfigError("ios-coreml keeps its KV cache as fp16 Core ML state; --kv-cache int8 is for XNNPACK")
         for part in ("text_decoder", "vision_encoder"):
             scheme = ((recipe.get("quantization") or {}).get(part) or {}).get("scheme", "fp32")
             if scheme != "fp32":
@@ -100,8 +102,6 @@ def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: 
     if backend == "coreml":
         from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
 
-        if kv_cache != "fp32":
-            raise ConfigError("ios-coreml keeps its KV cache as fp16 Core ML state; --kv-cache int8 is for XNNPACK")
         decoder = CoreMLRunnerDecoder(model.llm, model.config.llm, max_context_len)
     else:
         decoder = ExportLlama(model.llm, model.config.llm, max_context_len, kv_cache=kv_cache)

@@ -34,9 +34,11 @@ KV_CACHE_DTYPES = ("fp32", "int8")
 def _load_custom_ops() -> None:
     """Register llama::custom_sdpa / llama::update_cache / llama::custom_quantized_sdpa and the
     quantized_decomposed ops (eager kernels + export meta functions)."""
-    import executorch.kernels.quantized  # noqa: F401  (the .out variants the int8 KV cache's ops lower to)
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
+
+    from mobilemllm.runtime.executorch_runner import load_kernels
+
+    load_kernels()  # llama::* ops, and the quantized .out variants the int8 KV cache's ops lower to
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -56,26 +56,27 @@ def prepare_data(recipe: dict[str, Any], out_dir: Path, log: Callable[[str], Non
     return data, Path(eval_data) if eval_data else None
 
 
+# The synthetic world's options a recipe may set (``synthetic:``), with write_synthetic's defaults; a data
+# folder is reused only when its meta.json records the same values.
+SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "caption_order": "quadrant", "reading_docs": False,
+                     "yes_no_lookups": 0}
+
+
 def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
     from mobilemllm.data.shapes import write_synthetic
 
-    rate = syn.get("hallucination_rate", 0.3)
-    order = syn.get("caption_order", "quadrant")
-    reading = bool(syn.get("reading_docs", False))
-    lookups = syn.get("yes_no_lookups", 0)
+    opts = {k: syn.get(k, default) for k, default in SYNTHETIC_OPTIONS.items()}
     meta = path / "meta.json"
     if meta.exists():
         m = json.loads(meta.read_text())
-        if (m.get("num_images") == n and m.get("seed") == seed and m.get("hallucination_rate") == rate
-                and m.get("caption_order", "quadrant") == order and m.get("reading_docs", False) == reading
-                and m.get("yes_no_lookups", 0) == lookups):
+        if (m.get("num_images") == n and m.get("seed") == seed
+                and all(m.get(k, SYNTHETIC_OPTIONS[k]) == v for k, v in opts.items())):
             return
     if dist_env().is_main:
         log(f"writing {n} synthetic images (seed {seed}) to {path}")
         try:
-            write_synthetic(path, num_images=n, seed=seed, hallucination_rate=rate, caption_order=order,
-                            reading_docs=reading, yes_no_lookups=lookups,
-                            split="train" if seed == syn.get("train_seed", 0) else "eval")
+            write_synthetic(path, num_images=n, seed=seed, split="train" if seed == syn.get("train_seed", 0)
+                            else "eval", **opts)
         except ValueError as e:
             raise ConfigError(f"synthetic: {e}") from None
     barrier(dist_env())
