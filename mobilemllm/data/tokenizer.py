@@ -82,5 +82,7 @@ def tiny_tokenizer(vocab_size: int = 512, seed: int = 0, num_images: int = 400):
 
     lines = list(corpus_lines(num_images=num_images, seed=seed))
     for t in TEMPLATES.values():
+        if t.question_first:  # same pieces as its image-first twin; leaves the BPE's counts as they were
+            continue
         lines += [t.prompt_prefix(), t.prompt_suffix("Describe the image in detail.")]
     return train_bpe(lines, vocab_size=vocab_size)
