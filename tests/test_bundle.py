@@ -143,7 +143,7 @@ def test_shipped_schema_is_valid_json_schema():
     jsonschema.Draft202012Validator.check_schema(B.manifest_schema())
 
 
-@pytest.mark.parametrize("template", ["vicuna_short", "vicuna_v1", "plain"])
+@pytest.mark.parametrize("template", ["vicuna_short", "vicuna_v1", "plain", "vicuna_short_qfirst"])
 def test_prompt_segments_reproduce_training_ids(tok, template):
     """The manifest's prompt (what apps and runners use) gives exactly the ids training/eager use."""
     from mobilemllm.inference import prompt_ids

@@ -144,6 +144,36 @@ def test_every_template_builds_prompts_the_same_way_as_training(tiny_config, tin
         get_template("chatml")
 
 
+def test_question_first_template_puts_the_first_question_before_the_image():
+    """vicuna_short_qfirst: LLaVA data ("<image>\\nQ", or the image anywhere) gives Q before the image in the
+    first turn only; generation prompts match; the image-first twin is unchanged."""
+    q = get_template("vicuna_short_qfirst")
+    turns = [("<image>\nIs there a red circle?", "yes"), ("Where is it?", "top left")]
+    segs = q.segments(turns)
+    texts = [t for t, _ in segs]
+    assert texts[:3] == ["A chat about an image. USER: Is there a red circle?\n", IMAGE, "\nASSISTANT:"]
+    assert texts[4] == " USER: Where is it? ASSISTANT:" and [a for _, a in segs] == [False] * 3 + [True, False, True]
+    assert q.segments([("Is there a red circle?\n<image>", "yes")])[:3] == segs[:3]
+    assert q.prompt_segments("  Is there a red circle? ") == segs[:3]
+    plain = get_template("vicuna_short").prompt_segments("Is there a red circle?")
+    assert [t for t, _ in plain] == ["A chat about an image. USER: ", IMAGE, "\nIs there a red circle? ASSISTANT:"]
+
+
+def test_question_first_template_leaves_the_tiny_tokenizer_unchanged():
+    from mobilemllm.data import templates as T
+    from mobilemllm.data.tokenizer import tiny_tokenizer
+
+    with_qfirst = tiny_tokenizer(num_images=40)
+    saved = dict(T.TEMPLATES)
+    try:
+        del T.TEMPLATES["vicuna_short_qfirst"]
+        without = tiny_tokenizer(num_images=40)
+    finally:
+        T.TEMPLATES.clear()
+        T.TEMPLATES.update(saved)
+    assert with_qfirst.get_vocab() == without.get_vocab()
+
+
 def test_shapes_data_loads(shapes_data, tiny_config, tiny_tokenizer):
     for name, template in (("instruct.json", None), ("pretrain.json", "plain"), ("eval_questions.json", None)):
         ds = ConversationDataset(shapes_data / name, None, tiny_tokenizer, tiny_config, template=template)
