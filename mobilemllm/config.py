@@ -73,6 +73,11 @@ class ConnectorConfig:
     kind: str = "ldpv2"
     num_queries: int = 64  # resampler only
     num_heads: int = 8  # resampler only
+    # A LayerNorm on the visual tokens, its gain starting at output_norm_gain: keeps them near the text
+    # embeddings' scale (without it the tiny model's grow to ~90x), so what later layers write into them
+    # (e.g. the question, with the vicuna_short_qfirst template) is not drowned. Off for published models.
+    output_norm: bool = False
+    output_norm_gain: float = 0.1
 
 
 @dataclass
@@ -213,6 +218,8 @@ class ModelConfig:
             errors.append(f"vision.tile_grid {tuple(v.tile_grid)} must be two positive numbers (rows, cols)")
         if c.kind == "resampler" and c.num_queries < 1:
             errors.append(f"connector.num_queries {c.num_queries} must be at least 1")
+        if c.output_norm and not c.output_norm_gain > 0:
+            errors.append(f"connector.output_norm_gain {c.output_norm_gain} must be positive")
         if c.kind not in CONNECTORS:
             errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
         elif c.kind in ("ldp", "ldpv2") and v.grid % 2:

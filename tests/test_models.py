@@ -298,6 +298,39 @@ def tree(path):
     return sorted(p.name for p in path.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["ldpv2", "mlp2x_gelu"])
+def test_connector_output_norm(tmp_path, tiny_tokenizer, kind):
+    """connector.output_norm: visual tokens LayerNormed with gain output_norm_gain (text-embedding scale), the
+    inner connector's keys under connector.inner; saved and loaded; export wrappers include it."""
+    from mobilemllm.config import ConfigError
+    from mobilemllm.export.export_llama import VisionEncoder
+    from mobilemllm.export.onnx import VisionGraph
+
+    cfg = make_tiny_config(connector={"kind": kind, "output_norm": True, "output_norm_gain": 0.05})
+    model = make_tiny_model(cfg, seed=4)
+    pix = pixels(cfg, batch=2)
+    with torch.no_grad():
+        tokens = model.encode_images(pix)
+        plain = model.connector.inner(model.vision(pix.flatten(0, 1)))
+    assert tokens.shape == (2, cfg.num_visual_tokens, cfg.llm.hidden_size)
+    assert torch.allclose(tokens, F.layer_norm(plain, plain.shape[-1:]) * 0.05, atol=1e-5)
+    assert torch.allclose(tokens.norm(dim=-1), torch.full(tokens.shape[:2], 0.05 * cfg.llm.hidden_size ** 0.5),
+                          rtol=1e-3)
+    assert {"connector.norm.weight", "connector.norm.bias"} <= set(model.state_dict())
+    assert not [k for k in model.state_dict() if k.startswith("connector.") and
+                not k.startswith(("connector.norm.", "connector.inner."))]
+    loaded, _ = load_checkpoint(save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt"))
+    assert loaded.config.connector.output_norm and loaded.config.connector.output_norm_gain == 0.05
+    image = torch.randint(0, 256, (1, 3, cfg.vision.image_size, cfg.vision.image_size), dtype=torch.uint8)
+    with torch.no_grad():
+        want = loaded.encode_images((image.float() / 255.0 - 0.5) / 0.5)
+        exported = torch.export.export(VisionEncoder(loaded).eval(), (image,), strict=True).module()(image)
+        onnx_graph = VisionGraph(loaded).eval()(image)
+    assert torch.allclose(exported, want, atol=1e-4) and torch.allclose(onnx_graph, want, atol=1e-4)
+    with pytest.raises(ConfigError, match="output_norm_gain"):
+        make_tiny_config(connector={"output_norm": True, "output_norm_gain": 0.0})
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_checkpoint_round_trip(tmp_path, tiny_tokenizer, tied):
     cfg = make_tiny_config(llm={"tie_word_embeddings": tied})

@@ -193,9 +193,25 @@ def _entry(kind: str):
     return CONNECTORS[kind]
 
 
+class OutputNorm(nn.Module):
+    """A connector followed by a LayerNorm on its tokens (``ConnectorConfig.output_norm``)."""
+
+    def __init__(self, inner: nn.Module, out_dim: int, gain: float):
+        super().__init__()
+        self.inner = inner
+        self.norm = nn.LayerNorm(out_dim)
+        nn.init.constant_(self.norm.weight, gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.inner(x))
+
+
 def build_connector(cfg, in_dim: int, out_dim: int) -> nn.Module:
-    """Build the connector named by ``cfg.kind`` (a ConnectorConfig)."""
-    return _entry(cfg.kind)[0](cfg, in_dim, out_dim)
+    """Build the connector named by ``cfg.kind`` (a ConnectorConfig), with its output norm if asked."""
+    module = _entry(cfg.kind)[0](cfg, in_dim, out_dim)
+    if getattr(cfg, "output_norm", False):
+        module = OutputNorm(module, out_dim, cfg.output_norm_gain)
+    return module
 
 
 def output_tokens(cfg, num_patches: int) -> int:
