@@ -50,17 +50,29 @@ def test_connector_output_shape_and_token_count(kind):
     assert torch.isfinite(y).all()
 
 
-def test_ldpv2_pools_2x2_blocks_in_row_major_order():
-    conn = build_connector(ConnectorConfig(kind="ldpv2"), 8, 8)
+@pytest.mark.parametrize("pool,side", [(2, 6), (3, 6), (4, 8)])
+def test_ldpv2_pools_blocks_in_row_major_order(pool, side):
+    cfg = ConnectorConfig(kind="ldpv2", pool=pool)
+    conn = build_connector(cfg, 8, 8)
     conn.mlp = torch.nn.Identity()  # isolate the spatial part: pooling + PEG
     with torch.no_grad():
         conn.peg.peg[0].weight.zero_()
         conn.peg.peg[0].bias.zero_()  # PEG(x) = x + conv(x) = x
-        x = torch.randn(1, 36, 8)  # 6 x 6 grid
+        x = torch.randn(1, side * side, 8)
         y = conn(x)
-    grid = x.reshape(6, 6, 8)
-    want = torch.stack([grid[2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((0, 1)) for r in range(3) for c in range(3)])
+    grid, n = x.reshape(side, side, 8), side // pool
+    want = torch.stack([grid[pool * r:pool * (r + 1), pool * c:pool * (c + 1)].mean((0, 1))
+                        for r in range(n) for c in range(n)])
     torch.testing.assert_close(y[0], want)
+    assert output_tokens(cfg, side * side) == n * n
+
+
+def test_ldpv2_pool_must_divide_the_patch_grid():
+    from mobilemllm.config import ConfigError
+
+    assert make_tiny_config(connector={"pool": 4}).num_visual_tokens == 4  # 8 x 8 patches -> 2 x 2
+    with pytest.raises(ConfigError, match="connector.pool 3"):
+        make_tiny_config(connector={"pool": 3})
 
 
 def test_connectors_reject_non_square_grids():

@@ -126,16 +126,17 @@ class _PEG(nn.Module):
 class LDPv2(nn.Module):
     """MobileVLM v2 projector: MLP, 2x2 average pooling, positional-encoding generator."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, pool: int = 2):
         super().__init__()
         self.mlp = _FeatureMLP(in_dim, out_dim)
         self.peg = _PEG(out_dim)
+        self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         h = _grid(n)
         x = self.mlp(x).transpose(1, 2).reshape(b, -1, h, h)
-        x = F.avg_pool2d(x, 2)
+        x = F.avg_pool2d(x, self.pool)
         x = self.peg(x)
         return x.flatten(2).transpose(1, 2)
 
@@ -171,7 +172,7 @@ def _build_ldp(cfg, in_dim: int, out_dim: int) -> nn.Module:
 
 
 def _build_ldpv2(cfg, in_dim: int, out_dim: int) -> nn.Module:
-    return LDPv2(in_dim, out_dim)
+    return LDPv2(in_dim, out_dim, getattr(cfg, "pool", 2))
 
 
 def _build_resampler(cfg, in_dim: int, out_dim: int) -> nn.Module:
@@ -182,7 +183,7 @@ def _build_resampler(cfg, in_dim: int, out_dim: int) -> nn.Module:
 CONNECTORS: dict[str, tuple[Callable[..., nn.Module], Callable[[object, int], int]]] = {
     "mlp2x_gelu": (_build_mlp, lambda cfg, n: n),
     "ldp": (_build_ldp, lambda cfg, n: ((_grid(n) + 1) // 2) ** 2),
-    "ldpv2": (_build_ldpv2, lambda cfg, n: (_grid(n) // 2) ** 2),
+    "ldpv2": (_build_ldpv2, lambda cfg, n: (_grid(n) // getattr(cfg, "pool", 2)) ** 2),
     "resampler": (_build_resampler, lambda cfg, n: cfg.num_queries),
 }
 
