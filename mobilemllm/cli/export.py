@@ -17,14 +17,17 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically if it is a bundle)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe YAML file instead of a shipped target."),
     decoder_quant: Optional[str] = typer.Option(None, help="Override the text decoder's scheme "
-                                                           "(executorch: fp32 | 8da4w | 8da8w | int8_weight; onnx: "
+                                                           "(executorch: fp32 | 8da4w | 8da8w | int8_weight; "
+                                                           "android-qnn: 16a4w | 16a8w | 16a16w | 8a8w | 8a4w | "
+                                                           "fp16; onnx: "
                                                            "fp32 | int8 | int4; coreml: the compression of every "
                                                            "package, fp16 | int8 | int4 | palettize4)."),
     embedding_quant: Optional[str] = typer.Option(None, help="Override the token embedding's scheme "
                                                              "(executorch: fp32 | embedding4 | embedding8; "
                                                              "onnx: fp32 | int8)."),
     vision_quant: Optional[str] = typer.Option(None, help="Override the vision encoder's scheme "
-                                                          "(executorch: fp32 | 8da8w | int8_weight; onnx: fp32 | "
+                                                          "(executorch: fp32 | 8da8w | int8_weight; android-qnn: "
+                                                          "8a8w | 16a8w | 16a4w | 16a16w | 8a4w | fp16; onnx: fp32 | "
                                                           "int8)."),
     group_size: Optional[int] = typer.Option(None, min=0, help="Group size for 4-bit weights and embeddings "
                                                                 "(0 = per channel; onnx: block size 32 | 64 | 128; "
@@ -109,8 +112,15 @@ def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, visi
     if group_size is not None:
         for part in ("text_decoder", "token_embedding"):
             quant.setdefault(part, {"scheme": "fp32"})["group_size"] = group_size
-    for part, spec in quant.items():
-        check_scheme(part, spec)
+    if rec.get("backend") == "qnn":  # QNN's PT2E schemes (16a4w, 8a8w, ...), not torchao's
+        from mobilemllm.export.qnn import check_recipe
+
+        errors = check_recipe(rec)
+        if errors:
+            raise ConfigError("; ".join(errors))
+    else:
+        for part, spec in quant.items():
+            check_scheme(part, spec)
     if max_context_len is not None:
         rec["max_context_len"] = max_context_len
         if rec.get("max_seq_len") and rec["max_seq_len"] > max_context_len:

@@ -12,8 +12,9 @@ Methods (executorch 1.5.1 ``extension/llm/runner`` contract):
 
 The decoder is exported with strict ``torch.export`` (non-strict turns the cache into constants), then
 ``RemoveRedundantTransposes`` runs on it and it is exported again. Backends: ``xnnpack`` (android, ios),
-``coreml`` (ios-coreml; lowers on Linux, runs only on Apple hardware), ``qnn`` (android-qnn; needs the
-Qualcomm SDK), ``portable`` (no delegate). A process that loads the program must import
+``coreml`` (ios-coreml; lowers on Linux, runs only on Apple hardware), ``qnn`` (android-qnn,
+:mod:`mobilemllm.export.qnn`: lowering and running need the QNN SDK; tested here: quantization, specs,
+preflight), ``portable`` (no delegate). A process that loads the program must import
 ``executorch.extension.llm.custom_ops`` (the apps link the same kernels).
 """
 
@@ -48,11 +49,17 @@ def preflight(recipe: dict[str, Any]) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown ExecuTorch backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "qnn":
+        from mobilemllm.export import qnn as Q
+
+        errors = Q.check_recipe(recipe)
+        if errors:
+            raise ConfigError("; ".join(errors))
         root = os.environ.get("QNN_SDK_ROOT")
-        if not root or not Path(root).is_dir():
+        problem = Q.sdk_problem(root)
+        if problem:
             raise BackendUnavailable(
-                "the android-qnn target needs Qualcomm's QNN SDK (AI Engine Direct), and QNN_SDK_ROOT is "
-                + ("not set" if not root else f"{root!r}, which does not exist")
+                "the android-qnn target needs Qualcomm's QNN SDK (AI Engine Direct) to lower and run; "
+                + (problem if root else "QNN_SDK_ROOT is not set")
                 + ". Install the SDK from https://www.qualcomm.com/developer/software/qualcomm-ai-engine-direct-sdk, "
                 "export QNN_SDK_ROOT=/path/to/qairt/<version>, and build ExecuTorch's QNN backend "
                 "(backends/qualcomm/scripts/build.sh); or use --target android (XNNPACK)")
@@ -85,6 +92,10 @@ def context_lengths(model, recipe: dict[str, Any]) -> tuple[int, int]:
     seq = int(recipe.get("max_seq_len") or ctx)
     if seq > ctx:
         raise ConfigError(f"max_seq_len {seq} is larger than max_context_len {ctx}")
+    if recipe.get("backend") == "qnn" and not recipe.get("max_seq_len"):
+        from mobilemllm.export.qnn import default_prefill_len
+
+        seq = default_prefill_len(model.config.num_visual_tokens, ctx)  # every QNN call computes seq rows
     if recipe.get("backend") == "coreml" and seq >= ctx:
         seq = ctx - 1  # coremltools needs the prefill length's upper bound below the cache size
     if model.config.num_visual_tokens + 2 > seq:
@@ -92,17 +103,25 @@ def context_lengths(model, recipe: dict[str, Any]) -> tuple[int, int]:
     return ctx, seq
 
 
-def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: str = "xnnpack"):
+def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: str = "xnnpack",
+                  max_seq_len: int | None = None):
     """(vision_encoder, token_embedding, text_decoder) modules sharing ``model``'s weights.
 
     For Core ML the decoder is ``CoreMLRunnerDecoder`` (same signature, no custom ops, the start position
-    kept a tensor, fp16 cache buffers that become Core ML states); everywhere else ``ExportLlama``."""
+    kept a tensor, fp16 cache buffers that become Core ML states); for QNN ``QnnRunnerDecoder`` (the same
+    without a SymInt past the input padding: a static core of ``max_seq_len`` rows, fp32 cache buffers);
+    everywhere else ``ExportLlama``."""
     from mobilemllm.export.export_llama import ExportLlama, TokenEmbedding, VisionEncoder
 
     if backend == "coreml":
         from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
 
         decoder = CoreMLRunnerDecoder(model.llm, model.config.llm, max_context_len)
+    elif backend == "qnn":
+        from mobilemllm.export.qnn import build_decoder, default_prefill_len
+
+        decoder = build_decoder(model, max_context_len, max_seq_len or default_prefill_len(
+            model.config.num_visual_tokens, max_context_len))
     else:
         decoder = ExportLlama(model.llm, model.config.llm, max_context_len, kv_cache=kv_cache)
     return (VisionEncoder(model).eval(), TokenEmbedding(model.llm.get_input_embeddings()).eval(), decoder.eval())
@@ -187,14 +206,19 @@ def _partitioners(backend: str, recipe: dict[str, Any]) -> dict[str, list] | Non
                         "aten._to_copy.default", "dim_order_ops._to_dim_order_copy.default"])],
                 "token_embedding": [XnnpackPartitioner()],
                 "text_decoder": [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)]}
-    if backend == "qnn":  # preflight() already refused when the SDK is missing
-        raise BackendUnavailable("QNN lowering is not wired up in this build: it needs the QNN SDK on the "
-                                 "exporting machine; use --target android")
+    if backend == "qnn":  # QnnPartitioner for vision and decoder, XNNPACK for the token embedding
+        from mobilemllm.export.qnn import qnn_partitioners
+
+        return qnn_partitioners(recipe)
     raise ConfigError(f"unknown backend {backend!r}")
 
 
 def lower(programs: dict[str, Any], constants: dict[str, Any], backend: str, recipe: dict[str, Any]):
     """Edge dialect + delegate + ExecuTorch program (an ExecutorchProgramManager)."""
+    if backend == "qnn":  # QNN's own passes and a live QnnManager (needs the SDK): mobilemllm.export.qnn
+        from mobilemllm.export.qnn import lower_qnn
+
+        return lower_qnn(programs, constants, recipe)
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -375,7 +399,8 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
     backend = recipe.get("backend", "xnnpack")
     quant = recipe.get("quantization") or {}
     for part, spec in quant.items():
-        check_scheme(part, spec)
+        if backend != "qnn":  # QNN schemes were checked by preflight
+            check_scheme(part, spec)
     B.check_out_dir(out_dir)
     ctx, seq = context_lengths(model, recipe)
     model = model.float().eval()
@@ -383,15 +408,20 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
     kv_cache = recipe.get("kv_cache") or "fp32"
     log(f"building {', '.join(METHODS)} ({backend}, context {ctx}, prefill up to {seq} tokens, "
         f"{kv_cache} KV cache)")
-    modules = build_modules(model, ctx, kv_cache, backend)
+    modules = build_modules(model, ctx, kv_cache, backend, seq)
     vision, embed, decoder = modules
-    qinfo = {
-        "vision_encoder": quantize_linears(vision, **_qargs(quant.get("vision_encoder"))),
-        "token_embedding": quantize_embeddings(embed, **_qargs(quant.get("token_embedding"))),
-        "text_decoder": quantize_linears(decoder, **_qargs(quant.get("text_decoder"))),
-    }
-    for part, info in qinfo.items():
-        info["backend"] = backend
+    if backend == "qnn":  # PT2E with QnnQuantizer, calibrated (mobilemllm.export.qnn)
+        from mobilemllm.export.qnn import quantize_modules
+
+        modules, qinfo = quantize_modules(model, tokenizer, modules, recipe, seq, log)
+    else:
+        qinfo = {
+            "vision_encoder": quantize_linears(vision, **_qargs(quant.get("vision_encoder"))),
+            "token_embedding": quantize_embeddings(embed, **_qargs(quant.get("token_embedding"))),
+            "text_decoder": quantize_linears(decoder, **_qargs(quant.get("text_decoder"))),
+        }
+        for part, info in qinfo.items():
+            info["backend"] = backend
     # an int8 KV cache rounds keys, values and queries: checked like a quantized bundle, not to 1e-4
     fp32 = all(q["scheme"] == "fp32" for q in qinfo.values()) and kv_cache == "fp32"
     log("quantization: " + ", ".join(f"{k} {v['scheme']}" + (f"/g{v['group_size']}" if v.get("group_size") else "")

@@ -61,6 +61,11 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
         quant = recipe.get("quantization") or {}
         if not isinstance(quant, dict):
             errors.append("quantization must map parts (" + ", ".join(PART_SCHEMES) + ") to {scheme: ...}")
+        elif recipe.get("backend") == "qnn":  # QNN's PT2E schemes (16a4w, 8a8w, ...) and soc_model
+            from mobilemllm.export.qnn import check_recipe
+
+            errors.extend(check_recipe(recipe))
+            recipe["quantization"] = {p: (s if isinstance(s, dict) else {"scheme": s}) for p, s in quant.items()}
         else:
             for part, spec in quant.items():
                 try:
