@@ -224,7 +224,8 @@ class ModelConfig:
         if c.kind not in CONNECTORS:
             errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
         elif c.kind == "ldpv2" and (c.pool < 1 or v.grid % c.pool):
-            errors.append(f"connector.pool {c.pool} must be at least 1 and divide the {v.grid}x{v.grid} patch grid")
+            errors.append(f"connector.pool {c.pool} must be at least 1 and divide the {v.grid}x{v.grid} patch grid"
+                          + (" (connector ldpv2 needs an even patch grid)" if c.pool == 2 else ""))
         elif c.kind == "ldp" and v.grid % 2:
             errors.append(f"connector {c.kind} needs an even patch grid, got {v.grid}x{v.grid}")
         if l.hidden_size % l.num_heads:
