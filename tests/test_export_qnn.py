@@ -3,11 +3,13 @@
 Tested here: the recipe, SoC / HTP compile specs and partitioners, preflight errors, the static-shape
 decoder against our LLaMA, QNN PT2E quantization (QnnQuantizer, calibrated, converted) of the decoder and
 the vision encoder against eager, and the whole export up to the lowering, which needs the SDK's HTP
-library (checked: without it the QnnManager cannot start). Lowering and running need the QNN SDK.
+library (checked: without it the QnnManager cannot start), and the decoder design against ExecuTorch's
+C++ MultimodalRunner contract in a portable (no delegate) program. Lowering and running need the QNN SDK.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -30,13 +32,13 @@ def _no_sdk_download(monkeypatch):
     monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
 
 
-def _model(seed=0):
+def _model(seed=0, scale=0.08):
     model = make_tiny_model(make_tiny_config(), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # larger weights than the default init: clear logits, errors show
         for p in model.llm.parameters():
             if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model
 
 
@@ -287,3 +289,62 @@ def test_qnn_export_runs_up_to_the_lowering(tmp_path, monkeypatch):
     dec = progs["text_decoder"]
     assert any("quantize_per" in str(n.target) for n in dec.graph.nodes)
     assert any("quantize_per" in str(n.target) for n in progs["vision_encoder"].graph.nodes)
+
+
+# ---- the runner contract, without the SDK: the QNN decoder in a portable (no delegate) program -------
+def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_tok):
+    """What the QNN lowering would receive (QnnRunnerDecoder: a prompt segment of T <= P rows padded to a
+    static P in the graph, the KV cache in mutable buffers; float, then its 16a16w PT2E-converted core),
+    exported like android-qnn and lowered like ``portable`` (no delegate), run by ExecuTorch's C++
+    MultimodalRunner (segment-sized prefill calls, then one-token decode calls): its greedy tokens equal
+    eager ``model.generate``'s for a fixed image and prompt."""
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
+
+    from mobilemllm.data.images import normalize, to_uint8_views
+    from mobilemllm.export import executorch as E
+    from mobilemllm.export import qnn as Q
+    from mobilemllm.inference import prompt_ids
+    from mobilemllm.runtime.executorch_runner import _inputs, _quiet_stdout, image_tensor, load_kernels
+    from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir, token_bytes
+
+    model = _model(0, scale=0.15)  # measured: 9 distinct greedy tokens in 12 (0.08 weights repeat one token)
+    cfg = model.config
+    question, n_new = "What shape is in the image?", 12
+    rec = {"backend": "qnn", "max_context_len": 96, "max_seq_len": 32}
+    ctx, seq = E.context_lengths(model, rec)
+    assert (ctx, seq) == (96, 32)
+    views = torch.from_numpy(to_uint8_views(E._parity_image(cfg), cfg.vision))
+    ids = prompt_ids(cfg, tiny_tok, question)
+    with torch.no_grad():
+        eager = model.generate(torch.tensor([ids]), normalize(views, cfg.vision).unsqueeze(0),
+                               max_new_tokens=n_new, eos_ids=[tiny_tok.eos_token_id])
+    assert len(eager) == n_new and len(set(eager)) >= 8  # no early EOS, and not one token repeated
+    tbytes = token_bytes(tiny_tok)
+    want = [tbytes[t] or b"" for t in eager]
+    load_kernels()
+    pieces_dir = decode_only_tokenizer_dir(tiny_tok, f"qnn-runner-test-{len(tiny_tok)}")
+    for variant in ("float", "16a16w"):
+        vision, embed, decoder = E.build_modules(model, ctx, backend="qnn", max_seq_len=seq)
+        assert isinstance(decoder, Q.QnnRunnerDecoder) and decoder.prefill_len == seq
+        if variant != "float":
+            decoder = Q.quantize_decoder(model, tiny_tok, decoder, variant, None, steps=4)
+        programs = E.export_programs(model, (vision, embed, decoder), seq)
+        constants = E.constant_methods(model, tiny_tok, ctx, seq)
+        et = E.lower(programs, constants, "portable", rec)
+        summary = E.delegation_summary(et)
+        assert all(s["delegate_calls"] == 0 for s in summary.values())
+        pte = tmp_path / f"{variant}.pte"
+        pte.write_bytes(et.buffer)
+        manifest = E._manifest(model, tiny_tok, rec, {}, summary, constants, None)
+        got, stats = [], {}
+        decode = PieceDecoder(lambda b: None)
+        with _quiet_stdout():
+            runner = MultimodalRunner(str(pte), str(pieces_dir))
+            runner.generate(_inputs(manifest, tiny_tok, image_tensor(manifest, views), question),
+                            GenerationConfig(echo=False, max_new_tokens=n_new, temperature=0.0, num_bos=0,
+                                             num_eos=0, seq_len=ctx),
+                            lambda piece: got.append(b"".join(bytes.fromhex(h) for h in
+                                                              decode._ENVELOPE.findall(piece))),
+                            lambda s: stats.update(json.loads(s.to_json_string())))
+        assert int(stats["prompt_tokens"]) == len(ids), variant
+        assert got == want, (variant, got, want)
