@@ -52,11 +52,13 @@ class SymbolicWorld:
         row, col = divmod(p, 2)
         return [(2 * row + a) * 4 + 2 * col + b for a in (0, 1) for b in (0, 1)]
 
-    def example(self, rng: random.Random, idx: int, seed: int):
-        scene = sample_scene(rng, idx, seed)
+    def example(self, rng: random.Random, idx: int, seed: int, fixed_questions: bool = False):
+        scene = sample_scene(random.Random(f"scene:{seed}:{idx}") if fixed_questions else rng, idx, seed)
         q = None
         while q is None:
-            q = ask(scene, rng, rng.choice(QUESTION_TYPES))
+            qtype = rng.choice(QUESTION_TYPES)
+            # fixed: one question per type per scene, like the data files (eval_questions.json)
+            q = ask(scene, random.Random(f"q:{seed}:{idx}:{qtype}") if fixed_questions else rng, qtype)
         colours, kinds = [len(COLOURS)] * self.tokens, [len(KINDS)] * self.tokens
         for s in scene.shapes:
             for c in self.cells(s.position):
@@ -89,8 +91,13 @@ class Model(nn.Module):
         return self.llm(inputs_embeds=x).logits[:, -1]
 
 
-def batch(world: SymbolicWorld, rng: random.Random, n: int, seed: int, start: int):
-    exs = [world.example(rng, start + i, seed) for i in range(n)]
+def batch(world: SymbolicWorld, rng: random.Random, n: int, seed: int, start: int, scenes: int = 0):
+    """``n`` examples: scenes start, start + 1, ... (a fresh stream), or drawn from the first ``scenes``
+    scenes with one fixed question per type each (a finite data set, as the real pipeline's)."""
+    if scenes:
+        exs = [world.example(rng, rng.randrange(scenes), seed, fixed_questions=True) for _ in range(n)]
+    else:
+        exs = [world.example(rng, start + i, seed) for i in range(n)]
     width = max(len(e[2]) for e in exs)
     pad = world.vocab["<pad>"]
     question = torch.tensor([[pad] * (width - len(e[2])) + e[2] for e in exs])  # left-padded
@@ -111,6 +118,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scenes", type=int, default=0,
+                    help="train on a finite set of this many scenes with one question per type each (0: a "
+                         "fresh scene for every example)")
     ap.add_argument("--image-std", type=float, default=0.5,
                     help="initial std of the symbol embeddings (text embeddings: 0.02); large values mimic "
                          "connector outputs far above the text scale")
@@ -124,7 +134,7 @@ def main() -> None:
     held_out = batch(world, random.Random(7), args.eval_size, 1, 0)  # seed-1 scenes, as the evaluation split
     rng, t0 = random.Random(args.seed), time.time()
     for step in range(1, args.steps + 1):
-        colours, kinds, question, answer, _ = batch(world, rng, args.batch, 0, step * args.batch)
+        colours, kinds, question, answer, _ = batch(world, rng, args.batch, 0, step * args.batch, args.scenes)
         loss = nn.functional.cross_entropy(model(colours, kinds, question, qf), answer)
         opt.zero_grad()
         loss.backward()

@@ -73,7 +73,9 @@ class ConnectorConfig:
     kind: str = "ldpv2"
     num_queries: int = 64  # resampler only
     num_heads: int = 8  # resampler only
-    pool: int = 2  # ldpv2 only: average-pooling window (MobileVLM V2: 2x2, a quarter of the patches)
+    # ldpv2: average-pooling window (MobileVLM V2: 2x2, a quarter of the patches); patch_merger: the block of
+    # patches concatenated into one token
+    pool: int = 2
     # A LayerNorm on the visual tokens, its gain starting at output_norm_gain: keeps them near the text
     # embeddings' scale (without it the tiny model's grow to ~90x), so what later layers write into them
     # (e.g. the question, with the vicuna_short_qfirst template) is not drowned. Off for published models.
@@ -223,9 +225,9 @@ class ModelConfig:
             errors.append(f"connector.output_norm_gain {c.output_norm_gain} must be positive")
         if c.kind not in CONNECTORS:
             errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
-        elif c.kind == "ldpv2" and (c.pool < 1 or v.grid % c.pool):
+        elif c.kind in ("ldpv2", "patch_merger") and (c.pool < 1 or v.grid % c.pool):
             errors.append(f"connector.pool {c.pool} must be at least 1 and divide the {v.grid}x{v.grid} patch grid"
-                          + (" (connector ldpv2 needs an even patch grid)" if c.pool == 2 else ""))
+                          + (f" (connector {c.kind} needs an even patch grid)" if c.pool == 2 else ""))
         elif c.kind == "ldp" and v.grid % 2:
             errors.append(f"connector {c.kind} needs an even patch grid, got {v.grid}x{v.grid}")
         if l.hidden_size % l.num_heads:

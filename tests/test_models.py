@@ -44,7 +44,7 @@ def test_connector_output_shape_and_token_count(kind):
     conn = build_connector(cfg, 32, 48).eval()
     with torch.no_grad():
         y = conn(torch.randn(2, 576, 32))  # a 24 x 24 patch grid, as CLIP-L/14 at 336 px
-    expected = {"mlp2x_gelu": 576, "ldp": 144, "ldpv2": 144, "resampler": 20}[kind]
+    expected = {"mlp2x_gelu": 576, "ldp": 144, "ldpv2": 144, "patch_merger": 144, "resampler": 20}[kind]
     assert output_tokens(cfg, 576) == expected
     assert y.shape == (2, expected, 48)
     assert torch.isfinite(y).all()
@@ -73,6 +73,47 @@ def test_ldpv2_pool_must_divide_the_patch_grid():
     assert make_tiny_config(connector={"pool": 4}).num_visual_tokens == 4  # 8 x 8 patches -> 2 x 2
     with pytest.raises(ConfigError, match="connector.pool 3"):
         make_tiny_config(connector={"pool": 3})
+
+
+@pytest.mark.parametrize("pool,side", [(2, 4), (2, 6), (3, 6)])
+def test_patch_merger_concatenates_blocks_in_row_major_order(pool, side):
+    """patch_merger (Qwen2-VL's merger): each pool x pool block of normed patches concatenated, row-major
+    inside the block and across blocks, then the MLP; the layout inside a block is kept (unlike pooling)."""
+    cfg = ConnectorConfig(kind="patch_merger", pool=pool)
+    conn = build_connector(cfg, 8, 16)
+    conn.mlp = torch.nn.Identity()
+    with torch.no_grad():
+        x = torch.randn(2, side * side, 8)
+        y = conn(x)
+    grid, n = torch.nn.functional.layer_norm(x, (8,)).reshape(2, side, side, 8), side // pool
+    want = torch.stack([torch.cat([grid[:, pool * r + i, pool * c + j] for i in range(pool) for j in range(pool)], -1)
+                        for r in range(n) for c in range(n)], 1)
+    torch.testing.assert_close(y, want)
+    assert output_tokens(cfg, side * side) == n * n
+    swapped = x.clone()  # two patches of one block exchanged: average pooling could not tell, the merger does
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    with torch.no_grad():
+        assert not torch.allclose(conn(swapped)[:, 0], y[:, 0])
+
+
+def test_patch_merger_in_the_model_and_its_exports(tmp_path, tiny_tokenizer):
+    from mobilemllm.config import ConfigError
+    from mobilemllm.export.export_llama import VisionEncoder
+    from mobilemllm.export.onnx import VisionGraph
+
+    cfg = make_tiny_config(vision={"patch_size": 8}, connector={"kind": "patch_merger", "output_norm": True})
+    assert cfg.num_visual_tokens == 4  # 4 x 4 patches of 8 px -> 2 x 2 tokens
+    loaded, _ = load_checkpoint(save_checkpoint(make_tiny_model(cfg, seed=5), tiny_tokenizer, tmp_path / "ckpt"))
+    assert loaded.config.connector.kind == "patch_merger"
+    image = torch.randint(0, 256, (1, 3, cfg.vision.image_size, cfg.vision.image_size), dtype=torch.uint8)
+    with torch.no_grad():
+        want = loaded.encode_images((image.float() / 255.0 - 0.5) / 0.5)
+        exported = torch.export.export(VisionEncoder(loaded).eval(), (image,), strict=True).module()(image)
+        onnx_graph = VisionGraph(loaded).eval()(image)
+    assert want.shape == (1, 4, cfg.llm.hidden_size)
+    assert torch.allclose(exported, want, atol=1e-4) and torch.allclose(onnx_graph, want, atol=1e-4)
+    with pytest.raises(ConfigError, match="connector.pool 3"):
+        make_tiny_config(connector={"kind": "patch_merger", "pool": 3})
 
 
 def test_connectors_reject_non_square_grids():

@@ -273,6 +273,33 @@ def test_recipe_overrides_and_errors():
         load_recipe("tiny", ["stages=[pretrain,rlhf]"])
 
 
+def test_contrastive_image_features_patches_keep_the_layout_inside_a_quadrant():
+    """foundations.vision.image_features: quadrant_mean averages each quadrant's patches, patches keeps them all
+    (so the contrastive loss sees a shape's outline, not only its colour); a bad value is a one-line error."""
+    from mobilemllm.training.foundations import ContrastiveModel
+    from mobilemllm.training.recipes import foundations_config, foundations_image_features
+
+    r = load_recipe("tiny", ["foundations.vision.image_features=patches", "foundations.vision.epochs=3"])
+    assert foundations_image_features(r) == "patches" and foundations_config(r, "vision").epochs == 3
+    assert foundations_image_features(load_recipe("tiny")) == "quadrant_mean"
+    with pytest.raises(ConfigError, match="image_features must be one of quadrant_mean, patches"):
+        load_recipe("tiny", ["foundations.vision.image_features=mean"])
+
+    class Patches(torch.nn.Module):  # a "tower" that returns the pixels as 16 patch features (4 x 4 grid)
+        def forward(self, x):
+            return x.reshape(x.shape[0], 16, 1)
+
+    feats = torch.arange(16.0).reshape(1, 1, 4, 4)
+    swapped = feats.clone()
+    swapped[0, 0, 0, [0, 1]] = swapped[0, 0, 0, [1, 0]]  # two patches of the top-left quadrant exchanged
+    for mode, differs in (("quadrant_mean", False), ("patches", True)):
+        torch.manual_seed(0)
+        clip = ContrastiveModel(Patches(), 1, 32, image_features=mode, num_patches=16)
+        a, b = clip.image_embeds(feats), clip.image_embeds(swapped)
+        assert a.shape == (1, 128) and torch.allclose(a.norm(dim=-1), torch.ones(1))
+        assert (not torch.allclose(a, b)) == differs, mode
+
+
 def test_cli_train_and_eval_help_and_errors(tmp_path):
     from mobilemllm.cli import main
 

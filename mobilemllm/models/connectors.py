@@ -6,6 +6,9 @@ Parameter layouts follow the published checkpoints so imports are a key rename:
   conv, LayerNorm, Hardswish, squeeze-excitation, 1x1 projection), the second with stride 2.
 - ``ldpv2`` (MobileVLM v2 "ldpnetv2"): MLP, 2x2 average pooling over the patch grid, then a PEG
   (depthwise 3x3 conv with a residual).
+- ``patch_merger`` (Qwen2-VL's merger): LayerNorm, each ``pool`` x ``pool`` block of neighbouring patches
+  concatenated (space-to-depth), then an MLP. Unlike average pooling it keeps the layout *inside* the
+  block, which is what tells shapes apart in the tiny model's 8-pixel patches.
 - ``resampler``: learnable queries with cross-attention over the patch features (Q-Former-style).
 """
 
@@ -141,6 +144,30 @@ class LDPv2(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+def space_to_depth(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, N, D) patch features on a square grid -> (B, N / window^2, D * window^2): each window x window
+    block's features concatenated (row-major inside the block), blocks in row-major order."""
+    b, n, d = x.shape
+    g = _grid(n)
+    h = g // window
+    x = x.reshape(b, h, window, h, window, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * h, window * window * d)
+
+
+class PatchMerger(nn.Module):
+    """Qwen2-VL-style merger: LayerNorm, concatenate each window x window block of patches, MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, window: int = 2):
+        super().__init__()
+        self.window = window
+        self.norm = nn.LayerNorm(in_dim)
+        merged = in_dim * window * window
+        self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(space_to_depth(self.norm(x), self.window))
+
+
 class Resampler(nn.Module):
     """A fixed set of learnable queries cross-attending to the patch features (token compression)."""
 
@@ -172,7 +199,11 @@ def _build_ldp(cfg, in_dim: int, out_dim: int) -> nn.Module:
 
 
 def _build_ldpv2(cfg, in_dim: int, out_dim: int) -> nn.Module:
-    return LDPv2(in_dim, out_dim, getattr(cfg, "pool", 2))
+    return LDPv2(in_dim, out_dim, cfg.pool)
+
+
+def _build_patch_merger(cfg, in_dim: int, out_dim: int) -> nn.Module:
+    return PatchMerger(in_dim, out_dim, cfg.pool)
 
 
 def _build_resampler(cfg, in_dim: int, out_dim: int) -> nn.Module:
@@ -183,7 +214,8 @@ def _build_resampler(cfg, in_dim: int, out_dim: int) -> nn.Module:
 CONNECTORS: dict[str, tuple[Callable[..., nn.Module], Callable[[object, int], int]]] = {
     "mlp2x_gelu": (_build_mlp, lambda cfg, n: n),
     "ldp": (_build_ldp, lambda cfg, n: ((_grid(n) + 1) // 2) ** 2),
-    "ldpv2": (_build_ldpv2, lambda cfg, n: (_grid(n) // getattr(cfg, "pool", 2)) ** 2),
+    "ldpv2": (_build_ldpv2, lambda cfg, n: (_grid(n) // cfg.pool) ** 2),
+    "patch_merger": (_build_patch_merger, lambda cfg, n: (_grid(n) // cfg.pool) ** 2),
     "resampler": (_build_resampler, lambda cfg, n: cfg.num_queries),
 }
 

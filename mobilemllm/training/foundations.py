@@ -7,8 +7,11 @@ nothing to download here, so the tiny recipe builds both, quickly, from the trai
    answers of the LLaVA files), packed into fixed-length blocks.
 2. **Contrastive (CLIP-style) pretraining** of the vision tower against a small text encoder on
    image-caption pairs (``pretrain.json``): symmetric InfoNCE with a learnable temperature. Image
-   features are the tower's patch features pooled per quadrant of the patch grid (so *where* things
-   are survives the pooling); the text encoder is a small transformer that is thrown away afterwards.
+   features are the tower's patch features averaged per quadrant of the patch grid (so *where* things
+   are survives the pooling; ``image_features="quadrant_mean"``) or all patch features concatenated
+   (``"patches"``: the layout inside each quadrant survives too, so the tower must encode shapes, not
+   only colours: a linear probe reads the tiny tower's shape kind at 96 % instead of 64 %); the text
+   encoder is a small transformer that is thrown away afterwards.
 
 Both run through the same :class:`~mobilemllm.training.trainer.Trainer` as the other stages.
 """
@@ -94,10 +97,13 @@ class TextEncoder(nn.Module):
 class ContrastiveModel(nn.Module):
     """Vision tower + quadrant pooling + projection, and a text encoder + projection."""
 
-    def __init__(self, vision: nn.Module, vision_hidden: int, vocab_size: int, embed_dim: int = 128):
+    def __init__(self, vision: nn.Module, vision_hidden: int, vocab_size: int, embed_dim: int = 128,
+                 image_features: str = "quadrant_mean", num_patches: int = 4):
         super().__init__()
         self.vision = vision
-        self.image_proj = nn.Sequential(nn.LayerNorm(4 * vision_hidden), nn.Linear(4 * vision_hidden, embed_dim))
+        self.image_features = image_features
+        width = (num_patches if image_features == "patches" else 4) * vision_hidden
+        self.image_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim))
         self.text = TextEncoder(vocab_size)
         self.text_proj = nn.Linear(128, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -105,6 +111,8 @@ class ContrastiveModel(nn.Module):
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.vision(pixel_values)  # (B, P, D) patch features
         b, p, d = feats.shape
+        if self.image_features == "patches":
+            return F.normalize(self.image_proj(feats.reshape(b, p * d)), dim=-1)
         g = math.isqrt(p)
         grid = feats.view(b, g, g, d).permute(0, 3, 1, 2)
         quads = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2).reshape(b, 4 * d)
@@ -171,7 +179,7 @@ def collate_pairs(items, pad_id: int = 0) -> dict[str, torch.Tensor]:
 def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Path, text_cfg: TrainConfig,
                       vision_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
                       caption_file: str = "pretrain.json", image_folder: str | Path | None = None,
-                      seq_len: int = 128) -> dict[str, Any]:
+                      seq_len: int = 128, image_features: str = "quadrant_mean") -> dict[str, Any]:
     """Pretrain ``model.llm`` on the data's text, then ``model.vision`` contrastively. In place."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     summary: dict[str, Any] = {}
@@ -191,7 +199,8 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
     if vision_cfg.micro_batch != vision_cfg.global_batch:
         vision_cfg = TrainConfig(**{**vision_cfg.__dict__, "micro_batch": vision_cfg.global_batch})
     torch.manual_seed(vision_cfg.seed)
-    clip = ContrastiveModel(model.vision, model.config.vision.hidden_size, len(tokenizer))
+    clip = ContrastiveModel(model.vision, model.config.vision.hidden_size, len(tokenizer),
+                            image_features=image_features, num_patches=model.config.vision.grid ** 2)
     t = Trainer(clip, ContrastiveObjective(), pairs, lambda s: collate_pairs(s, pad), vision_cfg,
                 run_dir / "vision", progress=progress, desc="foundations: contrastive vision")
     summary["vision"] = t.fit(resume=resume)

@@ -29,7 +29,8 @@ import torch
 
 from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.training.distributed import barrier, dist_env
-from mobilemllm.training.recipes import foundations_config, load_recipe, stage_options, stage_train_config
+from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
+                                         stage_train_config)
 from mobilemllm.training.stages import ORDER, get_stage, trainable_parts
 
 STATE_NAME = "training_state.json"
@@ -191,9 +192,11 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
         from mobilemllm.training.foundations import train_foundations
 
         summary = train_foundations(model, tok, data_dir, run_dir, foundations_config(recipe, "text"),
-                                    foundations_config(recipe, "vision"), resume=resume, progress=progress)
+                                    foundations_config(recipe, "vision"), resume=resume, progress=progress,
+                                    image_features=foundations_image_features(recipe))
         cfg_dump: dict[str, Any] = {"text": vars(foundations_config(recipe, "text")),
-                                    "vision": vars(foundations_config(recipe, "vision"))}
+                                    "vision": {**vars(foundations_config(recipe, "vision")),
+                                               "image_features": foundations_image_features(recipe)}}
     else:
         cfg = stage_train_config(recipe, stage)
         opts = stage_options(recipe, stage)

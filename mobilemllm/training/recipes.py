@@ -38,6 +38,8 @@ TOP_KEYS = {"model", "model_overrides", "tokenizer", "data", "eval_data", "synth
 STAGE_EXTRA = {"data", "image_folder", "template", "train_vision", "train_connector", "train_llm", "beta", "lora",
                "max_length"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "merge"}
+# foundations.vision keys that are not TrainConfig fields: what the contrastive image embedding is built from
+IMAGE_FEATURES = ("quadrant_mean", "patches")
 
 
 def recipe_names() -> list[str]:
@@ -122,6 +124,10 @@ def validate_recipe(recipe: dict[str, Any], where: str = "recipe") -> None:
             foundations_config(recipe, part)
         except ConfigError as e:
             errors.append(str(e))
+    try:
+        foundations_image_features(recipe)
+    except ConfigError as e:
+        errors.append(str(e))
     lora = (recipe.get("instruct") or {}).get("lora")
     if lora:
         if not isinstance(lora, dict):
@@ -157,7 +163,17 @@ def stage_options(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
 
 def foundations_config(recipe: dict[str, Any], part: str) -> TrainConfig:
     section = dict((recipe.get("foundations") or {}).get(part) or {})
+    section.pop("image_features", None)
     return TrainConfig.from_dict({**_defaults(recipe), **section}, where=f"foundations.{part}")
+
+
+def foundations_image_features(recipe: dict[str, Any]) -> str:
+    """``foundations.vision.image_features``: ``quadrant_mean`` (default) or ``patches``."""
+    value = ((recipe.get("foundations") or {}).get("vision") or {}).get("image_features") or "quadrant_mean"
+    if value not in IMAGE_FEATURES:
+        raise ConfigError(f"foundations.vision.image_features must be one of {', '.join(IMAGE_FEATURES)}, "
+                          f"got {value!r}")
+    return value
 
 
 TRAIN_KEYS = sorted(f.name for f in fields(TrainConfig))
