@@ -172,6 +172,59 @@ def test_resume_equals_uninterrupted_run(small_world, tmp_path):
     assert losses_cut == losses_full
 
 
+def test_group_by_length_batches_similar_lengths_and_stays_resumable(small_world, tmp_path):
+    """group_by_length: each epoch still uses every sample at most once (a pure function of seed and epoch),
+    but a batch holds samples of similar length; a run with it resumes to the same weights."""
+    model, tok = _load(small_world)
+    data = small_world / "data"
+    ds = torch.utils.data.ConcatDataset([ConversationDataset(data / "instruct.json", None, tok, model.config),
+                                         ConversationDataset(data / "eval_questions.json", None, tok, model.config)])
+    lengths = torch.tensor([n for part in ds.datasets for n in part.lengths])
+    assert len(lengths) == len(ds) and lengths.max() > 3 * lengths.min()  # conversations vs one-line questions
+
+    def trainer(grouped: bool, seed: int = 0):
+        tc = TrainConfig(global_batch=8, micro_batch=8, max_steps=4, group_by_length=grouped, seed=seed)
+        return Trainer(model, LMObjective(), ds, lambda s: collate(s, tok.pad_token_id), tc, tmp_path, progress=False)
+
+    def spread(t):  # mean over an epoch's batches of (longest - shortest) in the batch
+        batches = [lengths[t.step_indices(k)] for k in range(t.steps_per_epoch)]
+        return sum(float(b.max() - b.min()) for b in batches) / len(batches)
+
+    grouped, plain = trainer(True), trainer(False)
+    for t in (grouped, plain):
+        used = [i for k in range(t.steps_per_epoch) for i in t.step_indices(k)]
+        assert len(used) == len(set(used)) == t.steps_per_epoch * 8
+    assert spread(grouped) < 0.5 * spread(plain)
+    assert grouped.step_indices(3) == trainer(True).step_indices(3)  # reproducible
+    assert grouped.step_indices(3) != trainer(True, seed=1).step_indices(3)
+    epoch1 = grouped.step_indices(grouped.steps_per_epoch)
+    assert epoch1 != grouped.step_indices(0)
+
+    class NoLengths(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+    with pytest.raises(ConfigError, match="group_by_length needs sample lengths.*NoLengths"):
+        Trainer(model, LMObjective(), NoLengths(), collate, TrainConfig(global_batch=8, micro_batch=8,
+                                                                         group_by_length=True),
+                tmp_path, progress=False)
+
+    full = _instruct_trainer(small_world, tmp_path / "full", save_every=2, group_by_length=True)
+    full.fit(resume=False)
+
+    def kill_at_3(step, _m):
+        if step == 3:
+            raise _Interrupt()
+
+    with pytest.raises(_Interrupt):
+        _instruct_trainer(small_world, tmp_path / "cut", save_every=2, group_by_length=True).fit(
+            resume=False, on_step=kill_at_3)
+    resumed = _instruct_trainer(small_world, tmp_path / "cut", save_every=2, group_by_length=True)
+    assert resumed.fit(resume=True)["resumed_from"] == 2
+    for (n, p), q in zip(resumed.model.named_parameters(), full.model.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_state(small_world, tmp_path):
     t = _instruct_trainer(small_world, tmp_path, lr=1e30, max_grad_norm=1e30, save_every=1, max_steps=6)
     with pytest.raises(TrainingDiverged, match=r"at step \d+/6.*last good state \(step \d+\)"):

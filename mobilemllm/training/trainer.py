@@ -5,6 +5,9 @@
   of loss units (tokens or pairs), so 1 process x 4 micro-batches and 2 processes x 2 give the same
   update (up to float summation order).
 - The data order is a pure function of (seed, epoch), so the *data position* is just the step.
+  ``group_by_length`` (as transformers' option of that name) sorts each run of 64 global batches of the
+  shuffled order by sample length and shuffles the batches, so short samples are batched with short ones
+  (a mix of one-line questions and long conversations then costs what each costs, not the padding).
 - AdamW, cosine schedule with linear warm-up, gradient clipping, bf16 autocast on GPU, optional
   gradient checkpointing.
 - Resumable state (trainable weights, optimizer, scheduler, RNG, step) goes to ``run_dir/last/``
@@ -68,6 +71,7 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable states (0: about 10 per run)
     log_every: int = 1
     num_threads: int | None = None  # CPU threads per process (None: leave torch's default)
+    group_by_length: bool = False  # batch samples of similar length together (the dataset must have `lengths`)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":
@@ -127,6 +131,16 @@ def apply_fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
+def sample_lengths(dataset) -> list[int]:
+    """Each sample's (approximate) length, from the dataset's ``lengths`` (ConcatDataset: its parts')."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [n for part in dataset.datasets for n in sample_lengths(part)]
+    if not hasattr(dataset, "lengths"):
+        raise ConfigError(f"group_by_length needs sample lengths, which a {type(dataset).__name__} does not "
+                          "provide; set group_by_length=false for this stage")
+    return list(dataset.lengths)
+
+
 class Trainer:
     """Train ``model``'s trainable parameters on ``dataset`` with ``objective``.
 
@@ -165,6 +179,8 @@ class Trainer:
             raise ConfigError(f"the data set has {n} samples, fewer than global_batch {cfg.global_batch}; "
                               "lower global_batch or add data")
         self.steps_per_epoch = n // cfg.global_batch
+        if cfg.group_by_length:
+            sample_lengths(dataset)  # fail now, not at the first step, if the data set cannot say
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
         self.save_every = cfg.save_every or max(1, self.total_steps // 10)
@@ -172,13 +188,32 @@ class Trainer:
             self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) else None
 
     # ---- data order ----------------------------------------------------------------------------
+    GROUP_BATCHES = 64  # global batches sorted together by length when group_by_length is on
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The sample indices of ``epoch`` in the order they are used (a pure function of seed and epoch)."""
+        if getattr(self, "_order", (None,))[0] == epoch:
+            return self._order[1]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g)
+        if self.cfg.group_by_length:
+            gb = self.cfg.global_batch
+            lengths = torch.as_tensor(sample_lengths(self.dataset), dtype=torch.long)
+            used = order[:self.steps_per_epoch * gb]
+            chunks = []
+            for i in range(0, len(used), gb * self.GROUP_BATCHES):
+                chunk = used[i:i + gb * self.GROUP_BATCHES]
+                chunks.append(chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices])
+            batches = torch.cat(chunks).view(self.steps_per_epoch, gb)
+            order = batches[torch.randperm(self.steps_per_epoch, generator=g)].flatten()
+        self._order = (epoch, order)
+        return order
+
     def step_indices(self, step: int) -> list[int]:
         """The global batch of sample indices used at ``step`` (a pure function of seed and step)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.dataset), generator=g)
         gb = self.cfg.global_batch
-        return perm[k * gb:(k + 1) * gb].tolist()
+        return self.epoch_order(epoch)[k * gb:(k + 1) * gb].tolist()
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         mine = self.step_indices(step)[self.env.rank::self.env.world_size]
