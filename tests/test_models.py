@@ -112,6 +112,10 @@ def test_patch_merger_in_the_model_and_its_exports(tmp_path, tiny_tokenizer):
         onnx_graph = VisionGraph(loaded).eval()(image)
     assert want.shape == (1, 4, cfg.llm.hidden_size)
     assert torch.allclose(exported, want, atol=1e-4) and torch.allclose(onnx_graph, want, atol=1e-4)
+    from mobilemllm.export.coreml import convert_vision, mil_op_types
+
+    ops = mil_op_types(convert_vision(loaded).get_spec())  # converts (ranks <= 4); predicting needs macOS
+    assert ops.get("gelu") and ops.get("transpose")
     with pytest.raises(ConfigError, match="connector.pool 3"):
         make_tiny_config(connector={"kind": "patch_merger", "pool": 3})
 

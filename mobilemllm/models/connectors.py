@@ -146,12 +146,13 @@ class LDPv2(nn.Module):
 
 def space_to_depth(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, N, D) patch features on a square grid -> (B, N / window^2, D * window^2): each window x window
-    block's features concatenated (row-major inside the block), blocks in row-major order."""
+    block's features concatenated (row-major inside the block), blocks in row-major order. Tensors stay at
+    rank 4 or less (Core ML and QNN limit ranks)."""
     b, n, d = x.shape
     g = _grid(n)
     h = g // window
-    x = x.reshape(b, h, window, h, window, d).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * h, window * window * d)
+    x = x.reshape(b * h, window, h, window * d)  # (block row, row in block, block column, (column in block, D))
+    return x.permute(0, 2, 1, 3).reshape(b, h * h, window * window * d)
 
 
 class PatchMerger(nn.Module):
