@@ -405,6 +405,26 @@ def test_shuffled_captions_and_reading_docs_change_only_the_text(split: Path, tm
     assert len(plain) < len(b["corpus.txt"])
 
 
+def test_single_turn_writes_each_conversation_turn_as_its_own_record(split: Path, tmp_path: Path) -> None:
+    """single_turn: the same turns, each a one-question record with the image, ids <id>_t<j>; only
+    instruct.json changes."""
+    out = tmp_path / "single"
+    meta = write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, single_turn=True)
+    assert meta["single_turn"] is True
+    a, b = tree(split), tree(out)
+    assert [n for n in a if a[n] != b[n] and n != "meta.json"] == ["instruct.json"]
+    convs, singles = load(split, "instruct.json"), load(out, "instruct.json")
+    want = []
+    for rec in convs:
+        turns = rec["conversations"]
+        for j in range(0, len(turns), 2):
+            human = turns[j]["value"].removeprefix("<image>\n")
+            want.append((f'{rec["id"]}_t{j // 2}', rec["image"], human, turns[j + 1]["value"]))
+    got = [(r["id"], r["image"], r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in singles]
+    assert [(i, im, f"<image>\n{h}", ans) for i, im, h, ans in want] == got
+    assert all(len(r["conversations"]) == 2 for r in singles) and len(singles) > len(convs)
+
+
 def test_training_data_is_rewritten_when_the_synthetic_options_change(tmp_path: Path) -> None:
     from mobilemllm.training.pipeline import prepare_data
 

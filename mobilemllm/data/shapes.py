@@ -505,6 +505,7 @@ def write_synthetic(
     caption_order: str = "quadrant",
     reading_docs: bool = False,
     yes_no_lookups: int = 0,
+    single_turn: bool = False,
 ) -> dict[str, Any]:
     """Generate ``num_images`` scenes from ``seed`` and write images and LLaVA-format files.
 
@@ -514,6 +515,9 @@ def write_synthetic(
     questions about it and their answers, so the language-model foundation learns to answer a question
     from a description earlier in its context (the look-up the image questions need later).
     ``yes_no_lookups``: append that many :func:`yes_no_lookup` turns to every instruction conversation.
+    ``single_turn``: write each turn of an instruction conversation as its own record (ids ``<id>_t<j>``),
+    so every question and every detailed caption is asked right next to the image (with a question-first
+    template, before it) instead of in later turns after it; the texts are the same.
 
     Every file is written atomically. Returns the meta dict (also written to ``meta.json``).
     """
@@ -590,7 +594,13 @@ def write_synthetic(
                 order = shapes_in_order(scene, rr, caption_order)
                 qa = [f"{q.text} {q.answer}" for q in sample_questions(scene, rr, 6)]
                 corpus.append(" ".join([caption(scene, order).capitalize(), *qa]))
-            instruct.append({"id": scene.id, "image": image, "conversations": conv})
+            if single_turn:
+                for j in range(0, len(conv), 2):
+                    human = conv[j]["value"]
+                    instruct.append({"id": f"{scene.id}_t{j // 2}", "image": image, "conversations": [
+                        {"from": "human", "value": human if j == 0 else f"<image>\n{human}"}, conv[j + 1]]})
+            else:
+                instruct.append({"id": scene.id, "image": image, "conversations": conv})
 
             # Preference pairs.
             pair = preference_pair(scene, _rng(seed, i, "dpo"), caption_order)
@@ -664,6 +674,7 @@ def write_synthetic(
         "caption_order": caption_order,
         "reading_docs": reading_docs,
         "yes_no_lookups": yes_no_lookups,
+        "single_turn": single_turn,
         "image_folder": "images",
         "hallucinated_instruct_captions": hallucinated_captions,
         "pope_popular_ranking": popularity,

@@ -60,7 +60,7 @@ def prepare_data(recipe: dict[str, Any], out_dir: Path, log: Callable[[str], Non
 # The synthetic world's options a recipe may set (``synthetic:``), with write_synthetic's defaults; a data
 # folder is reused only when its meta.json records the same values.
 SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "caption_order": "quadrant", "reading_docs": False,
-                     "yes_no_lookups": 0}
+                     "yes_no_lookups": 0, "single_turn": False}
 
 
 def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
