@@ -5,9 +5,9 @@
   of loss units (tokens or pairs), so 1 process x 4 micro-batches and 2 processes x 2 give the same
   update (up to float summation order).
 - The data order is a pure function of (seed, epoch), so the *data position* is just the step.
-  ``group_by_length`` (as transformers' option of that name) sorts each run of 64 global batches of the
-  shuffled order by sample length and shuffles the batches, so short samples are batched with short ones
-  (a mix of one-line questions and long conversations then costs what each costs, not the padding).
+  ``group_by_length`` (after transformers' option of that name) sorts each run of 64 global batches of the
+  shuffled order into coarse length buckets (a factor of 4 apart; the shuffled order is kept inside a
+  bucket) and shuffles the batches, so one-line questions are not padded to a conversation's length.
 - AdamW, cosine schedule with linear warm-up, gradient clipping, bf16 autocast on GPU, optional
   gradient checkpointing.
 - Resumable state (trainable weights, optimizer, scheduler, RNG, step) goes to ``run_dir/last/``
@@ -201,9 +201,13 @@ class Trainer:
             lengths = torch.as_tensor(sample_lengths(self.dataset), dtype=torch.long)
             used = order[:self.steps_per_epoch * gb]
             chunks = []
+            # Coarse buckets (lengths within a factor of 4 share one), shuffled order kept inside a bucket:
+            # sorting by exact length would make batches of one question type each (each type has its
+            # own length), and steps that each see one task learn none of them.
+            buckets = torch.floor(torch.log2(lengths.clamp(min=1).double()) / 2).long()
             for i in range(0, len(used), gb * self.GROUP_BATCHES):
                 chunk = used[i:i + gb * self.GROUP_BATCHES]
-                chunks.append(chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices])
+                chunks.append(chunk[torch.sort(buckets[chunk], descending=True, stable=True).indices])
             batches = torch.cat(chunks).view(self.steps_per_epoch, gb)
             order = batches[torch.randperm(self.steps_per_epoch, generator=g)].flatten()
         self._order = (epoch, order)
