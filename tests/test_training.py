@@ -336,9 +336,10 @@ def test_contrastive_image_features_patches_keep_the_layout_inside_a_quadrant():
     from mobilemllm.training.foundations import ContrastiveModel
     from mobilemllm.training.recipes import foundations_config, foundations_image_features
 
-    r = load_recipe("tiny", ["foundations.vision.image_features=patches", "foundations.vision.epochs=3"])
-    assert foundations_image_features(r) == "patches" and foundations_config(r, "vision").epochs == 3
-    assert foundations_image_features(load_recipe("tiny")) == "quadrant_mean"
+    r = load_recipe("tiny", ["foundations.vision.image_features=quadrant_mean", "foundations.vision.epochs=3"])
+    assert foundations_image_features(r) == "quadrant_mean" and foundations_config(r, "vision").epochs == 3
+    assert foundations_image_features(load_recipe("tiny")) == "patches"  # the shipped recipe's choice
+    assert foundations_image_features({}) == "quadrant_mean"  # the default
     with pytest.raises(ConfigError, match="image_features must be one of quadrant_mean, patches"):
         load_recipe("tiny", ["foundations.vision.image_features=mean"])
 
