@@ -45,13 +45,14 @@ def _load(world):
     return load_checkpoint(world / "init")
 
 
-def _instruct_trainer(world, run_dir, **cfg):
+def _instruct_trainer(world, run_dir, curriculum=None, **cfg):
     model, tok = _load(world)
     model.set_trainable(**STAGES["instruct"].trainable)
     ds = ConversationDataset(world / "data" / "instruct.json", None, tok, model.config)
     tc = TrainConfig(**{"lr": 3e-3, "global_batch": 8, "micro_batch": 4, "max_steps": 6, "warmup_ratio": 0.0,
                         **cfg})
-    return Trainer(model, LMObjective(), ds, lambda s: collate(s, tok.pad_token_id), tc, run_dir, progress=False)
+    return Trainer(model, LMObjective(), ds, lambda s: collate(s, tok.pad_token_id), tc, run_dir, progress=False,
+                   curriculum=curriculum)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -229,6 +230,80 @@ def test_group_by_length_batches_similar_lengths_and_stays_resumable(small_world
         assert torch.equal(p, q), n
 
 
+def test_curriculum_steps_draw_from_their_samples_first_and_stay_resumable(small_world, tmp_path):
+    """curriculum_steps: the first steps use only the curriculum samples (every one once per curriculum epoch),
+    then the whole data set in the usual order; a pure function of the step, so a cut run resumes exactly."""
+    model, tok = _load(small_world)
+    data = small_world / "data"
+    ds = torch.utils.data.ConcatDataset([ConversationDataset(data / "instruct.json", None, tok, model.config),
+                                         ConversationDataset(data / "eval_questions.json", None, tok, model.config)])
+    n_conv = len(ds.datasets[0])
+    questions = list(range(n_conv, len(ds)))
+
+    def trainer(steps: int, **kw):
+        tc = TrainConfig(global_batch=8, micro_batch=8, max_steps=40, curriculum_steps=steps, **kw)
+        return Trainer(model, LMObjective(), ds, lambda s: collate(s, tok.pad_token_id), tc, tmp_path,
+                       progress=False, curriculum=questions)
+
+    c = 3 * (len(questions) // 8)  # three curriculum epochs
+    t, plain = trainer(c), trainer(0)
+    first = [t.step_indices(k) for k in range(c)]
+    assert all(i >= n_conv for b in first for i in b)
+    epoch0 = [i for b in first[:len(questions) // 8] for i in b]
+    assert len(epoch0) == len(set(epoch0))  # no repeats inside a curriculum epoch
+    assert first[0] != first[len(questions) // 8]  # each curriculum epoch its own order
+    # afterwards: the plain run's order, shifted by the curriculum steps
+    assert [t.step_indices(c + k) for k in range(5)] == [plain.step_indices(k) for k in range(5)]
+    assert any(i < n_conv for k in range(5) for i in t.step_indices(c + k))
+    assert all(i >= n_conv for k in range(c) for i in trainer(c, group_by_length=True).step_indices(k))
+    with pytest.raises(ConfigError, match="curriculum_steps must be >= 0"):
+        TrainConfig(curriculum_steps=-1).validate()
+    with pytest.raises(ConfigError, match="needs at least global_batch 8 curriculum samples, got 3"):
+        Trainer(model, LMObjective(), ds, collate, TrainConfig(global_batch=8, micro_batch=8, curriculum_steps=2),
+                tmp_path, progress=False, curriculum=[0, 1, 2])
+
+    n = len(json.loads((data / "instruct.json").read_text()))
+
+    def cut_trainer(run_dir):  # the curriculum: the samples after the first eight
+        return _instruct_trainer(small_world, run_dir, save_every=2, curriculum_steps=3, curriculum=range(8, n))
+
+    full = cut_trainer(tmp_path / "full")
+    assert all(i >= 8 for k in range(3) for i in full.step_indices(k))
+    full.fit(resume=False)
+
+    def kill_at_3(step, _m):
+        if step == 3:
+            raise _Interrupt()
+
+    with pytest.raises(_Interrupt):
+        cut_trainer(tmp_path / "cut").fit(resume=False, on_step=kill_at_3)
+    resumed = cut_trainer(tmp_path / "cut")
+    assert resumed.fit(resume=True)["resumed_from"] == 2
+    for (n, p), q in zip(resumed.model.named_parameters(), full.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_curriculum_data_in_a_recipe(small_world, tmp_path):
+    """instruct.curriculum_data names files among instruct.data; a file not listed, or steps without files,
+    is a one-line error before training starts."""
+    from mobilemllm.training.pipeline import _curriculum_indices
+    from mobilemllm.training.recipes import stage_options, stage_train_config
+
+    r = load_recipe("tiny", ["instruct.curriculum_steps=5", "instruct.curriculum_data=[eval_questions.json]"])
+    cfg, opts = stage_train_config(r, "instruct"), stage_options(r, "instruct")
+    assert cfg.curriculum_steps == 5 and opts["curriculum_data"] == ["eval_questions.json"]
+    model, tok = _load(small_world)
+    data = small_world / "data"
+    paths = [data / "instruct.json", data / "eval_questions.json"]
+    ds = torch.utils.data.ConcatDataset([ConversationDataset(p, None, tok, model.config) for p in paths])
+    idx = _curriculum_indices("instruct", cfg, opts, ds, paths, data)
+    assert idx == list(range(len(ds.datasets[0]), len(ds)))
+    with pytest.raises(ConfigError, match="curriculum_data .*captions.json is not in the stage's data"):
+        _curriculum_indices("instruct", cfg, {"curriculum_data": ["captions.json"]}, ds, paths, data)
+    with pytest.raises(ConfigError, match="curriculum_steps=5 needs curriculum_data"):
+        _curriculum_indices("instruct", cfg, {}, ds, paths, data)
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_state(small_world, tmp_path):
     t = _instruct_trainer(small_world, tmp_path, lr=1e30, max_grad_norm=1e30, save_every=1, max_steps=6)
     with pytest.raises(TrainingDiverged, match=r"at step \d+/6.*last good state \(step \d+\)"):
@@ -366,6 +441,20 @@ def test_cli_train_and_eval_help_and_errors(tmp_path):
     assert main(["train", "--recipe", "nope", "--out", str(tmp_path)]) == 2
     assert main(["train", "--stage", "rlhf", "--out", str(tmp_path)]) == 2
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+
+
+def test_initial_weights_follow_the_recipe_seed():
+    """The first stage's random initial model is a function of the recipe's seed (reruns reproduce a run)."""
+    from mobilemllm.training.pipeline import initial_model
+
+    def weights(seed):
+        torch.manual_seed(1234 + seed * 7)  # whatever the global RNG holds, the recipe's seed decides
+        model, _ = initial_model(load_recipe("tiny", [f"seed={seed}"]))
+        return dict(model.state_dict())
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
 def test_stage_without_previous_checkpoint_is_a_clear_error(tmp_path):

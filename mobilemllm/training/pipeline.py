@@ -100,6 +100,8 @@ def initial_model(recipe: dict[str, Any]):
             from mobilemllm.data.tokenizer import tiny_tokenizer
 
             tok = tiny_tokenizer(cfg.llm.vocab_size)
+        # the recipe's seed fixes the random initial weights too: a rerun starts from the same model
+        torch.manual_seed(int(recipe.get("seed", 0)))
         model = MobileVLM(cfg)
     if recipe.get("tokenizer"):
         from mobilemllm.data.tokenizer import load_tokenizer
@@ -168,6 +170,29 @@ def _concat(datasets: list):
     return datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
 
 
+def _curriculum_indices(stage: str, cfg, opts: dict[str, Any], dataset, data_paths: list[Path],
+                        data_dir: Path) -> list[int] | None:
+    """The sample indices of the stage's ``curriculum_data`` files (which must be among its ``data``)."""
+    files = opts.get("curriculum_data")
+    if not files:
+        if cfg.curriculum_steps:
+            raise ConfigError(f"{stage}: curriculum_steps={cfg.curriculum_steps} needs curriculum_data, the "
+                              "files (among the stage's data) that the first steps draw from")
+        return None
+    wanted = [Path(f) if Path(f).is_absolute() else data_dir / f for f in ([files] if isinstance(files, str) else files)]
+    missing = [str(w) for w in wanted if w not in data_paths]
+    if missing:
+        raise ConfigError(f"{stage}: curriculum_data {', '.join(missing)} is not in the stage's data "
+                          f"({', '.join(str(p) for p in data_paths)}); list it in {stage}.data too")
+    sizes = [len(d) for d in dataset.datasets] if isinstance(dataset, torch.utils.data.ConcatDataset) else [len(dataset)]
+    out, start = [], 0
+    for path, n in zip(data_paths, sizes):
+        if path in wanted:
+            out.extend(range(start, start + n))
+        start += n
+    return out
+
+
 def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_dir: Path, init: str | Path | None,
               resume: bool = True, progress: bool = True, fingerprint: str = "") -> dict[str, Any]:
     """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``."""
@@ -228,7 +253,8 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
             objective = LMObjective()
             collate_fn = lambda items: collate(items, pad)  # noqa: E731
         trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
-                          param_groups=_param_groups(cfg.connector_lr))
+                          param_groups=_param_groups(cfg.connector_lr),
+                          curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir))
         summary = trainer.fit(resume=resume)
         if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
             from mobilemllm.models.vlm import MobileVLM

@@ -36,7 +36,7 @@ from mobilemllm.training.trainer import TrainConfig
 TOP_KEYS = {"model", "model_overrides", "tokenizer", "data", "eval_data", "synthetic", "stages", "seed",
             "num_threads", "foundations", "pretrain", "instruct", "dpo", "eval", "name"}
 STAGE_EXTRA = {"data", "image_folder", "template", "train_vision", "train_connector", "train_llm", "beta", "lora",
-               "max_length"}
+               "max_length", "curriculum_data"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "merge"}
 # foundations.vision keys that are not TrainConfig fields: what the contrastive image embedding is built from
 IMAGE_FEATURES = ("quadrant_mean", "patches")

@@ -8,6 +8,9 @@
   ``group_by_length`` (after transformers' option of that name) sorts each run of 64 global batches of the
   shuffled order into coarse length buckets (a factor of 4 apart; the shuffled order is kept inside a
   bucket) and shuffles the batches, so one-line questions are not padded to a conversation's length.
+- A *curriculum* (``curriculum_steps`` and the samples it draws from, e.g. the short questions of a stage
+  whose data also holds captions) makes the first steps use only those samples, in their own seeded
+  order; the later steps then go through the whole data set as usual. Still a pure function of the step.
 - AdamW, cosine schedule with linear warm-up, gradient clipping, bf16 autocast on GPU, optional
   gradient checkpointing.
 - Resumable state (trainable weights, optimizer, scheduler, RNG, step) goes to ``run_dir/last/``
@@ -72,6 +75,7 @@ class TrainConfig:
     log_every: int = 1
     num_threads: int | None = None  # CPU threads per process (None: leave torch's default)
     group_by_length: bool = False  # batch samples of similar length together (the dataset must have `lengths`)
+    curriculum_steps: int = 0  # the first steps draw only from the trainer's `curriculum` samples
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":
@@ -91,6 +95,8 @@ class TrainConfig:
             errors.append("global_batch and micro_batch must be >= 1")
         if self.max_steps is None and not self.epochs > 0:
             errors.append(f"epochs must be > 0, got {self.epochs}")
+        if self.curriculum_steps < 0:
+            errors.append(f"curriculum_steps must be >= 0, got {self.curriculum_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             errors.append(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
@@ -150,7 +156,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective, dataset, collate_fn: Callable, cfg: TrainConfig,
                  run_dir: str | Path, *, progress: bool = True, desc: str = "train",
-                 param_groups: Callable[[nn.Module], list[dict]] | None = None):
+                 param_groups: Callable[[nn.Module], list[dict]] | None = None,
+                 curriculum: list[int] | None = None):
         self.cfg = cfg
         self.env: DistEnv = dist_env()
         self.device = pick_device(self.env)
@@ -181,6 +188,13 @@ class Trainer:
         self.steps_per_epoch = n // cfg.global_batch
         if cfg.group_by_length:
             sample_lengths(dataset)  # fail now, not at the first step, if the data set cannot say
+        self.curriculum = torch.as_tensor(sorted(set(curriculum or [])), dtype=torch.long)
+        if cfg.curriculum_steps and len(self.curriculum) < cfg.global_batch:
+            raise ConfigError(f"curriculum_steps={cfg.curriculum_steps} needs at least global_batch "
+                              f"{cfg.global_batch} curriculum samples, got {len(self.curriculum)}")
+        if len(self.curriculum) and not (0 <= int(self.curriculum[0]) and int(self.curriculum[-1]) < n):
+            raise ConfigError(f"curriculum sample indices must lie in [0, {n})")
+        self._orders: dict[tuple[str, int], torch.Tensor] = {}
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
         self.save_every = cfg.save_every or max(1, self.total_steps // 10)
@@ -190,33 +204,45 @@ class Trainer:
     # ---- data order ----------------------------------------------------------------------------
     GROUP_BATCHES = 64  # global batches sorted together by length when group_by_length is on
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The sample indices of ``epoch`` in the order they are used (a pure function of seed and epoch)."""
-        if getattr(self, "_order", (None,))[0] == epoch:
-            return self._order[1]
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=g)
-        if self.cfg.group_by_length:
-            gb = self.cfg.global_batch
-            lengths = torch.as_tensor(sample_lengths(self.dataset), dtype=torch.long)
-            used = order[:self.steps_per_epoch * gb]
-            chunks = []
-            # Coarse buckets (lengths within a factor of 4 share one), shuffled order kept inside a bucket:
-            # sorting by exact length would make batches of one question type each (each type has its
-            # own length), and steps that each see one task learn none of them.
-            buckets = torch.floor(torch.log2(lengths.clamp(min=1).double()) / 2).long()
-            for i in range(0, len(used), gb * self.GROUP_BATCHES):
-                chunk = used[i:i + gb * self.GROUP_BATCHES]
-                chunks.append(chunk[torch.sort(buckets[chunk], descending=True, stable=True).indices])
-            batches = torch.cat(chunks).view(self.steps_per_epoch, gb)
-            order = batches[torch.randperm(self.steps_per_epoch, generator=g)].flatten()
-        self._order = (epoch, order)
-        return order
+    def epoch_order(self, epoch: int, phase: str = "main") -> torch.Tensor:
+        """The sample indices of ``epoch`` in the order they are used (a pure function of seed and epoch).
+
+        ``phase="curriculum"``: an epoch over the curriculum samples only (its own seeded order)."""
+        key = (phase, epoch)
+        if key not in self._orders:
+            pool = self.curriculum if phase == "curriculum" else torch.arange(len(self.dataset))
+            salt = 7_919 if phase == "curriculum" else 0
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + salt * 1_000_000_007)
+            order = pool[torch.randperm(len(pool), generator=g)]
+            if self.cfg.group_by_length:
+                order = self._group(order, g)
+            self._orders = {key: order}  # one epoch at a time is all the loop needs
+        return self._orders[key]
+
+    def _group(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        gb = self.cfg.global_batch
+        n_batches = len(order) // gb
+        lengths = torch.as_tensor(sample_lengths(self.dataset), dtype=torch.long)
+        used = order[:n_batches * gb]
+        chunks = []
+        # Coarse buckets (lengths within a factor of 4 share one), shuffled order kept inside a bucket:
+        # sorting by exact length would make batches of one question type each (each type has its
+        # own length), and steps that each see one task learn none of them.
+        buckets = torch.floor(torch.log2(lengths.clamp(min=1).double()) / 2).long()
+        for i in range(0, len(used), gb * self.GROUP_BATCHES):
+            chunk = used[i:i + gb * self.GROUP_BATCHES]
+            chunks.append(chunk[torch.sort(buckets[chunk], descending=True, stable=True).indices])
+        batches = torch.cat(chunks).view(n_batches, gb)
+        return batches[torch.randperm(n_batches, generator=g)].flatten()
 
     def step_indices(self, step: int) -> list[int]:
         """The global batch of sample indices used at ``step`` (a pure function of seed and step)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
         gb = self.cfg.global_batch
+        c = self.cfg.curriculum_steps
+        if step < c:
+            epoch, k = divmod(step, len(self.curriculum) // gb)
+            return self.epoch_order(epoch, "curriculum")[k * gb:(k + 1) * gb].tolist()
+        epoch, k = divmod(step - c, self.steps_per_epoch)
         return self.epoch_order(epoch)[k * gb:(k + 1) * gb].tolist()
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
