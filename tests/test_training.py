@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -455,6 +456,24 @@ def test_initial_weights_follow_the_recipe_seed():
     a, b, c = weights(0), weights(0), weights(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_auto_threads_count_what_other_processes_use_now():
+    """num_threads: auto takes every core when idle and leaves the cores other processes keep busy *now*
+    (sampled, not the 1-minute load average, which counts this process's own earlier work)."""
+    from mobilemllm.training.pipeline import busy_cores, cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(3) == 3 and cpu_threads(4, world_size=2) == 2 and cpu_threads(None) is None
+    assert cpu_threads("auto", busy=0.1) == cores
+    assert cpu_threads("auto", busy=cores + 3.0) == 1
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(1.0) > 0.6  # one spinning process is about one busy core
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_stage_without_previous_checkpoint_is_a_clear_error(tmp_path):

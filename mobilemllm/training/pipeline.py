@@ -304,17 +304,40 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
     return report
 
 
-def cpu_threads(setting: int | str | None, world_size: int = 1) -> int | None:
-    """Threads per process: an int, or "auto": every core when the machine is idle, one when other
-    processes already keep the cores busy (OpenMP threads that wait on a busy CPU spin and slow a small
-    model down many times over)."""
+def busy_cores(interval: float = 0.5) -> float:
+    """How many cores other work keeps busy right now: /proc/stat sampled over ``interval`` seconds (this
+    process waits meanwhile, so it counts itself out; the 1-minute load average would count the work this
+    process did just before, e.g. a test session's earlier tests). Falls back to the load average."""
+    import os
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = t1 - t0
+    cores = os.cpu_count() or 1
+    return 0.0 if total <= 0 else cores * (1.0 - (i1 - i0) / total)
+
+
+def cpu_threads(setting: int | str | None, world_size: int = 1, busy: float | None = None) -> int | None:
+    """Threads per process: an int, or "auto": every core when the machine is idle, fewer when other
+    processes keep cores busy right now (OpenMP threads that wait on a busy CPU spin and slow a small
+    model down many times over). ``busy``: cores in use by others (default: measured, :func:`busy_cores`)."""
     import os
 
     if setting in (None, 0):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if setting == "auto":
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        busy = busy_cores() if busy is None else busy
         n = cores if busy < 0.75 else max(1, cores - int(busy + 0.5))
     else:
         n = int(setting)
