@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class Trainer:
     def __init__(self, model: nn.Module, objective, dataset, collate_fn: Callable, cfg: TrainConfig,
                  run_dir: str | Path, *, progress: bool = True, desc: str = "train",
                  param_groups: Callable[[nn.Module], list[dict]] | None = None,
-                 curriculum: list[int] | None = None):
+                 curriculum: Iterable[int] | None = None):
         self.cfg = cfg
         self.env: DistEnv = dist_env()
         self.device = pick_device(self.env)
