@@ -245,6 +245,14 @@ class Trainer:
         epoch, k = divmod(step - c, self.steps_per_epoch)
         return self.epoch_order(epoch)[k * gb:(k + 1) * gb].tolist()
 
+    def epoch_at(self, steps_done: int) -> float:
+        """Passes over the data the steps draw from: curriculum epochs during the curriculum, then epochs
+        of the whole data set counted from the end of the curriculum."""
+        c = self.cfg.curriculum_steps
+        if steps_done <= c:
+            return round(steps_done / (len(self.curriculum) // self.cfg.global_batch), 4)
+        return round((steps_done - c) / self.steps_per_epoch, 4)
+
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         mine = self.step_indices(step)[self.env.rank::self.env.world_size]
         mb = self.cfg.micro_batch
@@ -426,7 +434,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 tokens_total += int(tokens.item())
-                last = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": loss,
+                last = {"step": step + 1, "epoch": self.epoch_at(step + 1), "loss": loss,
                         "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens.item() / dt,
                         "elapsed_s": round(time.perf_counter() - t_run, 3)}
                 last.update({k: packed[i + 1].item() / n_units for i, k in enumerate(keys)})
