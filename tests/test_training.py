@@ -302,10 +302,14 @@ def test_curriculum_data_in_a_recipe(small_world, tmp_path):
     ds = torch.utils.data.ConcatDataset([ConversationDataset(p, None, tok, model.config) for p in paths])
     idx = _curriculum_indices("instruct", cfg, opts, ds, paths, data)
     assert idx == list(range(len(ds.datasets[0]), len(ds)))
-    with pytest.raises(ConfigError, match="curriculum_data .*captions.json is not in the stage's data"):
+    with pytest.raises(ConfigError, match="curriculum_data .*captions.json is not in the stage's data.*curriculum_steps=0"):
         _curriculum_indices("instruct", cfg, {"curriculum_data": ["captions.json"]}, ds, paths, data)
     with pytest.raises(ConfigError, match="curriculum_steps=5 needs curriculum_data"):
         _curriculum_indices("instruct", cfg, {}, ds, paths, data)
+    # curriculum_steps=0 turns it off, whatever curriculum_data names (e.g. after overriding instruct.data)
+    off = load_recipe("tiny", ["instruct.curriculum_steps=0", "instruct.data=[instruct.json]"])
+    assert _curriculum_indices("instruct", stage_train_config(off, "instruct"), stage_options(off, "instruct"),
+                               ds.datasets[0], paths[:1], data) is None
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_state(small_world, tmp_path):

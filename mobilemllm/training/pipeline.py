@@ -174,16 +174,17 @@ def _curriculum_indices(stage: str, cfg, opts: dict[str, Any], dataset, data_pat
                         data_dir: Path) -> list[int] | None:
     """The sample indices of the stage's ``curriculum_data`` files (which must be among its ``data``)."""
     files = opts.get("curriculum_data")
+    if not cfg.curriculum_steps:
+        return None  # no curriculum: curriculum_data, if any, is not used
     if not files:
-        if cfg.curriculum_steps:
-            raise ConfigError(f"{stage}: curriculum_steps={cfg.curriculum_steps} needs curriculum_data, the "
-                              "files (among the stage's data) that the first steps draw from")
-        return None
+        raise ConfigError(f"{stage}: curriculum_steps={cfg.curriculum_steps} needs curriculum_data, the "
+                          "files (among the stage's data) that the first steps draw from")
     wanted = [Path(f) if Path(f).is_absolute() else data_dir / f for f in ([files] if isinstance(files, str) else files)]
     missing = [str(w) for w in wanted if w not in data_paths]
     if missing:
         raise ConfigError(f"{stage}: curriculum_data {', '.join(missing)} is not in the stage's data "
-                          f"({', '.join(str(p) for p in data_paths)}); list it in {stage}.data too")
+                          f"({', '.join(str(p) for p in data_paths)}); list it in {stage}.data too, or "
+                          f"turn the curriculum off with {stage}.curriculum_steps=0")
     sizes = [len(d) for d in dataset.datasets] if isinstance(dataset, torch.utils.data.ConcatDataset) else [len(dataset)]
     out, start = [], 0
     for path, n in zip(data_paths, sizes):
