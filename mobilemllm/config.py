@@ -65,6 +65,12 @@ class VisionConfig:
             return self.tile_grid[0] * self.tile_grid[1] + 1
         return 1
 
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """RGB fill for padding to a square: the mean times 255, truncated as LLaVA/MobileVLM's
+        ``tuple(int(x * 255) for x in image_mean)`` (CLIP: (122, 116, 104)), so padded pixels match upstream."""
+        return tuple(int(m * 255) for m in self.image_mean)
+
 
 @dataclass
 class ConnectorConfig:

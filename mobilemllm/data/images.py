@@ -41,8 +41,7 @@ def _square(img, cfg: VisionConfig):
     if cfg.image_aspect == "resize" or img.width == img.height:
         return img
     side = max(img.width, img.height)
-    fill = tuple(int(round(m * 255)) for m in cfg.image_mean)
-    canvas = Image.new("RGB", (side, side), fill)
+    canvas = Image.new("RGB", (side, side), cfg.pad_color)
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
 
