@@ -10,7 +10,7 @@ Endpoints (JSON unless said otherwise):
 - ``GET /api/info``: the bundle's model, target, image size, template, limits.
 - ``POST /api/image``: the raw image file as the body (any type Pillow reads). Answers
   ``{"id", "width", "height", "model_view"}`` (``model_view``: a PNG data URL of what the vision encoder
-  gets, made by :mod:`mobilemllm.app_inputs` like the apps make it) or ``{"error": ...}`` with 400
+  gets, made by :mod:`mobilemllm.bundle.app_inputs` like the apps make it) or ``{"error": ...}`` with 400
   (not an image), 411 (no length), 413 (too large).
 - ``POST /api/ask`` ``{"image": id, "question": str, "max_new_tokens"?: int, "temperature"?: float}``:
   a ``text/event-stream`` of ``data: {"type": "text", "text": ...}`` pieces, then one ``stats`` event
@@ -90,7 +90,7 @@ class DemoState:
     """The bundle, its manifest, the uploaded images, and the lock that serialises generation."""
 
     def __init__(self, bundle: str | Path, *, max_upload_bytes: int, max_new_tokens: int):
-        from mobilemllm.export.bundle import load_manifest
+        from mobilemllm.bundle import load_manifest
 
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle)
@@ -133,7 +133,7 @@ class DemoState:
     def add_image(self, data: bytes) -> dict[str, Any]:
         from PIL import Image
 
-        from mobilemllm.app_inputs import image_views, pixels_of
+        from mobilemllm.bundle.app_inputs import image_views, pixels_of
 
         img = decode_upload(data, self.max_upload_bytes)
         views = image_views(pixels_of(img), self.manifest["preprocessing"])

@@ -3,7 +3,7 @@
 1. every manifest field the Kotlin and Swift code reads (all in Manifest.kt / Manifest.swift) exists in
    mobilemllm/schemas/manifest.schema.json;
 2. the apps' preprocessing and prompt assembly, written out in Python from the manifest alone
-   (mobilemllm.app_inputs), give the same uint8 image and token ids as training's
+   (mobilemllm.bundle.app_inputs), give the same uint8 image and token ids as training's
    ``to_uint8_views`` / ``prompt_ids``; the Kotlin port, compiled on a JVM, gives the same bytes and calls;
 3. ``mobilemllm push --target android`` builds the exact adb commands and fails clearly without adb or a phone.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest_apps import app_bundle, find_kotlinc, need_tool  # noqa: F401  (fixture)
 
-from mobilemllm import app_inputs as ai
+from mobilemllm.bundle import app_inputs as ai
 from mobilemllm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def app_reads(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    from mobilemllm.export.bundle import manifest_schema
+    from mobilemllm.bundle import manifest_schema
 
     return manifest_schema()
 
@@ -170,7 +170,7 @@ def test_app_preprocessing_equals_training(case):
     from PIL import Image
 
     from mobilemllm.data.images import to_uint8_views
-    from mobilemllm.export.bundle import preprocessing_section
+    from mobilemllm.export.manifest_sections import preprocessing_section
 
     vc = vision_config(**dict(case, tile_grid=(2, 3)))
     pre = preprocessing_section(vc)
@@ -196,7 +196,7 @@ def test_app_resize_equals_pillow_bicubic_on_random_sizes():
 
 def test_app_preprocessing_refuses_what_it_does_not_implement():
     from mobilemllm.errors import UserError
-    from mobilemllm.export.bundle import preprocessing_section
+    from mobilemllm.export.manifest_sections import preprocessing_section
 
     pre = preprocessing_section(vision_config())
     with pytest.raises(UserError, match="bicubic"):
@@ -212,7 +212,7 @@ QUESTIONS = ["What colour is the shape?", "  how many shapes   ", "é ü ✓ 形
 def test_app_prompt_ids_equal_training(template, tiny_tokenizer, tmp_path):
     from conftest import make_tiny_config
 
-    from mobilemllm.export.bundle import prompt_section, tokenizer_section
+    from mobilemllm.export.manifest_sections import prompt_section, tokenizer_section
     from mobilemllm.inference import prompt_ids
 
     cfg = make_tiny_config(template=template)
@@ -242,7 +242,7 @@ def test_runner_calls_follow_the_manifest():
 
 
 def test_runner_image_layout_equals_the_runtime():
-    from mobilemllm.export.bundle import preprocessing_section
+    from mobilemllm.export.manifest_sections import preprocessing_section
     from mobilemllm.runtime.executorch_runner import image_tensor
 
     pre = preprocessing_section(vision_config(hires="tiles", tile_grid=(2, 2)))
@@ -257,7 +257,7 @@ def test_exported_bundle_app_inputs_equal_training(app_bundle, shapes_image):
     from mobilemllm.config import ModelConfig
     from mobilemllm.data.images import load_image, to_uint8_views
     from mobilemllm.data.tokenizer import load_tokenizer
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.inference import prompt_ids
 
     m = load_manifest(app_bundle)
@@ -292,9 +292,9 @@ def test_kotlin_port_gives_the_same_image_and_prompt(app_bundle, kotlin_jar, tmp
     from mobilemllm.config import ModelConfig
     from mobilemllm.data.images import load_image, to_uint8_views
     from mobilemllm.data.tokenizer import load_tokenizer
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.inference import prompt_ids
-    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
     from mobilemllm.runtime.executorch_runner import image_tensor
 
     m = load_manifest(app_bundle)
@@ -413,16 +413,17 @@ def small_bundle(tmp_path_factory, tiny_tokenizer) -> Path:
     """A schema-valid ExecuTorch bundle with stand-in bytes for the program (push only copies files)."""
     from conftest import make_tiny_config
 
-    from mobilemllm.export import bundle as B
+    from mobilemllm import bundle as B
+    from mobilemllm.export import manifest_sections as S
 
     cfg = make_tiny_config()
     manifest = {
         "format": "executorch", "target": "android",
         "model": {"name": cfg.name, "config": cfg.to_dict()},
         "methods": {"get_max_seq_len": {"value": 64}},
-        "tokenizer": B.tokenizer_section(tiny_tokenizer, cfg.llm.vocab_size),
-        "prompt": B.prompt_section(cfg, tiny_tokenizer),
-        "preprocessing": B.preprocessing_section(cfg.vision),
+        "tokenizer": S.tokenizer_section(tiny_tokenizer, cfg.llm.vocab_size),
+        "prompt": S.prompt_section(cfg, tiny_tokenizer),
+        "preprocessing": S.preprocessing_section(cfg.vision),
         "context": {"max_seq_len": 64, "max_context_len": 256},
         "quantization": {"text_decoder": {"scheme": "fp32"}},
         "parity": {"passed": True, "forced": False, "checks": []},

@@ -12,7 +12,8 @@ import pytest
 
 from mobilemllm.config import ModelConfig
 from mobilemllm.errors import UserError
-from mobilemllm.export import bundle as B
+from mobilemllm import bundle as B
+from mobilemllm.export import manifest_sections as S
 from mobilemllm.export import parity as P
 
 SMALL = {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128}
@@ -40,13 +41,13 @@ def _manifest(model, tok) -> dict:
     return {
         "format": "executorch",
         "target": "test",
-        "model": B.model_section(model, "tiny"),
+        "model": S.model_section(model, "tiny"),
         "files": {},
         "methods": {"text_decoder": {"inputs": [{"name": "embeddings", "dtype": "float32", "shape": [1, "T", 64]}]},
                     "get_max_seq_len": {"value": 256}},
-        "tokenizer": B.tokenizer_section(tok, cfg.llm.vocab_size),
-        "prompt": B.prompt_section(cfg, tok),
-        "preprocessing": B.preprocessing_section(cfg.vision),
+        "tokenizer": S.tokenizer_section(tok, cfg.llm.vocab_size),
+        "prompt": S.prompt_section(cfg, tok),
+        "preprocessing": S.preprocessing_section(cfg.vision),
         "context": {"max_seq_len": 256, "max_context_len": 256},
         "quantization": {"text_decoder": {"scheme": "8da4w", "group_size": 32}},
         "parity": P.summarize([P.check("logit_cosine", 0.99, 0.9, True)]),
@@ -149,7 +150,7 @@ def test_prompt_segments_reproduce_training_ids(tok, template):
     from mobilemllm.inference import prompt_ids
 
     cfg = ModelConfig.from_preset("tiny", llm=SMALL, template=template)
-    section = B.prompt_section(cfg, tok)
+    section = S.prompt_section(cfg, tok)
     for q in ["What colour is the circle?", "  Describe the image in detail.  "]:
         assert B.prompt_token_ids(section, tok, q, tok.bos_token_id) == prompt_ids(cfg, tok, q)
     if template == "plain":

@@ -14,7 +14,7 @@ from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, coll
 from mobilemllm.data.images import load_image, normalize, preprocess, to_uint8_views
 from mobilemllm.data.templates import IMAGE, TEMPLATES, get_template
 from mobilemllm.errors import ConfigError, DataError
-from mobilemllm.models.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 def record(i=0, image="a.png", turns=(("<image>\nWhat colour is the circle?", "red"),)):

@@ -181,7 +181,7 @@ def fp16_decoder():
 
 @pytest.mark.slow
 def test_bundle_specs(coreml_bundle, tiny_config):
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.export.coreml import IOS18_SPEC_VERSION, package_spec
 
     b, logs = coreml_bundle

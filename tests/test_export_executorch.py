@@ -184,7 +184,7 @@ def fp32_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 
 @pytest.mark.slow
 def test_android_bundle_manifest_and_program(android_bundle):
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.export.executorch import load_program
 
     m = load_manifest(android_bundle)
@@ -208,7 +208,7 @@ def test_fp32_bundle_matches_eager_through_multimodal_runner(fp32_bundle, tiny_c
     """The C++ runner's greedy text equals eager generation (same prompt template, same image)."""
     from mobilemllm.api import load
     from mobilemllm.data.images import load_image
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.inference import answer
     from mobilemllm.runtime import run_bundle
 
@@ -302,7 +302,7 @@ def test_generate_bundle_bad_inputs(android_bundle, tmp_path, capsys, shapes_ima
 
 @pytest.mark.slow
 def test_reexport_overwrites_and_failed_parity_writes_nothing(tiny_checkpoint, tmp_path, capsys):
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     strict = tmp_path / "strict.yaml"
     strict.write_text("name: strict\nformat: executorch\nbackend: portable\nmax_context_len: 64\n"
@@ -325,7 +325,7 @@ def test_reexport_overwrites_and_failed_parity_writes_nothing(tiny_checkpoint, t
 
 @pytest.mark.slow
 def test_ios_target_builds_and_runs(tiny_checkpoint, tmp_path):
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     out = _export(tiny_checkpoint, tmp_path / "ios", "--target", "ios", "--max-context-len", "64")
     m = load_manifest(out)
@@ -335,7 +335,7 @@ def test_ios_target_builds_and_runs(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_ios_coreml_target_lowers_but_cannot_run_here(tiny_checkpoint, tmp_path, capsys, shapes_image):
     from mobilemllm.data.images import load_image
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.export.executorch import load_program  # noqa: F401
     from mobilemllm.runtime import run_bundle
 
@@ -361,7 +361,7 @@ def test_int8_kv_cache_bundle_runs_and_matches_eager(tiny_checkpoint, tmp_path, 
     kernels), run by MultimodalRunner, greedy text equal to eager with fp32 weights, recorded in the manifest."""
     from mobilemllm.api import load
     from mobilemllm.data.images import load_image
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
     from mobilemllm.inference import answer
     from mobilemllm.runtime import run_bundle
 

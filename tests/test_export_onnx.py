@@ -71,7 +71,7 @@ def _check(manifest: dict, prefix: str) -> dict:
 
 # ---- graphs ----------------------------------------------------------------------------------------
 def test_bundle_layout_and_graph_signatures(bundles, model):
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     b = bundles["fp32"]
     man = load_manifest(b)  # schema + checksums
@@ -302,7 +302,7 @@ def test_refuses_to_overwrite_a_non_bundle_folder(tmp_path, model, tiny_tokenize
 
 
 def test_missing_or_damaged_graph(bundles, tmp_path):
-    from mobilemllm.export.bundle import BundleError
+    from mobilemllm.bundle import BundleError
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
     b = tmp_path / "b"

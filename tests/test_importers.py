@@ -22,7 +22,7 @@ from torch import nn
 from mobilemllm.errors import CheckpointError, ConfigError, UserError
 from mobilemllm.models.checkpoint import WEIGHTS_NAME, load_checkpoint
 from mobilemllm.models.importers import IMPORT_INFO_NAME, import_checkpoint
-from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
 VOCAB = 400
 QUESTION = "What colour is the circle?"

@@ -17,7 +17,7 @@ from mobilemllm.errors import CheckpointError, UserError
 from mobilemllm.inference import answer, prompt_ids
 from mobilemllm.models.checkpoint import WEIGHTS_NAME, load_checkpoint, save_checkpoint
 from mobilemllm.models.connectors import CONNECTORS, build_connector, output_tokens
-from mobilemllm.models.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 QUESTIONS = ["What colour is the circle?", "Describe the image in detail.", "How many shapes are there?"]
 

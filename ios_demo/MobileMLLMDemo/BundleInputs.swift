@@ -1,5 +1,5 @@
 // What the app does before calling a runner, as the manifest says: a line-by-line port of
-// mobilemllm/app_inputs.py and android_demo's BundleInputs.kt (the Kotlin twin is compiled and checked
+// mobilemllm/bundle/app_inputs.py and android_demo's BundleInputs.kt (the Kotlin twin is compiled and checked
 // against Python byte for byte in tests/test_apps.py; this file follows it step for step).
 //
 // The resize reproduces Pillow 13's bicubic filter exactly: coefficients in Double, normalised, turned

@@ -30,7 +30,7 @@ HOST_UNRUNNABLE = {"coreml": "Core ML programs run only on Apple hardware (macOS
 
 def _bundle_format(path: str, device: str) -> str:
     from mobilemllm.errors import BackendUnavailable
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     manifest = load_manifest(path, verify=False)
     delegate = (manifest.get("export") or {}).get("backend")

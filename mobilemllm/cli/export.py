@@ -44,7 +44,7 @@ def export(
     import importlib
 
     from mobilemllm.errors import UserError
-    from mobilemllm.export.bundle import check_out_dir
+    from mobilemllm.bundle import check_out_dir
     from mobilemllm.export.recipes import load_recipe
 
     if (target is None) == (recipe is None):

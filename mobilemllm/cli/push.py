@@ -40,7 +40,7 @@ def check_name(name: str) -> str:
 
 def bundle_files(bundle: Path, manifest: dict) -> list[str]:
     """Every file of the bundle, manifest.json last (the app treats a folder with a manifest as complete)."""
-    from mobilemllm.export.bundle import MANIFEST_NAME
+    from mobilemllm.bundle import MANIFEST_NAME
 
     return sorted(manifest["files"]) + [MANIFEST_NAME]
 
@@ -142,7 +142,7 @@ def push(
 ) -> None:
     """Copy a bundle to a phone, where the demo app lists it."""
     from mobilemllm.errors import BackendUnavailable, UserError
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     if target not in TARGETS:
         hint = " (iOS: add the bundle folder in the ios_demo app's Files import; see docs/apps.md)" \

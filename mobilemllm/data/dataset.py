@@ -192,7 +192,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; images stacked for the rows that have them."""
-    from mobilemllm.models.vlm import IGNORE_INDEX
+    from mobilemllm.bundle.layout import IGNORE_INDEX
 
     n = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)

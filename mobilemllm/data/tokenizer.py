@@ -51,7 +51,7 @@ def load_tokenizer(path: str | Path):
 def encode_segments(tokenizer, segments: list[tuple[str, bool]], num_image_tokens: int,
                     add_bos: bool = True, add_eos_to_answers: bool = True) -> tuple[list[int], list[int]]:
     """Template segments -> (input_ids, labels). Labels are IGNORE_INDEX except on answers (+EOS)."""
-    from mobilemllm.models.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
     ids: list[int] = []
     labels: list[int] = []

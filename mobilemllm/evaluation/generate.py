@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
 
 @torch.inference_mode()

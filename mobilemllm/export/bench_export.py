@@ -80,7 +80,7 @@ def eager_speed(model_name: str, new: int = 128) -> dict:
 
     model, _ = load(model_name)
     cfg = model.config
-    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
     ids = [1] + [5] * 30 + [IMAGE_TOKEN_ID] * cfg.num_visual_tokens + [7] * 60
     pix = torch.rand(1, cfg.vision.num_views, 3, cfg.vision.image_size, cfg.vision.image_size)

@@ -233,7 +233,7 @@ def coreml_teacher_forced(packages: dict[str, Any], config, ids: list[int], imag
 
     from mobilemllm.data.images import to_uint8_views
     from mobilemllm.export.coreml_decoder import causal_mask
-    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
     if not can_predict():
         raise BackendUnavailable(PREDICTION_NEEDS_MACOS)
@@ -303,7 +303,8 @@ def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) 
 def export_coreml(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
                   force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Convert ``model`` to a Core ML bundle (three .mlpackage folders) at ``out_dir`` as ``recipe`` says."""
-    from mobilemllm.export import bundle as B
+    from mobilemllm import bundle as B
+    from mobilemllm.export import manifest_sections as S
     from mobilemllm.export import parity
 
     scheme, block = preflight(recipe)
@@ -351,16 +352,16 @@ def export_coreml(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path,
             "schema_version": B.SCHEMA_VERSION,
             "format": "coreml",
             "target": recipe.get("name", "coreml"),
-            "model": B.model_section(model, source),
+            "model": S.model_section(model, source),
             "graphs": graphs,
-            "tokenizer": B.tokenizer_section(tokenizer, cfg.llm.vocab_size),
-            "prompt": B.prompt_section(cfg, tokenizer),
-            "preprocessing": B.preprocessing_section(cfg.vision, "float32", True),
+            "tokenizer": S.tokenizer_section(tokenizer, cfg.llm.vocab_size),
+            "prompt": S.prompt_section(cfg, tokenizer),
+            "preprocessing": S.preprocessing_section(cfg.vision, "float32", True),
             "context": {"max_seq_len": ctx, "max_context_len": ctx},
             "quantization": qinfo,
             "parity": result,
             "export": {"recipe": dict(recipe), "seconds": round(time.perf_counter() - t_start, 2),
-                       "versions": B.versions(), "backend": "coreml", "deployment_target": "iOS18/macOS15",
+                       "versions": S.versions(), "backend": "coreml", "deployment_target": "iOS18/macOS15",
                        "compute_precision": "float16",
                        "decoder_call": "inputs_embeds (1, n, D) fp16 + additive causal_mask (1, 1, n, past+n) "
                                        "fp16 (0 = attend, -1e4 = masked) -> logits of the last position; the "

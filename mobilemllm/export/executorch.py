@@ -31,11 +31,12 @@ from typing import Any, Callable
 import torch
 
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
-from mobilemllm.export import bundle as B
+from mobilemllm import bundle as B
+from mobilemllm.export import manifest_sections as S
 from mobilemllm.export import parity as P
 
 BACKENDS = ("xnnpack", "coreml", "qnn", "portable")
-PROGRAM_NAME = "model.pte"
+from mobilemllm.bundle.layout import PROGRAM_NAME  # noqa: E402,F401  (re-exported for export code)
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 REQUIRED_KERNELS = ["executorch/extension/llm/custom_ops (llama::custom_sdpa, llama::update_cache)",
                     "optimized/quantized kernels (quantized_decomposed, torchao dequantize)"]
@@ -283,7 +284,7 @@ def check_parity(model, tokenizer, pte: Path, staging: Path, manifest: dict[str,
     """Run the .pte (ExecuTorch runtime, then MultimodalRunner) against the eager float model."""
     from mobilemllm.data.images import normalize, to_uint8_views
     from mobilemllm.inference import prompt_ids
-    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
     cfg = model.config
     par = recipe.get("parity") or {}
@@ -502,18 +503,18 @@ def _manifest(model, tokenizer, recipe, qinfo, summary, constants, source) -> di
         "schema_version": B.SCHEMA_VERSION,
         "format": "executorch",
         "target": recipe.get("name", "custom"),
-        "model": B.model_section(model, source),
+        "model": S.model_section(model, source),
         "files": {PROGRAM_NAME: {"size": 0, "sha256": "0" * 64}},  # filled in by finish_bundle
         "methods": methods,
-        "tokenizer": B.tokenizer_section(tokenizer, vocab),
-        "prompt": B.prompt_section(cfg, tokenizer),
-        "preprocessing": {**B.preprocessing_section(cfg.vision, "uint8", True),
+        "tokenizer": S.tokenizer_section(tokenizer, vocab),
+        "prompt": S.prompt_section(cfg, tokenizer),
+        "preprocessing": {**S.preprocessing_section(cfg.vision, "uint8", True),
                           # the runner passes one image: views (tiles, then the global view) stacked top to bottom
                           "input_shape": [1, 3, views * s, s], "views_stacked": "vertical"},
         "context": {"max_seq_len": constants["get_max_seq_len"], "max_context_len": constants["get_max_context_len"],
                     "kv_cache": recipe.get("kv_cache") or "fp32"},
         "quantization": qinfo,
         "parity": P.summarize([]),
-        "export": {"recipe": dict(recipe), "backend": recipe.get("backend", "xnnpack"), "versions": B.versions(),
+        "export": {"recipe": dict(recipe), "backend": recipe.get("backend", "xnnpack"), "versions": S.versions(),
                    "required_kernels": REQUIRED_KERNELS},
     }

@@ -31,7 +31,7 @@ from torch import nn
 from mobilemllm.errors import ConfigError, UserError
 
 OPSET = 18
-GRAPH_FILES = {"vision_encoder": "vision.onnx", "token_embedding": "embed.onnx", "text_decoder": "decoder.onnx"}
+from mobilemllm.bundle.layout import GRAPH_FILES  # noqa: E402,F401  (re-exported for export code)
 # Graphs above this size are written with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -575,7 +575,8 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
     ``fp32_graphs`` (from :func:`export_graphs` of the same model) skips the export step: several
     quantized bundles of one model share one export (the benchmark and the tests do this).
     """
-    from mobilemllm.export import bundle as bundle_mod
+    from mobilemllm import bundle as bundle_mod
+    from mobilemllm.export import manifest_sections as S
     from mobilemllm.export import parity
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
@@ -641,17 +642,17 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
             "schema_version": bundle_mod.SCHEMA_VERSION,
             "format": "onnx",
             "target": target,
-            "model": bundle_mod.model_section(model, source),
+            "model": S.model_section(model, source),
             "graphs": graphs,
-            "tokenizer": bundle_mod.tokenizer_section(tokenizer, cfg.llm.vocab_size),
-            "prompt": bundle_mod.prompt_section(cfg, tokenizer),
-            "preprocessing": bundle_mod.preprocessing_section(cfg.vision, "uint8", True),
+            "tokenizer": S.tokenizer_section(tokenizer, cfg.llm.vocab_size),
+            "prompt": S.prompt_section(cfg, tokenizer),
+            "preprocessing": S.preprocessing_section(cfg.vision, "uint8", True),
             "context": {"max_seq_len": ctx, "max_context_len": ctx},
             "quantization": quant_manifest,
             "parity": result,
             "export": {"recipe": dict(recipe or {"quantization": q.summary()}),
                        "seconds": round(time.perf_counter() - t_start, 2),
-                       "versions": bundle_mod.versions(), "backend": "onnxruntime",
+                       "versions": S.versions(), "backend": "onnxruntime",
                        "decoder_builder": decoder_builder,
                        "opset": OPSET, "kv_cache": {"layers": cfg.llm.num_layers, "heads": cfg.llm.kv_heads,
                                                     "head_dim": cfg.llm.head_dim, "layout": "BHSD"}},

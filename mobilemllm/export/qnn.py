@@ -348,7 +348,7 @@ def decoder_calibration_inputs(model, tokenizer, prefill_len: int, images: Seque
     sequence recomputation gives the next token)."""
     from mobilemllm.data.images import normalize
     from mobilemllm.inference import prompt_ids
-    from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
     cfg = model.config
     out: list[tuple] = []

@@ -43,7 +43,7 @@ def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, tem
     Prints time to first token and tokens/s to stderr when ``report``. ``providers`` names ONNX Runtime
     execution providers for ONNX bundles (e.g. ``["QNNExecutionProvider", "CPUExecutionProvider"]``).
     """
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
@@ -84,8 +84,8 @@ def run_bundle(bundle_dir, pil_image, prompt: str, max_new_tokens: int = 64, tem
 def _run_executorch(bundle_dir: Path, manifest: dict, pil_image, prompt: str, max_new_tokens: int,
                     temperature: float, on_text, image_path):
     from mobilemllm.data.tokenizer import load_tokenizer
-    from mobilemllm.export.bundle import fill_prompt
-    from mobilemllm.export.executorch import PROGRAM_NAME
+    from mobilemllm.bundle import fill_prompt
+    from mobilemllm.bundle.layout import PROGRAM_NAME
     from mobilemllm.runtime.executorch_runner import count_prompt_tokens, run_program
 
     if manifest["export"].get("backend") == "coreml":

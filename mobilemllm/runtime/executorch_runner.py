@@ -119,7 +119,7 @@ def _inputs(manifest: dict[str, Any], tokenizer, image_u8: torch.Tensor, questio
     """MultimodalInputs: the manifest's segments, text as token ids from the bundle's tokenizer."""
     from executorch.extension.llm.runner import make_image_input, make_token_input
 
-    from mobilemllm.export.bundle import fill_prompt, needs_bos_token
+    from mobilemllm.bundle import fill_prompt, needs_bos_token
 
     inputs = []
     bos = manifest["tokenizer"]["bos_id"]
@@ -146,7 +146,7 @@ def image_tensor(manifest: dict[str, Any], views_u8) -> torch.Tensor:
 
 
 def count_prompt_tokens(manifest: dict[str, Any], tokenizer, question: str) -> int:
-    from mobilemllm.export.bundle import prompt_token_ids
+    from mobilemllm.bundle import prompt_token_ids
 
     return len(prompt_token_ids(manifest["prompt"], tokenizer, question, manifest["tokenizer"]["bos_id"]))
 
@@ -167,7 +167,7 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
 
     from mobilemllm.data.tokenizer import load_tokenizer
-    from mobilemllm.export.bundle import sha256_file
+    from mobilemllm.bundle import sha256_file
     from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir
 
     tokenizer_dir = Path(tokenizer_dir)

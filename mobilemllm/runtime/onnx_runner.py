@@ -137,7 +137,7 @@ class OnnxRunner:
     def __init__(self, graph_dir: str | Path, config, tokenizer, *, files: dict[str, str] | None = None,
                  providers: Sequence[str] | None = None, threads: int | None = None,
                  shared_kv: bool | None = None):
-        from mobilemllm.export.onnx import GRAPH_FILES
+        from mobilemllm.bundle.layout import GRAPH_FILES
 
         self.dir = Path(graph_dir)
         self.config = config
@@ -202,7 +202,7 @@ class OnnxRunner:
         return self.vision.run(None, {"pixel_values": pixels})[0]
 
     def embed(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
-        from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
         ids_arr = np.asarray([ids], dtype=np.int64)
         emb = self.embed_session.run(None, {"input_ids": ids_arr})[0]
@@ -359,7 +359,7 @@ class OnnxRunner:
 
 def read_manifest(bundle: str | Path) -> dict:
     """The bundle's manifest, validated (schema and checksums) by the shared bundle module."""
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     return load_manifest(bundle)
 

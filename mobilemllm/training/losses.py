@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mobilemllm.models.vlm import IGNORE_INDEX
+from mobilemllm.bundle.layout import IGNORE_INDEX
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

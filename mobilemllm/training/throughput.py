@@ -36,7 +36,7 @@ STAGES = ("pretrain", "instruct")
 def synthetic_samples(config, n: int, text_tokens: int, answer_tokens: int, seed: int = 0) -> list:
     """``n`` samples of exactly ``1 + visual + text_tokens`` ids: BOS, the image, a prompt, an answer."""
     from mobilemllm.data.dataset import Sample
-    from mobilemllm.models.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+    from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
     if not 1 <= answer_tokens <= text_tokens:
         raise UserError(f"--answer-tokens must be between 1 and --text-tokens ({text_tokens}); got {answer_tokens}")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mobilemllm.errors import ConfigError, UserError
-from mobilemllm.models.checkpoint import atomic_dir, commit_dir
+from mobilemllm.atomic import atomic_dir, commit_dir
 from mobilemllm.training.distributed import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, pick_device
 
 STATE_DIR = "last"

@@ -13,7 +13,7 @@ from mobilemllm.errors import UserError
 
 
 def read_bundle(path: str | Path, expect_format: str) -> dict[str, Any]:
-    from mobilemllm.export.bundle import load_manifest
+    from mobilemllm.bundle import load_manifest
 
     manifest = load_manifest(path)
     if manifest["format"] != expect_format:
@@ -39,7 +39,7 @@ def quant_label(manifest: dict[str, Any], part: str = "text_decoder") -> str:
 
 def bundle_prompt(manifest: dict[str, Any], tokenizer, text_tokens: int, filler_index: int = 0) -> BenchPrompt:
     """The benchmark prompt in the manifest's segment layout: [BOS] text <image> filler... text."""
-    from mobilemllm.export.bundle import QUESTION
+    from mobilemllm.bundle import QUESTION
 
     segs = manifest["prompt"]["segments"]
     at = next((i for i, s in enumerate(segs) if s["type"] == "image"), None)

@@ -140,7 +140,7 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
     def load(self) -> None:
         from executorch.extension.llm.runner import MultimodalRunner
 
-        from mobilemllm.export.bundle import sha256_file
+        from mobilemllm.bundle import sha256_file
         from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir
 
         # the same vocabulary, but every piece is ASCII: the per-token callback (µs timestamps) then works for

@@ -62,7 +62,7 @@ class OnnxRuntimeBackend(Backend):
     def run_once(self) -> Repetition:
         import numpy as np
 
-        from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
         r, p = self.runner, self.prompt
         timing = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}

@@ -92,7 +92,7 @@ class PyTorchBackend(Backend):
         from transformers import DynamicCache
 
         from mobilemllm.models.llm import cache_kwargs
-        from mobilemllm.models.vlm import IMAGE_TOKEN_ID
+        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
         model, p = self.model, self.prompt
         ids = torch.tensor([p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids])

@@ -2,7 +2,7 @@ package org.mobilemllm.demo
 
 /**
  * What the app does before calling the runner, as the manifest says: a line-by-line port of
- * mobilemllm/app_inputs.py (tests/test_apps.py compiles this file on a JVM and checks its bytes and
+ * mobilemllm/bundle/app_inputs.py (tests/test_apps.py compiles this file on a JVM and checks its bytes and
  * prompt against Python's). Pure Kotlin, no Android types: MainActivity turns a Bitmap into [Rgb].
  *
  * The resize reproduces Pillow 13's bicubic filter exactly (training preprocessed with Pillow):
