@@ -1,20 +1,36 @@
 """The `mobilemllm` command: a thin table of typed commands, one module each under mobilemllm/cli/.
 
-Each module defines ``register(app)``. User mistakes (``mobilemllm.errors.UserError``) become one red
+User mistakes (``mobilemllm.errors.UserError``) become one red
 line and a non-zero exit; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import typer
 
-# Command modules, in the order `--help` lists them. Each has register(app).
-COMMAND_MODULES = ["quickstart", "data", "info", "train", "train_bench", "eval", "export", "generate", "bench",
-                   "push", "demo", "import_"]
+from mobilemllm.cli import (bench, data, demo, eval as eval_, export, generate, import_, info, push, quickstart, train,
+                            train_bench)
+
+# The command table, in the order `--help` lists them: command name -> typed function (or a Typer group).
+# Command modules are light: each imports its heavy dependencies (torch, ExecuTorch, ...) inside the
+# function, so `mobilemllm --help` stays fast.
+COMMANDS: dict[str, object] = {
+    "quickstart": quickstart.quickstart,
+    "data": data.data_app,
+    "info": info.info,
+    "train": train.train,
+    "train-bench": train_bench.train_bench,
+    "eval": eval_.eval_cmd,
+    "export": export.export,
+    "generate": generate.generate,
+    "bench": bench.bench,
+    "push": push.push,
+    "demo": demo.demo,
+    "import": import_.import_model,
+}
 
 app = typer.Typer(
     name="mobilemllm",
@@ -25,14 +41,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"mobilemllm.cli.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"mobilemllm.cli.{_name}":
-            raise
-        continue
-    _mod.register(app)
+for _name, _cmd in COMMANDS.items():
+    if isinstance(_cmd, typer.Typer):
+        app.add_typer(_cmd, name=_name)
+    else:
+        app.command(_name)(_cmd)
 
 
 def _quiet_backends() -> None:

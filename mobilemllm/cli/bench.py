@@ -87,7 +87,3 @@ def bench(
     if plot is not None:
         report.write_plot(results, machine, plot)
         out.print(f"wrote {plot}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(bench)

@@ -27,7 +27,3 @@ def synth(
     meta = write_synthetic(out, num_images=num_images, seed=seed, image_size=image_size,
                            hallucination_rate=hallucination_rate, progress=True)
     typer.echo(f"wrote {meta.get('num_images', num_images)} images and their records to {out}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")

@@ -38,7 +38,3 @@ def demo(
         typer.echo("stopped")
     finally:
         server.server_close()
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(demo)

@@ -45,7 +45,3 @@ def eval_cmd(
         tmp.replace(out_json)
     Console().print(format_table(reports))
     typer.echo(text)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_cmd)

@@ -145,7 +145,3 @@ def _onnx_overrides(rec: dict, decoder: str | None, embedding: str | None, visio
         spec["text_decoder"]["block_size"] = group_size
     parse_quantization(spec)  # unknown scheme / block size: one clear error before any weights load
     rec["quantization"] = spec
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(export)

@@ -58,7 +58,3 @@ def generate(
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(generate)

@@ -37,7 +37,3 @@ def import_model(
     for note in result.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"try it: mobilemllm info {result.path}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("import")(import_model)

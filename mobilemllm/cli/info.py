@@ -55,7 +55,3 @@ def info(
     for part, n in counts.items():
         t.add_row(f"params: {part}", f"{n:,} ({n / 1e6:.2f}M)")
     Console().print(t)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(info)

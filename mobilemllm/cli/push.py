@@ -170,7 +170,3 @@ def push(
             check_sums(out, manifest, staging)
     typer.echo(f"pushed {bundle} to {serial}:{device_dir(name)}/ ({len(manifest['files']) + 1} files); "
                "open the MobileMLLM demo app and pick it")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(push)

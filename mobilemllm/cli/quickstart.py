@@ -126,7 +126,3 @@ def _sample_question(train_dir: Path) -> tuple[Path, str, str]:
             return cand.parent / "images" / rec["image"], conv[0]["value"].replace("<image>", "").strip(), \
                 conv[1]["value"]
     raise UserError(f"no eval_questions.json under {train_dir}; run `mobilemllm quickstart --fresh`")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(quickstart)

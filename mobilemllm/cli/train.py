@@ -53,7 +53,3 @@ def train(
         print_results(results)
         typer.echo(f"checkpoints in {out}; results in {out / 'results.json'} "
                    f"({results['total_wall_s']:.0f} s)")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(train)

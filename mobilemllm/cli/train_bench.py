@@ -43,7 +43,3 @@ def train_bench(
         print_report(r)
         if json_out:
             write_json(r, json_out)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train-bench")(train_bench)
