@@ -12,7 +12,7 @@ evaluation (seed-1 scenes) is printed as training goes.
 On the 2-core CPU (2026-11-27, batch 64, lr 1e-3 constant): image first, 4 tokens, 3000 steps: colour,
 kind, count 100 %, position 0.82, existence 0.45 (a constant answer). Question first (the question's
 words, the image, then "?" again): 4 tokens, all five types 100 % from step ~1250; 16 tokens from ~1900,
-after a plateau at existence 0.47-0.53. See vicuna_short_qfirst in mobilemllm/data/templates.py.
+after a plateau at existence 0.47-0.53. See vicuna_short_qfirst in mobilemllm/templates.py.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    template: str = "vicuna_v1"  # conversation template used for chat (see mobilemllm.data.templates)
+    template: str = "vicuna_v1"  # conversation template used for chat (see mobilemllm.templates)
     image_token: str = "<image>"
     format_version: int = CONFIG_FORMAT_VERSION
 
@@ -242,7 +242,7 @@ class ModelConfig:
             errors.append("llm.num_heads must be a multiple of llm.num_kv_heads")
         if l.head_dim % 2:
             errors.append("llm head_dim (hidden_size / num_heads) must be even for RoPE")
-        from mobilemllm.data.templates import TEMPLATES
+        from mobilemllm.templates import TEMPLATES
 
         if self.template not in TEMPLATES:
             errors.append(f"unknown template {self.template!r}; valid templates: {', '.join(sorted(TEMPLATES))}")

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from mobilemllm.data.images import load_image, preprocess
-from mobilemllm.data.templates import get_template
+from mobilemllm.templates import get_template
 from mobilemllm.data.tokenizer import encode_segments, eos_ids
 
 

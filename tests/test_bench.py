@@ -81,7 +81,7 @@ def test_peak_rss_sees_a_large_allocation_after_reset(tmp_path):
 # ---- prompt and roofline ------------------------------------------------------------------------------
 def test_prompt_has_the_exact_text_token_count(tiny_tokenizer):
     from mobilemllm.bench.prompt import build_prompt, check_context
-    from mobilemllm.data.templates import get_template
+    from mobilemllm.templates import get_template
 
     tpl = get_template("vicuna_short")
     p = build_prompt(40, VISUAL, tokenizer=tiny_tokenizer, prefix_text=tpl.prompt_prefix(),

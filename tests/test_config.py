@@ -10,7 +10,7 @@ import pytest
 from mobilemllm.config import PRESETS, ModelConfig
 from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.models.connectors import CONNECTORS
-from mobilemllm.data.templates import TEMPLATES
+from mobilemllm.templates import TEMPLATES
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import make_tiny_config
 from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate, read_records
 from mobilemllm.data.images import load_image, normalize, preprocess, to_uint8_views
-from mobilemllm.data.templates import IMAGE, TEMPLATES, get_template
+from mobilemllm.templates import IMAGE, TEMPLATES, get_template
 from mobilemllm.errors import ConfigError, DataError
 from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
@@ -160,7 +160,7 @@ def test_question_first_template_puts_the_first_question_before_the_image():
 
 
 def test_question_first_template_leaves_the_tiny_tokenizer_unchanged():
-    from mobilemllm.data import templates as T
+    from mobilemllm import templates as T
     from mobilemllm.data.tokenizer import tiny_tokenizer
 
     with_qfirst = tiny_tokenizer(num_images=40)

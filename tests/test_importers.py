@@ -163,7 +163,7 @@ def write_spm_tokenizer(folder: Path) -> bytes:
     import sentencepiece as spm
 
     from mobilemllm.data.shapes import corpus_lines
-    from mobilemllm.data.templates import TEMPLATES
+    from mobilemllm.templates import TEMPLATES
 
     lines = list(corpus_lines(num_images=60, seed=0))
     for t in TEMPLATES.values():
@@ -381,7 +381,7 @@ def test_v1_projector_and_logits_match_reference(v1_source, v1_imported):
 def test_v1_tokenizer_converted_from_sentencepiece(v1_source, v1_imported):
     import sentencepiece as spm
 
-    from mobilemllm.data.templates import get_template
+    from mobilemllm.templates import get_template
 
     src, _, _ = v1_source
     assert (v1_imported / "tokenizer.json").exists()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_config, make_tiny_model
 from mobilemllm.config import ConnectorConfig
-from mobilemllm.data.templates import get_template
+from mobilemllm.templates import get_template
 from mobilemllm.data.tokenizer import encode_segments
 from mobilemllm.errors import CheckpointError, UserError
 from mobilemllm.inference import answer, prompt_ids

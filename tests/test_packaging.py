@@ -63,7 +63,7 @@ def src(wheel) -> Path:
 def test_wheel_contents(wheel, src):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("mobilemllm/__init__.py", "mobilemllm/cli/__init__.py", "mobilemllm/cli/info.py",
-                     "mobilemllm/config.py", "mobilemllm/models/vlm.py", "mobilemllm/data/templates.py"):
+                     "mobilemllm/config.py", "mobilemllm/models/vlm.py", "mobilemllm/templates.py"):
         assert required in names, required
     # every Python module of the package is shipped
     for py in sorted((src / "mobilemllm").rglob("*.py")):

@@ -24,7 +24,7 @@ import torch
 
 from mobilemllm.config import ModelConfig
 from mobilemllm.data.images import load_image, preprocess
-from mobilemllm.data.templates import IMAGE, Template, get_template
+from mobilemllm.templates import IMAGE, Template, get_template
 from mobilemllm.data.tokenizer import encode_segments
 from mobilemllm.errors import DataError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mobilemllm.errors import CheckpointError
-from mobilemllm.data.templates import IMAGE
+from mobilemllm.templates import IMAGE
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -78,7 +78,7 @@ def eos_ids(tokenizer) -> list[int]:
 def tiny_tokenizer(vocab_size: int = 512, seed: int = 0, num_images: int = 400):
     """The tiny default's tokenizer: a BPE trained on the synthetic shapes world's text and templates."""
     from mobilemllm.data.shapes import corpus_lines
-    from mobilemllm.data.templates import TEMPLATES
+    from mobilemllm.templates import TEMPLATES
 
     lines = list(corpus_lines(num_images=num_images, seed=seed))
     for t in TEMPLATES.values():

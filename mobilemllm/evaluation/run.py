@@ -21,7 +21,7 @@ import torch
 from mobilemllm.data.dataset import read_records, validate_conversation
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.data.shapes import POPE_SPLITS, parse_objects
-from mobilemllm.data.templates import IMAGE
+from mobilemllm.templates import IMAGE
 from mobilemllm.data.tokenizer import eos_ids
 from mobilemllm.errors import DataError
 from mobilemllm.evaluation.generate import greedy_batch

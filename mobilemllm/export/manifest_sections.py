@@ -16,7 +16,7 @@ def prompt_section(config, tokenizer) -> dict[str, Any]:
     (``bos_text``, e.g. ``<s>``) and tokenizes to ``bos_id`` first. When it starts with the image,
     ``bos_id`` is prefilled as a token before it (MultimodalRunner does this for ``num_bos=1``).
     """
-    from mobilemllm.data.templates import IMAGE, get_template
+    from mobilemllm.templates import IMAGE, get_template
 
     tpl = get_template(config.template)
     marker = "\x00Q\x00"

@@ -68,7 +68,7 @@ class PyTorchBackend(Backend):
         import torch
 
         from mobilemllm.data.images import normalize
-        from mobilemllm.data.templates import get_template
+        from mobilemllm.templates import get_template
 
         cfg = self.model.config
         tok = self.tokenizer

@@ -1,4 +1,4 @@
-"""Conversation templates by name: how a conversation becomes the text the model sees.
+"""Prompt templates (the conversation formats training and every runner share): the one home of a template's text.
 
 A template turns turns into *segments*: ``(text, is_answer)`` pairs plus one ``IMAGE`` marker. The
 tokenizer encodes each segment on its own (as ExecuTorch's MultimodalRunner encodes each text input
