@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,56 +39,8 @@ def prefill_tokens(text_tokens: int, visual_tokens: int) -> int:
     return int(text_tokens) + int(visual_tokens)
 
 
-# ---- memory --------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark for this process (Linux ``clear_refs`` 5); False if unsupported.
-
-    Lets a matrix run report each case's own peak instead of the largest case so far.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def current_rss_bytes() -> int | None:
-    kb = _status_kb("VmRSS")
-    return kb * 1024 if kb is not None else None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since start (or since :func:`reset_peak_rss`)."""
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def release_memory() -> None:
-    """Return freed memory to the OS between cases (gc + glibc malloc_trim), so peaks do not carry over."""
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+# ---- memory (re-exported for the bench's callers; the one home is mobilemllm/procmem.py) -----------
+from mobilemllm.procmem import peak_rss_bytes, release_memory, reset_peak_rss  # noqa: E402,F401
 
 
 # ---- sizes ---------------------------------------------------------------------------------------
@@ -100,10 +50,6 @@ def size_on_disk(path: str | Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def mib(nbytes: float | None) -> float | None:
-    return None if nbytes is None else nbytes / 2**20
 
 
 # ---- summaries -----------------------------------------------------------------------------------

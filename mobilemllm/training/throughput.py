@@ -73,7 +73,7 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
             run_dir: str | Path | None = None, progress: bool = True, overrides: dict[str, Any] | None = None
             ) -> dict[str, Any]:
     """Train ``steps`` optimizer steps of ``stage`` on ``preset``'s shapes (random weights); return the rates."""
-    from mobilemllm.bench.metrics import peak_rss_bytes, reset_peak_rss
+    from mobilemllm.procmem import peak_rss_bytes, reset_peak_rss
     from mobilemllm.config import ModelConfig
     from mobilemllm.data.dataset import collate
     from mobilemllm.models.vlm import MobileVLM
