@@ -1,0 +1,182 @@
+"""Bad input on the data side, through the commands a user runs: images that are bombs, 16-bit, transparent,
+damaged or not files at all; data files that are not UTF-8 or hold malformed records; image names that leave
+the data folder; a damaged tokenizer.json; a prompt that is not UTF-8. Each must end in one error line (or, for
+unusual but valid images, in the picture a viewer shows), never a traceback or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mobilemllm.cli import main
+from mobilemllm.data.images import MAX_IMAGE_PIXELS, load_image, to_rgb
+from mobilemllm.errors import DataError
+
+GOOD_PROMPT = "What colour is the circle?"
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def generate(capsys, checkpoint, image, prompt=GOOD_PROMPT) -> tuple[int, str]:
+    return run(capsys, "generate", "--model", checkpoint, "--image", image, "--prompt", prompt,
+               "--max-new-tokens", "2")
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(path: Path, side: int) -> Path:
+    """A valid all-black 1-bit PNG of side x side pixels: a few kB on disk, side**2 bytes once decoded."""
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # over our limit; over Pillow's own DecompressionBombError
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, capsys, tiny_checkpoint, side):
+    assert side * side > MAX_IMAGE_PIXELS
+    bomb = bomb_png(tmp_path / "bomb.png", side)
+    assert bomb.stat().st_size < 200_000
+    code, err = generate(capsys, tiny_checkpoint, bomb)
+    assert_one_line_error(code, err, str(bomb), "pixels", f"{MAX_IMAGE_PIXELS:,}")
+
+
+def test_an_image_at_the_pixel_limit_still_loads(tmp_path):
+    img = load_image(bomb_png(tmp_path / "big.png", 1024))
+    assert img.size == (1024, 1024) and img.mode == "RGB"
+
+
+def test_16_bit_greyscale_keeps_its_gradient(tmp_path):
+    values = (np.arange(32 * 64, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)  # 0 .. 65504
+    path = tmp_path / "g16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # Pillow reads it as 16-bit samples
+    rgb = np.asarray(load_image(path))
+    assert rgb.shape == (32, 64, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], values >> 8)
+
+
+def test_float_and_32_bit_integer_images_scale_to_8_bits(tmp_path):
+    f = np.array([[0.0, 0.5, 1.0, 2.0], [-1.0, 0.25, np.nan, 0.75]], dtype=np.float32)
+    Image.fromarray(f, "F").save(tmp_path / "f.tiff")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "f.tiff"))[..., 0],
+                                  [[0, 128, 255, 255], [0, 64, 0, 191]])
+    i = np.array([[0, 256, 40000, 70000, -5]], dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(i, "I")))[..., 1], [[0, 1, 156, 255, 0]])
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    # a palette image whose colour 0 (red) is transparent: the red must not show
+    pal = Image.new("P", (4, 2), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.putpixel((3, 1), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    rgb = np.asarray(load_image(tmp_path / "p.png"))
+    assert tuple(rgb[0, 0]) == (255, 255, 255) and tuple(rgb[1, 3]) == (0, 0, 255)
+    # greyscale + alpha, fully transparent black -> white; opaque grey stays grey
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (90, 255))
+    la.save(tmp_path / "la.png")
+    assert [tuple(p) for p in np.asarray(load_image(tmp_path / "la.png"))[0]] == [(255, 255, 255), (90, 90, 90)]
+    # half-transparent colour: blended with white
+    Image.new("RGBA", (2, 2), (0, 0, 200, 128)).save(tmp_path / "rgba.png")
+    px = np.asarray(load_image(tmp_path / "rgba.png"))[0, 0].astype(int)
+    np.testing.assert_allclose(px, [127, 127, 228], atol=1)
+    # CMYK (no alpha): Pillow's conversion, cyan stays cyan
+    Image.new("CMYK", (2, 2), (255, 0, 0, 0)).save(tmp_path / "cmyk.tiff")
+    assert tuple(np.asarray(load_image(tmp_path / "cmyk.tiff"))[0, 0]) == (0, 255, 255)
+
+
+def test_preprocessing_a_pil_image_composites_its_alpha_too(tiny_config):
+    from mobilemllm.data.images import to_uint8_views
+
+    views = to_uint8_views(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), tiny_config.vision)
+    assert (views == 255).all()  # transparent red is white, not red
+
+
+class UnblockingWriter:
+    """Opens a FIFO for writing once someone reads it, writes junk and closes: a test of code that opens
+    the FIFO then fails instead of hanging forever."""
+
+    def __init__(self, fifo: Path):
+        self.fifo, self.stop = fifo, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader yet
+                continue
+            os.write(fd, b"not an image")
+            os.close(fd)
+            return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_a_fifo_folder_or_device_as_the_image_fails_at_once(tmp_path, capsys, tiny_checkpoint):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with UnblockingWriter(fifo):
+        t0 = time.perf_counter()
+        code, err = generate(capsys, tiny_checkpoint, fifo)
+    assert_one_line_error(code, err, str(fifo), "not a regular file")
+    assert time.perf_counter() - t0 < 30
+    code, err = generate(capsys, tiny_checkpoint, tmp_path)
+    assert_one_line_error(code, err, str(tmp_path), "is a folder")
+    if Path("/dev/zero").exists():
+        code, err = generate(capsys, tiny_checkpoint, "/dev/zero")
+        assert_one_line_error(code, err, "/dev/zero", "not a regular file")
+
+
+def test_a_truncated_or_damaged_image_fails_in_one_line(tmp_path, capsys, tiny_checkpoint):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    code, err = generate(capsys, tiny_checkpoint, tmp_path / "cut.png")
+    assert_one_line_error(code, err, "cannot read image", "cut.png")
+    (tmp_path / "text.jpg").write_text("hello")
+    code, err = generate(capsys, tiny_checkpoint, tmp_path / "text.jpg")
+    assert_one_line_error(code, err, "cannot read image", "text.jpg", "not an image file")
