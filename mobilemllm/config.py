@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -140,7 +141,7 @@ class ModelConfig:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, /, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
         cfg = cls.from_dict(copy.deepcopy(PRESETS[name]))
@@ -251,6 +252,19 @@ class ModelConfig:
                           f"is {l.max_position_embeddings}: raise the context or use fewer visual tokens")
         if errors:
             raise ConfigError("invalid model config: " + "; ".join(errors))
+
+
+@functools.cache
+def override_schema() -> type:
+    """The pydantic schema of partial ModelConfig overrides (a training recipe's ``model_overrides``): the
+    dataclasses' own fields and types, every key optional, unknown keys refused. A field added to a
+    dataclass above is accepted here with no other change. Value checks (known connector, template,
+    divisible sizes) stay in :meth:`ModelConfig.validate`."""
+    from mobilemllm.overrides import section_from_dataclass
+
+    parts = {name: section_from_dataclass(klass, f"{klass.__name__}Overrides", all_optional=True) | None
+             for name, klass in (("vision", VisionConfig), ("connector", ConnectorConfig), ("llm", LLMConfig))}
+    return section_from_dataclass(ModelConfig, "ModelConfigOverrides", nested=parts, all_optional=True)
 
 
 def _build(klass: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:

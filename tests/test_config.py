@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import fields
 
 import pytest
 
@@ -172,3 +173,38 @@ def test_tiles_queries_and_context_are_checked():
     with pytest.raises(ConfigError, match="80 visual tokens but llm.max_position_embeddings is 64"):
         ModelConfig.from_preset("tiny", vision={"hires": "tiles"}, llm={"max_position_embeddings": 64})
     assert ModelConfig.from_preset("tiny", llm={"max_position_embeddings": 17}).num_visual_tokens == 16
+
+
+def test_override_schema_names_the_key_of_every_mistake():
+    """model_overrides (a recipe's partial ModelConfig) is checked against the dataclasses' own fields and
+    types: unknown keys and wrong types are one line that names each key."""
+    from mobilemllm.config import override_schema
+    from mobilemllm.overrides import validate
+
+    schema = override_schema()
+    with pytest.raises(ConfigError) as e:
+        validate(schema, {"llm": {"layers": 2, "num_layers": "two", "tie_word_embeddings": 1},
+                          "vision": {"image_mean": [0.5, 0.5]}, "colour": 1, "connector": 5}, "model_overrides")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for fragment in ("llm: unknown key(s) layers", "llm.num_layers must be an integer, got 'two'",
+                     "llm.tie_word_embeddings must be true or false, got 1", "vision.image_mean has too few items",
+                     "unknown key(s) colour", "connector must be a mapping of keys, got 5"):
+        assert fragment in msg, fragment
+    # partial: only what was given comes back; ints stay ints where floats are expected
+    ok = validate(schema, {"llm": {"rope_theta": 500000}, "name": "007"}, "m").model_dump(exclude_unset=True)
+    assert ok == {"llm": {"rope_theta": 500000}, "name": "007"}
+
+
+def test_override_schema_follows_the_dataclasses():
+    from mobilemllm.config import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig, override_schema
+
+    schema = override_schema()
+    assert set(schema.model_fields) == {f.name for f in fields(ModelConfig)}
+    for part, klass in (("vision", VisionConfig), ("connector", ConnectorConfig), ("llm", LLMConfig)):
+        sub = schema.model_fields[part].annotation.__args__[0]
+        assert set(sub.model_fields) == {f.name for f in fields(klass)}, part
+
+
+def test_preset_name_can_be_overridden():
+    assert ModelConfig.from_preset("tiny", name="my-tiny").name == "my-tiny"

@@ -671,7 +671,7 @@ def build_bundle(model, tokenizer, out_dir: str | Path, q: OnnxQuantization, *, 
 
 
 # ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
-RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "providers", "decoder")
+RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "decoder")
 
 
 def preflight(recipe: dict[str, Any]) -> OnnxQuantization:

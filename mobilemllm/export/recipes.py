@@ -4,16 +4,70 @@ The folder ships inside the wheel as the package ``mobilemllm.export_recipes`` (
 source checkout it is read from the repository. A recipe names its ``format`` (executorch | onnx |
 coreml); the export command calls ``mobilemllm.export.<format>.export_<format>(model, tokenizer, recipe,
 out_dir, source=..., force=..., log=...)`` -- and ``preflight(recipe)`` first when that module has one.
+
+Each format's keys and their types are the schema classes below (pydantic, unknown keys refused); the
+values are then checked by the format's own rules (quantization schemes, backends, QNN SoCs). Every
+problem is one part of a single error line. A new recipe key is a field of its format's class here,
+read by that format's module.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from mobilemllm.errors import ConfigError
+from mobilemllm.overrides import Int, Number, Section, error_messages
 
 FORMATS = ("executorch", "onnx", "coreml")
+
+
+class Parity(Section):
+    """Parity at export against the eager float model (defaults per format)."""
+
+    greedy_tokens: Int | None = Field(None, ge=1)
+    max_rel_diff: Number | None = Field(None, gt=0)  # fp32 parts: logits max relative difference
+    min_logit_cosine: Number | None = Field(None, ge=-1, le=1)  # quantized parts
+
+
+class ExportRecipe(Section):
+    name: str | None = None  # default: the file's name
+    format: Literal[FORMATS]
+    description: str | None = None
+    parity: Parity | None = None
+
+
+class ExecuTorchRecipe(ExportRecipe):
+    backend: str = "xnnpack"  # mobilemllm.export.executorch.BACKENDS
+    max_context_len: Int | None = Field(None, ge=1)  # null: the model's context
+    max_seq_len: Int | None = Field(None, ge=1)  # most tokens per prefill call
+    kv_cache: str | None = None  # fp32 | int8
+    quantization: dict[str, str | dict[str, Any]] | None = None  # part -> scheme or {scheme, group_size}
+    soc_model: str | None = None  # backend: qnn only
+    calibration_steps: Int | None = Field(None, ge=0)  # backend: qnn only
+
+
+class OnnxRecipe(ExportRecipe):
+    decoder: str = "torch"  # auto | torch | genai
+    quantization: str | dict[str, Any] | None = None  # one scheme, or per part (mobilemllm.export.onnx)
+
+
+class CoreMLParity(Section):
+    greedy_tokens: Int | None = Field(None, ge=1)
+    min_logit_cosine: Number | None = Field(None, ge=-1, le=1)
+
+
+class CoreMLRecipe(ExportRecipe):
+    compression: str = "fp16"  # fp16 | int8 | int4 | palettize4
+    block_size: Int = 32
+    parity: CoreMLParity | None = None
+
+
+SCHEMAS: dict[str, type[ExportRecipe]] = {"executorch": ExecuTorchRecipe, "onnx": OnnxRecipe,
+                                          "coreml": CoreMLRecipe}
+QNN_ONLY = ("soc_model", "calibration_steps")
 
 
 def _recipe_files() -> dict[str, Any]:
@@ -48,20 +102,18 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"recipe {source} is not valid YAML: {e}") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {source} must be a YAML mapping (name:, format:, ...)")
-    errors = []
+    errors = _schema_errors(recipe)
     fmt = recipe.get("format")
-    if fmt not in FORMATS:
-        errors.append(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if errors:  # keys and types first: the value checks below assume them
+        raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
     if fmt == "executorch":
         from mobilemllm.export.executorch import BACKENDS
-        from mobilemllm.export.quantize import PART_SCHEMES, check_scheme
+        from mobilemllm.export.quantize import check_scheme
 
         if recipe.get("backend", "xnnpack") not in BACKENDS:
             errors.append(f"backend {recipe.get('backend')!r} is not one of {', '.join(BACKENDS)}")
         quant = recipe.get("quantization") or {}
-        if not isinstance(quant, dict):
-            errors.append("quantization must map parts (" + ", ".join(PART_SCHEMES) + ") to {scheme: ...}")
-        elif recipe.get("backend") == "qnn":  # QNN's PT2E schemes (16a4w, 8a8w, ...) and soc_model
+        if recipe.get("backend") == "qnn":  # QNN's PT2E schemes (16a4w, 8a8w, ...) and soc_model
             from mobilemllm.export.qnn import check_recipe
 
             errors.extend(check_recipe(recipe))
@@ -73,10 +125,6 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
                 except ConfigError as e:
                     errors.append(str(e))
             recipe["quantization"] = {p: (s if isinstance(s, dict) else {"scheme": s}) for p, s in quant.items()}
-        for key in ("max_context_len", "max_seq_len"):
-            v = recipe.get(key)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                errors.append(f"{key} must be a positive integer or null, got {v!r}")
         from mobilemllm.export.export_llama import KV_CACHE_DTYPES
 
         if recipe.get("kv_cache") not in (None, *KV_CACHE_DTYPES):
@@ -85,6 +133,30 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
     recipe.setdefault("name", Path(source).stem)
     return recipe
+
+
+def _schema_errors(recipe: dict[str, Any]) -> list[str]:
+    """Unknown keys and wrong types for the recipe's format (the format itself first)."""
+    from pydantic import ValidationError
+
+    fmt = recipe.get("format")
+    if fmt is None:
+        return [f"format is required (one of {', '.join(FORMATS)})"]
+    if fmt not in FORMATS:
+        return [f"format must be one of {', '.join(FORMATS)}, got {fmt!r}"]
+    schema = SCHEMAS[fmt]
+    errors, data = [], dict(recipe)
+    if fmt == "onnx" and "providers" in data:  # chosen where the bundle runs, not when it is written
+        data.pop("providers")
+        errors.append("providers is not an export setting: pick ONNX Runtime execution providers when running "
+                      "(mobilemllm generate --providers ..., or MOBILEMLLM_ORT_PROVIDERS)")
+    if fmt == "executorch" and data.get("backend", "xnnpack") != "qnn":
+        errors.extend(f"{k} applies to backend: qnn only" for k in QNN_ONLY if k in data)
+    try:
+        schema.model_validate(data)
+    except ValidationError as e:
+        errors.extend(error_messages(e, data, schema))
+    return errors
 
 
 def load_recipe(target: str | None = None, path: str | Path | None = None) -> dict[str, Any]:
