@@ -14,9 +14,10 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mobilemllm.errors import ConfigError, UserError
 
@@ -71,6 +72,26 @@ class VisionConfig:
         """RGB fill for padding to a square: the mean times 255, truncated as LLaVA/MobileVLM's
         ``tuple(int(x * 255) for x in image_mean)`` (CLIP: (122, 116, 104)), so padded pixels match upstream."""
         return tuple(int(m * 255) for m in self.image_mean)
+
+
+def square_grid(num_patches: int) -> int:
+    """The side of a square patch grid (connectors that pool or merge need one)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"connector needs a square patch grid, got {num_patches} tokens")
+    return side
+
+
+# The connectors by name, each with its shape arithmetic: LLM tokens made from ``n`` patch features.
+# This is the one list of connector names (presets, overrides and `--help` read it); the modules that
+# implement each name are registered against it in mobilemllm/models/connectors.py.
+CONNECTOR_TOKENS: dict[str, Callable[["ConnectorConfig", int], int]] = {
+    "mlp2x_gelu": lambda cfg, n: n,
+    "ldp": lambda cfg, n: ((square_grid(n) + 1) // 2) ** 2,
+    "ldpv2": lambda cfg, n: (square_grid(n) // cfg.pool) ** 2,
+    "patch_merger": lambda cfg, n: (square_grid(n) // cfg.pool) ** 2,
+    "resampler": lambda cfg, n: cfg.num_queries,
+}
 
 
 @dataclass
@@ -130,9 +151,10 @@ class ModelConfig:
     # ---- derived -------------------------------------------------------------------------
     @property
     def tokens_per_view(self) -> int:
-        from mobilemllm.models.connectors import output_tokens
-
-        return output_tokens(self.connector, self.vision.num_patches)
+        kind = self.connector.kind
+        if kind not in CONNECTOR_TOKENS:
+            raise ConfigError(f"unknown connector {kind!r}; valid connectors: {', '.join(sorted(CONNECTOR_TOKENS))}")
+        return CONNECTOR_TOKENS[kind](self.connector, self.vision.num_patches)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -210,8 +232,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Collect every problem and report them together."""
-        from mobilemllm.models.connectors import CONNECTORS
-
         errors: list[str] = []
         v, c, l = self.vision, self.connector, self.llm
         if v.kind not in VISION_KINDS:
@@ -230,8 +250,8 @@ class ModelConfig:
             errors.append(f"connector.num_queries {c.num_queries} must be at least 1")
         if c.output_norm and not c.output_norm_gain > 0:
             errors.append(f"connector.output_norm_gain {c.output_norm_gain} must be positive")
-        if c.kind not in CONNECTORS:
-            errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
+        if c.kind not in CONNECTOR_TOKENS:
+            errors.append(f"unknown connector {c.kind!r}; valid connectors: {', '.join(sorted(CONNECTOR_TOKENS))}")
         elif c.kind in ("ldpv2", "patch_merger") and (c.pool < 1 or v.grid % c.pool):
             errors.append(f"connector.pool {c.pool} must be at least 1 and divide the {v.grid}x{v.grid} patch grid"
                           + (f" (connector {c.kind} needs an even patch grid)" if c.pool == 2 else ""))

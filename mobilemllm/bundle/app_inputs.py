@@ -158,11 +158,8 @@ def check_preprocessing(pre: Mapping[str, Any]) -> None:
 
 
 def pixels_of(image) -> np.ndarray:
-    """A PIL image (or a path) -> decoded RGB uint8 (H, W, 3), the apps' starting point."""
-    if isinstance(image, (str, Path)):
-        from mobilemllm.data.images import load_image
-
-        image = load_image(image)
+    """A decoded PIL image -> RGB uint8 (H, W, 3), the apps' starting point (decoding a file is the
+    platform's job: :func:`mobilemllm.data.images.load_image` here, BitmapFactory/UIImage in the apps)."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 

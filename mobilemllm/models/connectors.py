@@ -14,21 +14,14 @@ Parameter layouts follow the published checkpoints so imports are a key rename:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobilemllm.config import CONNECTOR_TOKENS, square_grid
 from mobilemllm.errors import ConfigError
-
-
-def _grid(num_tokens: int) -> int:
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"connector needs a square patch grid, got {num_tokens} tokens")
-    return side
 
 
 class MLP2xGelu(nn.Sequential):
@@ -102,7 +95,7 @@ class LDP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        h = _grid(n)
+        h = square_grid(n)
         x = self.mlp(x).transpose(1, 2).reshape(b, -1, h, h)
         x = self.mb_block(x)
         return x.flatten(2).transpose(1, 2)
@@ -137,7 +130,7 @@ class LDPv2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        h = _grid(n)
+        h = square_grid(n)
         x = self.mlp(x).transpose(1, 2).reshape(b, -1, h, h)
         x = F.avg_pool2d(x, self.pool)
         x = self.peg(x)
@@ -149,7 +142,7 @@ def space_to_depth(x: torch.Tensor, window: int) -> torch.Tensor:
     block's features concatenated (row-major inside the block), blocks in row-major order. Tensors stay at
     rank 4 or less (Core ML and QNN limit ranks)."""
     b, n, d = x.shape
-    g = _grid(n)
+    g = square_grid(n)
     h = g // window
     x = x.reshape(b * h, window, h, window * d)  # (block row, row in block, block column, (column in block, D))
     return x.permute(0, 2, 1, 3).reshape(b, h * h, window * window * d)
@@ -211,13 +204,21 @@ def _build_resampler(cfg, in_dim: int, out_dim: int) -> nn.Module:
     return Resampler(in_dim, out_dim, cfg.num_queries, cfg.num_heads)
 
 
-# name -> (builder, function from patch count to output token count)
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp2x_gelu": _build_mlp,
+    "ldp": _build_ldp,
+    "ldpv2": _build_ldpv2,
+    "patch_merger": _build_patch_merger,
+    "resampler": _build_resampler,
+}
+if set(_BUILDERS) != set(CONNECTOR_TOKENS):  # a connector is added in both places or in neither
+    raise ImportError(f"connector modules {sorted(_BUILDERS)} do not match config.CONNECTOR_TOKENS "
+                      f"{sorted(CONNECTOR_TOKENS)}")
+
+# name -> (builder, function from patch count to output token count): the registry, checked at import
+# against the names (and token arithmetic) in mobilemllm.config.CONNECTOR_TOKENS.
 CONNECTORS: dict[str, tuple[Callable[..., nn.Module], Callable[[object, int], int]]] = {
-    "mlp2x_gelu": (_build_mlp, lambda cfg, n: n),
-    "ldp": (_build_ldp, lambda cfg, n: ((_grid(n) + 1) // 2) ** 2),
-    "ldpv2": (_build_ldpv2, lambda cfg, n: (_grid(n) // cfg.pool) ** 2),
-    "patch_merger": (_build_patch_merger, lambda cfg, n: (_grid(n) // cfg.pool) ** 2),
-    "resampler": (_build_resampler, lambda cfg, n: cfg.num_queries),
+    name: (_BUILDERS[name], CONNECTOR_TOKENS[name]) for name in CONNECTOR_TOKENS
 }
 
 
