@@ -10,12 +10,13 @@ import torch
 
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.templates import get_template
-from mobilemllm.data.tokenizer import encode_segments, eos_ids
+from mobilemllm.data.tokenizer import check_text, encode_segments, eos_ids
 
 
 def prompt_ids(config, tokenizer, question: str, template: str | None = None) -> list[int]:
     """Token ids for a one-image question, with IMAGE_TOKEN_ID at the visual-token positions."""
     tpl = get_template(template or config.template)
+    check_text(question, "the prompt")
     ids, _ = encode_segments(tokenizer, tpl.prompt_segments(question), config.num_visual_tokens)
     return ids
 

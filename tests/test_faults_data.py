@@ -180,3 +180,197 @@ def test_a_truncated_or_damaged_image_fails_in_one_line(tmp_path, capsys, tiny_c
     (tmp_path / "text.jpg").write_text("hello")
     code, err = generate(capsys, tiny_checkpoint, tmp_path / "text.jpg")
     assert_one_line_error(code, err, "cannot read image", "text.jpg", "not an image file")
+
+
+# --------------------------------------------------------------------------------------- data files
+
+
+def record(i=0, image="a.png", question="<image>\nWhat colour is the circle?", answer="red"):
+    rec = {"id": f"r{i}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A training data folder: images/a.png and a valid instruct.json, plus secret.png beside images/."""
+    d = tmp_path / "data"
+    (d / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(d / "images" / "a.png")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(d / "secret.png")
+    (d / "instruct.json").write_text(json.dumps([record(0), record(1)]))
+    return d
+
+
+def train(capsys, data_dir, checkpoint, out, *extra) -> tuple[int, str]:
+    """`mobilemllm train` of the instruct stage on data_dir/instruct.json for one step."""
+    return run(capsys, "train", "--recipe", "tiny", "--stage", "instruct", "--data", data_dir, "--init", checkpoint,
+               "--out", out, "--no-eval", "--no-progress", *extra, "instruct.data=[instruct.json]",
+               "instruct.curriculum_steps=0", "instruct.max_steps=1", "instruct.global_batch=2",
+               "instruct.micro_batch=2", "num_threads=1")
+
+
+def test_training_data_that_is_not_utf8_fails_in_one_line(data_dir, tmp_path, capsys, tiny_checkpoint):
+    text = json.dumps([record(0, answer="caf\u00e9")], ensure_ascii=False)
+    (data_dir / "instruct.json").write_bytes(text.encode("latin-1"))
+    code, err = train(capsys, data_dir, tiny_checkpoint, tmp_path / "out")
+    assert_one_line_error(code, err, str(data_dir / "instruct.json"), "not UTF-8", "line 1")
+
+
+@pytest.mark.parametrize("bad, fragments", [
+    ({"id": "x", "image": "a.png"}, ["record 1", "'conversations'"]),
+    ({"conversations": "hi"}, ["record 1", "'conversations'"]),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+     ["record 1", "conversations[0].value", "string"]),
+    ({"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]},
+     ["record 1", "conversations[0].from", "alternate"]),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "a"}]},
+     ["record 1", "conversations[1].from", "alternate"]),
+    ({**record(), "image": 7}, ["record 1", "'image'", "file name"]),
+    ({**record(), "image": ["a.png"]}, ["record 1", "'image'", "file name"]),
+    (record(answer="a\ud800b"), ["record 1", "conversations[1].value", "not valid UTF-8", "U+D800"]),
+    ("just text", ["record 1", "str", "object"]),
+])
+def test_malformed_records_name_the_file_and_the_record(data_dir, tiny_config, tiny_tokenizer, bad, fragments):
+    from mobilemllm.data.dataset import ConversationDataset
+
+    path = data_dir / "instruct.json"
+    path.write_text(json.dumps([record(0), bad]))
+    with pytest.raises(DataError) as e:
+        ConversationDataset(path, None, tiny_tokenizer, tiny_config)
+    assert "\n" not in str(e.value)
+    for f in [str(path), *fragments]:
+        assert f in str(e.value), (f, str(e.value))
+
+
+def test_a_malformed_record_stops_train_in_one_line(data_dir, tmp_path, capsys, tiny_checkpoint):
+    (data_dir / "instruct.json").write_text(json.dumps([record(0), record(1, image=7)]))
+    code, err = train(capsys, data_dir, tiny_checkpoint, tmp_path / "out")
+    assert_one_line_error(code, err, str(data_dir / "instruct.json"), "record 1", "'image'")
+
+
+def test_json_lines_in_a_json_file_and_unparseable_json(data_dir):
+    from mobilemllm.data.dataset import read_records
+
+    lines = data_dir / "lines.json"
+    lines.write_text(json.dumps(record(0)) + "\n" + json.dumps(record(1)) + "\n")
+    with pytest.raises(DataError, match=r"lines.json: not valid JSON \(Extra data .*name it \.jsonl"):
+        read_records(lines)
+    lines.rename(data_dir / "lines.jsonl")
+    assert len(read_records(data_dir / "lines.jsonl")) == 2
+    deep = data_dir / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="deep.json: cannot be read as JSON"):
+        read_records(deep)
+    bom = data_dir / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([record(0)]).encode())
+    assert read_records(bom)[0]["id"] == "r0"
+    (data_dir / "folder.json").mkdir()
+    with pytest.raises(DataError, match="folder.json is not a regular file"):
+        read_records(data_dir / "folder.json")
+
+
+# ----------------------------------------------------------------------------- images outside the data
+
+
+def test_image_names_outside_the_image_folder_are_refused(data_dir, tmp_path, capsys, tiny_checkpoint):
+    path = data_dir / "instruct.json"
+    path.write_text(json.dumps([record(0), record(1, image="../secret.png")]))
+    code, err = train(capsys, data_dir, tiny_checkpoint, tmp_path / "out")
+    assert_one_line_error(code, err, str(path), "record 1", "'../secret.png'", "--allow-outside-images")
+    path.write_text(json.dumps([record(0, image=str(data_dir / "secret.png"))]))
+    code, err = train(capsys, data_dir, tiny_checkpoint, tmp_path / "out")
+    assert_one_line_error(code, err, str(path), "record 0", "absolute path", "--allow-outside-images")
+
+
+def test_a_symlink_out_of_the_image_folder_is_refused(data_dir, tiny_config, tiny_tokenizer):
+    from mobilemllm.data.dataset import ConversationDataset
+
+    (data_dir / "images" / "link.png").symlink_to(data_dir / "secret.png")
+    (data_dir / "images" / "sub").symlink_to(data_dir, target_is_directory=True)
+    path = data_dir / "instruct.json"
+    path.write_text(json.dumps([record(0, image="link.png"), record(1, image="sub/secret.png"), record(2)]))
+    ds = ConversationDataset(path, None, tiny_tokenizer, tiny_config)
+    for i in (0, 1):
+        with pytest.raises(DataError, match=rf"record {i} .*outside the image folder .*--allow-outside-images"):
+            ds[i]
+    assert ds[2].pixel_values is not None
+    # a link inside the folder, and an image folder that is itself a link, are fine
+    (data_dir / "images" / "same.png").symlink_to(data_dir / "images" / "a.png")
+    (linked := data_dir / "linked_images").symlink_to(data_dir / "images", target_is_directory=True)
+    path.write_text(json.dumps([record(0, image="same.png")]))
+    assert ConversationDataset(path, linked, tiny_tokenizer, tiny_config)[0].pixel_values is not None
+
+
+def test_allow_outside_images_lets_them_through(data_dir, tiny_config, tiny_tokenizer):
+    from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset
+
+    path = data_dir / "instruct.json"
+    (data_dir / "images" / "link.png").symlink_to(data_dir / "secret.png")
+    path.write_text(json.dumps([record(0, image="../secret.png"), record(1, image=str(data_dir / "secret.png")),
+                                record(2, image="link.png")]))
+    ds = ConversationDataset(path, None, tiny_tokenizer, tiny_config, allow_outside_images=True)
+    green = [ds[i].pixel_values for i in range(3)]
+    assert all(g is not None and (g == green[0]).all() for g in green)
+    pref = data_dir / "pref.json"
+    pref.write_text(json.dumps([{"image": "../secret.png", "prompt": "Q", "chosen": "a", "rejected": "b"}]))
+    with pytest.raises(DataError, match="record 0.*'../secret.png'.*climbs out"):
+        PreferenceDataset(pref, None, tiny_tokenizer, tiny_config)
+    assert PreferenceDataset(pref, None, tiny_tokenizer, tiny_config, allow_outside_images=True)[0][0].pixel_values \
+        is not None
+
+
+def test_eval_refuses_images_outside_its_data_folder_unless_allowed(data_dir, tmp_path, capsys, tiny_checkpoint):
+    questions = data_dir / "eval_questions.json"
+    questions.write_text(json.dumps([record(0), record(1, image="../secret.png")]))
+    code, err = run(capsys, "eval", "--model", tiny_checkpoint, "--data", data_dir, "--batch-size", "2")
+    assert_one_line_error(code, err, str(questions), "record 1", "'../secret.png'", "--allow-outside-images")
+    out = tmp_path / "r.json"
+    code = main([str(a) for a in ("eval", "--model", tiny_checkpoint, "--data", data_dir, "--batch-size", "2",
+                                  "--allow-outside-images", "--json", out)])
+    assert code == 0 and json.loads(out.read_text())["vqa"]["n"] == 2
+    # a link out of images/ is caught when the image is read
+    (data_dir / "images" / "link.png").symlink_to(data_dir / "secret.png")
+    questions.write_text(json.dumps([record(0, image="link.png")]))
+    code, err = run(capsys, "eval", "--model", tiny_checkpoint, "--data", data_dir)
+    assert_one_line_error(code, err, "'link.png'", "outside the image folder")
+    captions = data_dir / "eval_captions.json"
+    questions.unlink()
+    captions.write_text(json.dumps([{"image": "a.png", "prompt": ["Describe"], "objects": []}]))
+    code, err = run(capsys, "eval", "--model", tiny_checkpoint, "--data", data_dir)
+    assert_one_line_error(code, err, str(captions), "record 0", "prompt")
+
+
+# ------------------------------------------------------------------------------ tokenizer and prompt
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b'{"version": "1.0", "model": ', "not valid JSON"),
+    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+    (b"[]", "expected a JSON object"),
+    (b'{"version": "1.0"}', "not a tokenizer"),
+])
+def test_a_damaged_tokenizer_json_fails_in_one_line(tmp_path, capsys, tiny_checkpoint, shapes_image, content,
+                                                    fragment):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "tokenizer.json").write_bytes(content)
+    code, err = generate(capsys, ckpt, shapes_image)
+    assert_one_line_error(code, err, str(ckpt / "tokenizer.json"), fragment)
+
+
+def test_a_prompt_that_is_not_utf8_fails_in_one_line(capsys, tiny_checkpoint, shapes_image):
+    prompt = os.fsdecode(b"What is \xed\xa0\x80?")  # how Python hands such bytes of argv to the program
+    code, err = generate(capsys, tiny_checkpoint, shapes_image, prompt)
+    assert_one_line_error(code, err, "the prompt", "not valid UTF-8", "0xED")
+    code, err = generate(capsys, tiny_checkpoint, shapes_image, "lone \ud800")
+    assert_one_line_error(code, err, "the prompt", "U+D800")
+
+
+def test_check_text():
+    from mobilemllm.data.tokenizer import check_text
+
+    assert check_text("caf\u00e9 \U0001f600", "x") == "caf\u00e9 \U0001f600"
+    with pytest.raises(DataError, match=r"^the question is not valid UTF-8 text: character 2 is a lone surrogate"):
+        check_text("ab\udfff", "the question")

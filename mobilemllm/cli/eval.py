@@ -16,6 +16,9 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N records per file."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Prompts decoded together."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
+    allow_outside_images: bool = typer.Option(
+        False, "--allow-outside-images/--no-allow-outside-images",
+        help="Let records name images outside the data's images/ folder (absolute paths, '..', links out)."),
 ) -> None:
     """Evaluate checkpoints: prints a table and the JSON report."""
     from rich.console import Console
@@ -37,7 +40,8 @@ def eval_cmd(
             from mobilemllm.errors import CheckpointError
 
             raise CheckpointError(f"{m} has no tokenizer files (tokenizer.json); it cannot be evaluated")
-        reports[m] = evaluate(net, tok, data, limit=limit, batch_size=batch_size)
+        reports[m] = evaluate(net, tok, data, limit=limit, batch_size=batch_size,
+                              allow_outside_images=allow_outside_images)
     text = json.dumps(reports if len(reports) > 1 else next(iter(reports.values())), indent=1)
     if out_json is not None:
         tmp = out_json.with_name(out_json.name + ".tmp")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from mobilemllm.data.dataset import read_records, validate_conversation
+from mobilemllm.data.dataset import check_image_name, image_path, read_records, validate_conversation
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.data.shapes import POPE_SPLITS, parse_objects
 from mobilemllm.templates import IMAGE
@@ -36,21 +36,23 @@ def pope_file(split: str) -> str:
     return f"eval_pope_{split}.json"
 
 
-def _questions(path: Path, limit: int | None) -> list[dict[str, Any]]:
+def _questions(path: Path, limit: int | None, allow_outside_images: bool = False) -> list[dict[str, Any]]:
     out = []
     for i, rec in enumerate(read_records(path)[:limit]):
         turns = validate_conversation(rec, f"{path}: record {i}")
         if "image" not in rec:
             raise DataError(f"{path}: record {i} has no image")
+        check_image_name(rec["image"], f"{path}: record {i}", allow_outside=allow_outside_images)
         out.append({"image": rec["image"], "question": turns[0][0].replace(IMAGE, "").strip(),
                     "answer": turns[0][1].strip(), "type": rec.get("type", "all")})
     return out
 
 
 class _Runner:
-    def __init__(self, model, tokenizer, image_folder: Path, batch_size: int):
+    def __init__(self, model, tokenizer, image_folder: Path, batch_size: int, allow_outside_images: bool = False):
         self.model, self.tok = model, tokenizer
         self.image_folder = image_folder
+        self.allow_outside_images = allow_outside_images
         self.batch_size = batch_size
         self.cache: dict[str, torch.Tensor] = {}
         self.eos = eos_ids(tokenizer)
@@ -58,7 +60,8 @@ class _Runner:
 
     def pixels(self, name: str) -> torch.Tensor:
         if name not in self.cache:
-            self.cache[name] = preprocess(load_image(self.image_folder / name), self.model.config.vision)
+            path = image_path(self.image_folder, name, "evaluation", allow_outside=self.allow_outside_images)
+            self.cache[name] = preprocess(load_image(path), self.model.config.vision)
         return self.cache[name]
 
     def answers(self, items: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
@@ -81,8 +84,9 @@ class _Runner:
 
 def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path | None = None,
              limit: int | None = None, batch_size: int = 128, answer_tokens: int = 8, caption_tokens: int = 96,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate ``model`` on the evaluation files of ``data_dir``; returns a JSON-able report."""
+             log: Callable[[str], None] | None = None, allow_outside_images: bool = False) -> dict[str, Any]:
+    """Evaluate ``model`` on the evaluation files of ``data_dir``; returns a JSON-able report. Image names
+    must stay inside the image folder unless ``allow_outside_images`` (mobilemllm.data.dataset)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"evaluation data folder {data_dir} does not exist; write one with "
@@ -91,13 +95,14 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     if not any((data_dir / f).exists() for f in files):
         raise DataError(f"{data_dir} has none of the evaluation files ({', '.join(files)})")
     model.eval()
-    run = _Runner(model, tokenizer, Path(image_folder) if image_folder else data_dir / "images", batch_size)
+    run = _Runner(model, tokenizer, Path(image_folder) if image_folder else data_dir / "images", batch_size,
+                  allow_outside_images)
     report: dict[str, Any] = {"data": str(data_dir)}
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
 
     if (data_dir / QUESTIONS_FILE).exists():
-        qs = _questions(data_dir / QUESTIONS_FILE, limit)
+        qs = _questions(data_dir / QUESTIONS_FILE, limit, allow_outside_images)
         preds = run.answers([(q["image"], q["question"]) for q in qs], answer_tokens)
         by_type: dict[str, list[bool]] = {}
         for q, p in zip(qs, preds):
@@ -114,7 +119,7 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
         path = data_dir / pope_file(split)
         if not path.exists():
             continue
-        qs = _questions(path, limit)
+        qs = _questions(path, limit, allow_outside_images)
         preds = run.answers([(q["image"], q["question"]) for q in qs], answer_tokens)
         pope[split] = pope_metrics([yes_no(p) for p in preds], [yes_no(q["answer"]) for q in qs])
         say(f"pope {split}: acc {pope[split]['accuracy']:.3f}")
@@ -126,8 +131,10 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     if (data_dir / CAPTIONS_FILE).exists():
         recs = read_records(data_dir / CAPTIONS_FILE)[:limit]
         for i, r in enumerate(recs):
-            if not isinstance(r.get("objects"), list) or "image" not in r or "prompt" not in r:
+            if not (isinstance(r.get("objects"), list) and isinstance(r.get("prompt"), str)):
                 raise DataError(f"{data_dir / CAPTIONS_FILE}: record {i} needs image, prompt and an objects list")
+            check_image_name(r.get("image"), f"{data_dir / CAPTIONS_FILE}: record {i}",
+                             allow_outside=allow_outside_images)
         caps = run.answers([(r["image"], r["prompt"]) for r in recs], caption_tokens)
         stats = caption_hallucination([parse_objects(c) for c in caps], [r["objects"] for r in recs])
         stats["examples"] = [{"objects": r["objects"], "caption": c} for r, c in list(zip(recs, caps))[:3]]
