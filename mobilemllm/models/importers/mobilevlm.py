@@ -1,0 +1,103 @@
+"""MobileVLM v1/v2 folders (``MobileLlamaForCausalLM``: a LLaMA config plus ``mm_*`` keys) -> an import plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mobilemllm.errors import CheckpointError
+from mobilemllm.models.importers.configs import llm_config
+from mobilemllm.models.importers.files import read_weights
+from mobilemllm.models.importers.keys import check_unexpected, map_keys
+from mobilemllm.models.importers.plan import MOBILEVLM_TOWER, PROJECTORS, V, Plan
+from mobilemllm.models.importers.towers import is_openai_clip, load_tower_folder, vision_from_weights
+
+
+def plan_mobilevlm(src: Path, config: dict, vision_tower: Path | None, llm_only: bool, connector: str) -> Plan:
+    """Map a MobileVLM folder's keys onto ours; the tower comes from the checkpoint, a folder, or both."""
+    where = str(src / "config.json")
+    errors: list[str] = []
+    plan = Plan("mobilevlm", src.name)
+    plan.llm = llm_config(config, where, errors)
+    required = ["mm_hidden_size"] + ([] if llm_only else ["mm_projector_type"])
+    missing = [k for k in required if k not in config]
+    if missing:
+        errors.append(f"{where} is missing MobileVLM key(s) {', '.join(missing)}")
+    ptype = config.get("mm_projector_type")
+    if llm_only:
+        plan.connector = connector
+    elif ptype is not None:
+        if ptype not in PROJECTORS:
+            errors.append(f"{where}: unknown mm_projector_type {ptype!r}; supported: "
+                          + ", ".join(f"{k} (-> {v})" for k, v in PROJECTORS.items()))
+        else:
+            plan.connector = PROJECTORS[ptype]
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature != "patch":
+        errors.append(f"{where}: mm_vision_select_feature {feature!r} is not supported (only 'patch': CLS dropped)")
+    aspect = config.get("image_aspect_ratio", "pad")
+    extra = dict(select_layer=int(config.get("mm_vision_select_layer", -2)),
+                 image_aspect="pad" if aspect == "pad" else "resize")
+    if aspect != "pad":
+        plan.notes.append(f"image_aspect_ratio {aspect!r}: images are stretched to a square (our 'resize')")
+    if errors:
+        raise CheckpointError("cannot import " + str(src) + ": " + "; ".join(errors))
+
+    source = read_weights(src)
+    rules = [("model.embed_tokens.", "llm.model.embed_tokens."), ("model.layers.", "llm.model.layers."),
+             ("model.norm.", "llm.model.norm."), ("lm_head.", "llm.lm_head.")]
+    if not llm_only:
+        rules.append(("model.mm_projector.model.", "connector.") if ptype == "ldpnet"
+                     else ("model.mm_projector.", "connector."))
+    drop: tuple[str, ...] = ("model.mm_projector.",) if llm_only else ()
+    has_tower = any(k.startswith(MOBILEVLM_TOWER) for k in source)
+    tower_name = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
+    if vision_tower is None and tower_name and not has_tower and Path(tower_name).is_dir():
+        vision_tower = Path(tower_name)  # the training machine's local path exists here too
+    if vision_tower is not None:
+        drop += (MOBILEVLM_TOWER,)
+        if has_tower:
+            plan.notes.append(f"vision tower weights taken from {vision_tower}; the checkpoint's own copy was ignored")
+    else:
+        rules.append((MOBILEVLM_TOWER, V))
+    state, origin, unexpected = map_keys(source, rules, str(src), drop=drop)
+    plan.state, plan.origin = state, origin
+    check_unexpected(unexpected, str(src))
+
+    t_errors: list[str] = []
+    if vision_tower is not None:
+        vcfg, vstate, vorigin, vunexpected = load_tower_folder(Path(vision_tower), t_errors, **extra)
+        if t_errors:
+            raise CheckpointError("cannot use the vision tower: " + "; ".join(t_errors))
+        check_unexpected(vunexpected, str(vision_tower))
+        plan.state.update(vstate)
+        plan.origin.update(vorigin)
+        plan.vision_source = str(vision_tower)
+    elif has_tower:
+        if tower_name and not is_openai_clip(tower_name):
+            raise CheckpointError(
+                f"{where}: mm_vision_tower {tower_name!r} is not an OpenAI CLIP, so its config cannot be inferred from "
+                "the weights alone; pass --vision-tower with that tower's local folder")
+        vcfg = vision_from_weights(state, str(src), **extra)
+        plan.vision_source = f"{src.name} (embedded; config inferred from the weights, 64-dim heads as OpenAI CLIP)"
+        plan.notes.append(f"vision tower config inferred from the weights of {tower_name or 'the checkpoint'}: "
+                          f"{vcfg.num_layers}L x {vcfg.hidden_size}, {vcfg.image_size}px/{vcfg.patch_size}")
+    else:
+        hint = f" (the tower named in config.json is {tower_name!r})" if tower_name else ""
+        raise CheckpointError(
+            f"{src} has no vision tower weights ({MOBILEVLM_TOWER}vision_model.*) and no --vision-tower was given"
+            f"{hint}; download the tower, e.g. `hf download {tower_name or 'openai/clip-vit-large-patch14-336'} "
+            f"--local-dir clip`, and pass --vision-tower clip")
+    if vcfg.kind != "clip":
+        raise CheckpointError(f"MobileVLM expects a CLIP vision tower; {plan.vision_source} is {vcfg.kind}")
+    if "mm_hidden_size" in config and int(config["mm_hidden_size"]) != vcfg.hidden_size:
+        raise CheckpointError(
+            f"the vision tower {plan.vision_source} is {vcfg.hidden_size} wide but {where} has mm_hidden_size "
+            f"{config['mm_hidden_size']}: that tower is not the one this model was trained with "
+            f"(it names {tower_name or 'none'})")
+    if plan.connector == "ldpv2" and not llm_only and vcfg.grid != 24:
+        raise CheckpointError(
+            f"MobileVLM v2's projector pools to a fixed 12x12 grid, which our LDPv2 (2x2 average pooling) matches only "
+            f"for a 24x24 patch grid; this tower gives {vcfg.grid}x{vcfg.grid} "
+            f"({vcfg.image_size}px / {vcfg.patch_size})")
+    plan.vision = vcfg
+    return plan

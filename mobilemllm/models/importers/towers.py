@@ -1,0 +1,82 @@
+"""Vision towers: our VisionConfig from a transformers config, a tower folder, or (OpenAI CLIP) the weights alone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from mobilemllm.errors import CheckpointError
+from mobilemllm.models.importers.configs import preprocessing
+from mobilemllm.models.importers.files import read_weights
+from mobilemllm.models.importers.keys import map_keys
+from mobilemllm.models.importers.plan import TOWER_IGNORED, V
+
+
+def vision_from_hf(hf_cfg, where: str, errors: list[str], **extra):
+    """Our VisionConfig from a transformers CLIP/SigLIP vision config, refusing what we cannot rebuild."""
+    from mobilemllm.models.vision import hf_vision_config, vision_config_from_hf
+
+    name = type(hf_cfg).__name__.lower()
+    if "clip" not in name and "siglip" not in name:
+        errors.append(f"{where}: vision model {type(hf_cfg).__name__} is not supported (CLIP or SigLIP only)")
+        return None
+    vcfg = vision_config_from_hf(hf_cfg, **extra)
+    ours = hf_vision_config(vcfg)
+    for attr in ("hidden_act", "layer_norm_eps", "num_channels"):
+        theirs, mine = getattr(hf_cfg, attr, None), getattr(ours, attr, None)
+        if theirs is not None and theirs != mine:
+            errors.append(f"{where}: vision {attr} {theirs!r} is not supported (our {vcfg.kind} tower uses {mine!r})")
+    return vcfg
+
+
+def vision_from_weights(state: dict[str, torch.Tensor], where: str, **extra):
+    """Infer an OpenAI CLIP tower's config from its weights (``vision.model.*`` keys)."""
+    from mobilemllm.config import VisionConfig
+
+    needed = [V + "embeddings.patch_embedding.weight", V + "embeddings.position_embedding.weight",
+              V + "encoder.layers.0.mlp.fc1.weight"]
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise CheckpointError(f"{where}: the vision tower weights are incomplete (no "
+                              f"{', '.join(a[len(V):] for a in absent)}); pass --vision-tower CLIP_FOLDER")
+    hidden, channels, patch, _ = state[needed[0]].shape
+    positions = state[needed[1]].shape[0] - 1
+    grid = int(round(positions ** 0.5))
+    if grid * grid != positions:
+        raise CheckpointError(f"{where}: the vision tower has {positions} patch positions, not a square grid")
+    layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(V) + r"encoder\.layers\.(\d+)\.", k))}
+    if hidden % 64:
+        raise CheckpointError(f"{where}: cannot tell the head count of a {hidden}-wide vision tower from its weights; "
+                              "pass --vision-tower with the tower's folder (config.json)")
+    return VisionConfig(kind="clip", image_size=grid * patch, patch_size=patch, hidden_size=hidden,
+                        num_layers=len(layers), num_heads=hidden // 64,
+                        intermediate_size=state[needed[2]].shape[0], **extra)
+
+
+def load_tower_folder(folder: Path, errors: list[str], **extra):
+    """(VisionConfig, our-keyed state, origin) from a local CLIP/SigLIP folder (vision-only or whole model)."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"vision tower folder {folder} has no config.json; download the tower "
+                              "(e.g. `hf download openai/clip-vit-large-patch14-336 --local-dir clip`) and pass it")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"cannot read the vision tower config in {folder}: {e}") from None
+    hf_cfg = getattr(hf_cfg, "vision_config", hf_cfg)
+    extra = {**preprocessing([folder]), **extra}
+    vcfg = vision_from_hf(hf_cfg, str(folder / "config.json"), errors, **extra)
+    if vcfg is None:
+        return None, {}, {}, []
+    rules = [("vision_model.", V), ("", V)]
+    state, origin, unexpected = map_keys(read_weights(folder), rules, str(folder), ignore=TOWER_IGNORED)
+    return vcfg, state, {k: f"{folder.name}:{v}" for k, v in origin.items()}, unexpected
+
+
+
+def is_openai_clip(name: str) -> bool:
+    """``openai/clip-vit-...`` hub ids, or a local copy keeping the hub folder name."""
+    return name.startswith("openai/") or "/openai/" in name or Path(name).name.startswith("clip-vit-")
