@@ -1,0 +1,168 @@
+"""Render the result tables of README.md and docs/*.md from the raw results under docs/results/.
+
+Every published table sits between two markers in a Markdown file::
+
+    <!-- results: NAME -->
+    ...table, rendered here from docs/results/<folder>/*.json...
+    <!-- /results -->
+
+``python docs/render_results.py`` rewrites those blocks; ``--check`` exits 1 when a block differs from
+what the raw files give (tests/test_docs.py runs the check), so a number in the docs cannot drift from
+the file it came from. Each block ends with the command that produced its files and the machine.
+
+To publish a new table: run the command, save its JSON under docs/results/<folder>/, add a spec to
+``SPECS`` below, put the markers where the table belongs and run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One published table: which raw files, how they were made, and how they become rows."""
+
+    folder: str
+    command: str
+    machine: str
+    render: Callable[[dict[str, Any]], list[str]]
+
+
+def _load(folder: str) -> dict[str, Any]:
+    """Every JSON file of a results folder, by file stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / folder).glob("*.json"))}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _train_bench(files: dict[str, Any]) -> list[str]:
+    rows = ["| stage | trainable params | micro-batch | grad. checkpointing | tokens/s per GPU (text only) | peak GPU memory |",
+            "|---|---|---|---|---|---|"]
+    for name in ("instruct_mb8_gc", "instruct_mb16", "pretrain_mb16_gc"):
+        r = files[name]
+        params = r['trainable_parameters']
+        params = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        rows.append(f"| {r['stage']} | {params} | {r['micro_batch']} | "
+                    f"{'yes' if r['grad_checkpointing'] else 'no'} | {r['tokens_per_s']:,.0f} "
+                    f"({r['text_tokens_per_s']:,.0f}) | {r['peak_memory_bytes'] / 2**30:.1f} GiB |")
+    return rows
+
+
+def _tiny_training(files: dict[str, Any]) -> list[str]:
+    res = files["results"]
+    rows = ["| stage | VQA exact match | colour / kind / count / position / existence | POPE accuracy | "
+            "POPE false-positive rate | hallucinated objects in captions | captions with a hallucination | wall s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for stage, entry in res["stages"].items():
+        ev = entry.get("eval")
+        if not ev:
+            continue
+        vqa, pope, cap = ev["vqa"], ev["pope"], ev["captions"]
+        per = " / ".join(_pct(vqa["by_type"].get(t)) .replace(" %", "") for t in
+                         ("colour", "kind", "count", "position", "existence")) + " %"
+        rows.append(f"| {stage} | {_pct(vqa['accuracy'])} | {per} | {_pct(pope['accuracy'])} | "
+                    f"{_pct(pope['false_positive_rate'])} | {_pct(cap['hallucinated_objects'])} | "
+                    f"{_pct(cap['captions_with_hallucination'])} | {entry.get('wall_s', 0):.0f} |")
+    rows.append("")
+    rows.append(f"Whole pipeline: {res['total_wall_s']:.0f} s wall on {res['torch_threads']} threads.")
+    return rows
+
+
+def _tiny_bench(files: dict[str, Any]) -> list[str]:
+    rep = files["bench"]
+    rows = ["| backend | bundle | size MiB | load s | TTFT ms | prefill tok/s | decode tok/s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|"]
+    for case in rep["cases"]:
+        m = case.get("metrics", {})
+
+        def med(key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+            v = m.get(key)
+            v = v.get("median") if isinstance(v, dict) else v
+            return "–" if v is None else fmt.format(v * scale)
+
+        rows.append(f"| {case['backend']} | {case.get('quantization', '–')} | {med('size_bytes', 2**-20)} | "
+                    f"{med('load_s', 1, '{:.2f}')} | {med('ttft_s', 1000, '{:.0f}')} | {med('prefill_tokens_per_s')} | "
+                    f"{med('decode_tokens_per_s')} | {med('peak_rss_bytes', 2**-20, '{:.0f}')} |")
+    return rows
+
+
+SPECS: dict[str, Spec] = {
+    "train-bench-h100": Spec(
+        "train_bench_h100", "OUT=docs/results/train_bench_h100 bash benchmarks/gpu_train_bench.sh",
+        "one NVIDIA H100 80GB, torch 2.11 + CUDA 13, bf16 autocast, MobileVLM V2 1.7B shapes (random weights), "
+        "513-token samples", _train_bench),
+    "tiny-training": Spec(
+        "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (results: runs/quickstart/train/results.json)",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0", _tiny_training),
+    "tiny-bench": Spec(
+        "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (report: runs/quickstart/bench.json)",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",
+        _tiny_bench),
+}
+
+
+def render(name: str) -> str:
+    """The block body for ``name``: the table, then where its numbers come from."""
+    spec = SPECS[name]
+    lines = spec.render(_load(spec.folder))
+    lines += ["", f"Raw results: [docs/results/{spec.folder}/](docs/results/{spec.folder}); "
+                  f"command: `{spec.command}`; machine: {spec.machine}."]
+    return "\n".join(lines) + "\n"
+
+
+def _relink(body: str, md: Path) -> str:
+    """Links in a block are written relative to the repo root; make them relative to ``md``'s folder."""
+    if md.parent == ROOT:
+        return body
+    return body.replace("](docs/results/", "](results/")
+
+
+def process(md: Path, check: bool) -> list[str]:
+    """Re-render every block of ``md``; returns the names of blocks that differed."""
+    text = md.read_text()
+    stale: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in SPECS:
+            raise SystemExit(f"{md}: unknown results block {name!r}; known: {', '.join(SPECS)}")
+        body = _relink(render(name), md)
+        if body != m.group("body"):
+            stale.append(name)
+        return m.group(1) + body + m.group(4)
+
+    new = BLOCK.sub(sub, text)
+    if stale and not check:
+        md.write_text(new)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="report stale blocks and exit 1 instead of rewriting")
+    args = ap.parse_args(argv)
+    stale = {}
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        names = process(md, args.check)
+        if names:
+            stale[md.relative_to(ROOT).as_posix()] = names
+    for where, names in stale.items():
+        print(f"{where}: {'stale' if args.check else 'rendered'} {', '.join(names)}")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
