@@ -81,22 +81,44 @@ def _tiny_training(files: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _tiny_bench(files: dict[str, Any]) -> list[str]:
-    rep = files["bench"]
-    rows = ["| backend | bundle | size MiB | load s | TTFT ms | prefill tok/s | decode tok/s | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|"]
-    for case in rep["cases"]:
-        m = case.get("metrics", {})
+def _bench_table(report: dict[str, Any]) -> list[str]:
+    """One row per case of a `mobilemllm bench --json` report (medians; × = decode speed-up over the
+    report's reference case, eager PyTorch when it ran)."""
+    rows = ["| backend | bundle | quantization | size MiB | load s | TTFT ms | prefill tok/s | decode tok/s | "
+            "× reference (decode) | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
 
-        def med(key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
-            v = m.get(key)
-            v = v.get("median") if isinstance(v, dict) else v
-            return "–" if v is None else fmt.format(v * scale)
+    def med(case: dict[str, Any], metric: str) -> float | None:
+        s = case["summary"].get(metric)
+        return None if not s else s["median"]
 
-        rows.append(f"| {case['backend']} | {case.get('quantization', '–')} | {med('size_bytes', 2**-20)} | "
-                    f"{med('load_s', 1, '{:.2f}')} | {med('ttft_s', 1000, '{:.0f}')} | {med('prefill_tokens_per_s')} | "
-                    f"{med('decode_tokens_per_s')} | {med('peak_rss_bytes', 2**-20, '{:.0f}')} |")
+    def num(v: float | None, fmt: str) -> str:
+        return "–" if v is None else fmt.format(v)
+
+    for c in report["cases"]:
+        info = c["info"]
+        size = None if info.get("size_bytes") is None else info["size_bytes"] / 2**20
+        ttft = med(c, "ttft_s")
+        rows.append(f"| {c['backend']} | {Path(c['target']).name} | {info.get('quantization', '–')} | "
+                    f"{num(size, '{:.1f}')} | {num(c['load_s'], '{:.2f}')} | "
+                    f"{num(None if ttft is None else ttft * 1000, '{:.0f}')} | "
+                    f"{num(med(c, 'prefill_tok_s'), '{:,.0f}')} | {num(med(c, 'decode_tok_s'), '{:,.1f}')} | "
+                    f"{num(c['ratios'].get('decode_tok_s'), '{:.2f}')} | "
+                    f"{num(c['peak_rss_bytes'] / 2**20 if c.get('peak_rss_bytes') else None, '{:.0f}')} |")
+    m = report["machine"]
+    rows += ["", f"Run of {report['created'][:10]}: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+                 f"{m.get('threads', '?')} threads; {report['settings']['prompt_tokens']} prompt tokens + the image, "
+                 f"{report['settings']['new_tokens']} new tokens, {report['settings']['warmup']} warm-up + "
+                 f"{report['settings']['repeat']} runs."]
     return rows
+
+
+def _tiny_bench(files: dict[str, Any]) -> list[str]:
+    return _bench_table(files["bench"])
+
+
+def _bench_preset(files: dict[str, Any]) -> list[str]:
+    return _bench_table(files["bench"])
 
 
 SPECS: dict[str, Spec] = {
@@ -111,6 +133,10 @@ SPECS: dict[str, Spec] = {
         "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (report: runs/quickstart/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",
         _tiny_bench),
+    "bench-preset": Spec(
+        "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",
+        _bench_preset),
 }
 
 
