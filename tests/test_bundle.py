@@ -194,3 +194,68 @@ def test_utf8_buffer_holds_incomplete_characters():
     buf.put(snow[2:] + b"b")
     buf.flush()
     assert out == ["a", "☃b"]
+
+
+# ---- paths stay inside the bundle; the format matches the files; sizes are bounded -------------------------
+def _tamper(bundle, change) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    change(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _entry(path) -> dict:
+    return {"size": path.stat().st_size, "sha256": B.sha256_file(path)}
+
+
+@pytest.mark.parametrize("rel", ["../secret.txt", "tokenizer/../../secret.txt", "/etc/hostname", "C:/x",
+                                 "tokenizer\\x", "a//b", "./model.pte", "bad\nname"])
+def test_manifest_file_paths_outside_the_bundle_are_refused(written, rel):
+    secret = written.parent / "secret.txt"
+    secret.write_text("not yours")
+    _tamper(written, lambda m: m["files"].__setitem__(rel, _entry(secret)))
+    with pytest.raises(B.BundleError, match="outside the bundle") as e:
+        B.load_manifest(written)
+    assert "\n" not in str(e.value)
+
+
+def test_symlinks_leading_out_are_refused(written):
+    secret = written.parent / "secret.txt"
+    secret.write_text("not yours")
+    (written / "tokenizer" / "link.txt").symlink_to(secret)
+    _tamper(written, lambda m: m["files"].__setitem__("tokenizer/link.txt", _entry(secret)))
+    with pytest.raises(B.BundleError, match="leads outside the bundle folder.*symbolic link"):
+        B.load_manifest(written)
+    with pytest.raises(B.BundleError, match="leads outside"):
+        B.load_manifest(written, verify=False)  # refused even when checksums are skipped
+
+
+def test_tokenizer_dir_outside_the_bundle_is_refused(written):
+    elsewhere = written.parent / "tok"
+    elsewhere.mkdir()
+    _tamper(written, lambda m: m["tokenizer"].__setitem__("dir", "../tok"))
+    with pytest.raises(B.BundleError, match="tokenizer dir '../tok'"):
+        B.load_manifest(written)
+    (written / "toklink").symlink_to(elsewhere)
+    _tamper(written, lambda m: m["tokenizer"].__setitem__("dir", "toklink"))
+    with pytest.raises(B.BundleError, match="'toklink' leads outside"):
+        B.load_manifest(written)
+
+
+def test_format_must_match_the_files(written, model, tok, tmp_path):
+    with pytest.raises(B.BundleError, match="format 'executorch' but no model.pte in files"):
+        B.write_bundle(tmp_path / "b", _manifest(model, tok), {"program.bin": b"x"})
+    assert not (tmp_path / "b").exists()
+
+    def as_onnx(m):
+        m["format"] = "onnx"
+        m["graphs"] = {"vision_encoder": {"file": "vision.onnx"}}
+    _tamper(written, as_onnx)
+    with pytest.raises(B.BundleError, match="graph vision_encoder's vision.onnx is not in files"):
+        B.load_manifest(written)
+
+
+def test_absurd_image_size_is_refused_before_anything_is_allocated(written):
+    _tamper(written, lambda m: m["preprocessing"].__setitem__("image_size", 20000))
+    with pytest.raises(B.BundleError, match="image_size: 20000 is greater than the maximum of 4096") as e:
+        B.load_manifest(written)
+    assert "\n" not in str(e.value)
