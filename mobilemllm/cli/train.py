@@ -32,6 +32,9 @@ def train(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate each trained stage on the recipe's "
                                   "evaluation data."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    allow_outside_images: bool = typer.Option(
+        False, "--allow-outside-images/--no-allow-outside-images",
+        help="Let records name images outside their image folder (absolute paths, '..', links out)."),
 ) -> None:
     """Train a model with a recipe: stages run in order, each from the previous stage's checkpoint."""
     from mobilemllm.training.pipeline import print_results, run_recipe
@@ -43,6 +46,8 @@ def train(
     extra = list(overrides or [])
     if data is not None:
         extra.append(f"data={data}")
+    if allow_outside_images:
+        extra.append("allow_outside_images=true")
     rec = load_recipe(recipe, extra)
     stages = None if stage == "all" else [stage]
     results = run_recipe(rec, out, stages=stages, resume=resume, fresh=fresh, evaluate_stages=evaluate, init=init,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilemllm.data.dataset import Sample, collate, read_records, validate_conversation
+from mobilemllm.data.dataset import Sample, check_image_name, collate, image_path, read_records, validate_conversation
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.errors import DataError
 from mobilemllm.training.trainer import Trainer, TrainConfig
@@ -67,9 +67,9 @@ def corpus_text(data_dir: Path) -> list[str]:
     lines: list[str] = []
     for name in ("pretrain.json", "instruct.json"):
         if (data_dir / name).exists():
-            for r in read_records(data_dir / name):
-                for turn in r.get("conversations", []):
-                    lines.append(turn["value"].replace("<image>", "").strip())
+            for i, r in enumerate(read_records(data_dir / name)):
+                for turn in validate_conversation(r, f"{data_dir / name}: record {i}"):
+                    lines.extend(t.replace("<image>", "").strip() for t in turn)
     return lines
 
 
@@ -143,14 +143,17 @@ class ContrastiveObjective:
 class CaptionPairs(torch.utils.data.Dataset):
     """(image, caption) pairs from a LLaVA caption file (``pretrain.json``)."""
 
-    def __init__(self, path: Path, image_folder: Path | None, tokenizer, vision_cfg, max_len: int = 96):
+    def __init__(self, path: Path, image_folder: Path | None, tokenizer, vision_cfg, max_len: int = 96,
+                 allow_outside_images: bool = False):
         self.records = read_records(path)
         self.image_folder = image_folder or path.parent / "images"
+        self.allow_outside_images = allow_outside_images
         self.texts = []
         for i, r in enumerate(self.records):
             turns = validate_conversation(r, f"{path}: record {i}")
             if "image" not in r:
                 raise DataError(f"{path}: record {i} has no image; contrastive pretraining needs image-caption pairs")
+            check_image_name(r["image"], f"{path}: record {i}", allow_outside=allow_outside_images)
             self.texts.append(turns[0][1])
         self.ids = [ids[:max_len] for ids in tokenizer(self.texts, add_special_tokens=False)["input_ids"]]
         self.vision_cfg = vision_cfg
@@ -161,7 +164,9 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         if i not in self._cache:
-            self._cache[i] = preprocess(load_image(self.image_folder / self.records[i]["image"]), self.vision_cfg)[0]
+            path = image_path(self.image_folder, self.records[i]["image"], f"record {i}",
+                              allow_outside=self.allow_outside_images)
+            self._cache[i] = preprocess(load_image(path), self.vision_cfg)[0]
         return self._cache[i], self.ids[i]
 
 
@@ -179,7 +184,8 @@ def collate_pairs(items, pad_id: int = 0) -> dict[str, torch.Tensor]:
 def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Path, text_cfg: TrainConfig,
                       vision_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
                       caption_file: str = "pretrain.json", image_folder: str | Path | None = None,
-                      seq_len: int = 128, image_features: str = "quadrant_mean") -> dict[str, Any]:
+                      seq_len: int = 128, image_features: str = "quadrant_mean",
+                      allow_outside_images: bool = False) -> dict[str, Any]:
     """Pretrain ``model.llm`` on the data's text, then ``model.vision`` contrastively. In place."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     summary: dict[str, Any] = {}
@@ -195,7 +201,7 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
 
     model.set_trainable(vision=True, connector=False, llm=False)
     pairs = CaptionPairs(data_dir / caption_file, Path(image_folder) if image_folder else None, tokenizer,
-                         model.config.vision)
+                         model.config.vision, allow_outside_images=allow_outside_images)
     if vision_cfg.micro_batch != vision_cfg.global_batch:
         vision_cfg = TrainConfig(**{**vision_cfg.__dict__, "micro_batch": vision_cfg.global_batch})
     torch.manual_seed(vision_cfg.seed)

@@ -219,7 +219,8 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
 
         summary = train_foundations(model, tok, data_dir, run_dir, foundations_config(recipe, "text"),
                                     foundations_config(recipe, "vision"), resume=resume, progress=progress,
-                                    image_features=foundations_image_features(recipe))
+                                    image_features=foundations_image_features(recipe),
+                                    allow_outside_images=bool(recipe.get("allow_outside_images")))
         cfg_dump: dict[str, Any] = {"text": vars(foundations_config(recipe, "text")),
                                     "vision": {**vars(foundations_config(recipe, "vision")),
                                                "image_features": foundations_image_features(recipe)}}
@@ -244,13 +245,16 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
             if init is None:
                 raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
             reference, _ = load_checkpoint(init, with_tokenizer=False)
-            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template)
+            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template,
+                                                 allow_outside_images=bool(recipe.get("allow_outside_images")))
                                for p in data_paths])
             objective = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
             collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
         else:
             dataset = _concat([ConversationDataset(p, image_folder, tok, model.config, template=template,
-                                                   max_length=opts.get("max_length")) for p in data_paths])
+                                                   max_length=opts.get("max_length"),
+                                                   allow_outside_images=bool(recipe.get("allow_outside_images")))
+                               for p in data_paths])
             objective = LMObjective()
             collate_fn = lambda items: collate(items, pad)  # noqa: E731
         trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
@@ -375,6 +379,8 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
     t_all, cpu_all = time.perf_counter(), time.process_time()
     data_dir, eval_dir = prepare_data(recipe, out_dir, log)
     eval_opts = dict(recipe.get("eval") or {})
+    if recipe.get("allow_outside_images"):
+        eval_opts["allow_outside_images"] = True
 
     results: dict[str, Any] = {"recipe": recipe.get("name"), "out_dir": str(out_dir), "stages": {}}
     fp: str | None = None

@@ -14,6 +14,7 @@ A recipe's top-level keys::
     tokenizer: null             # tokenizer folder; null: the checkpoint's, or the tiny preset's BPE
     data: null                  # folder of LLaVA-format files; null: write the synthetic shapes world
     eval_data: null             # folder of evaluation files; null: the synthetic held-out split
+    allow_outside_images: false # let data records name images outside their image folder (mobilemllm.data.dataset)
     synthetic: {...}            # the synthetic world (when data is null): see Synthetic
     stages: [...]               # what `--stage all` runs, in order
     seed                        # default for every stage
@@ -180,6 +181,7 @@ class Recipe(Section):
     tokenizer: str | None = None
     data: str | None = None
     eval_data: str | None = None
+    allow_outside_images: Bool = False
     synthetic: Synthetic | None = None
     stages: Annotated[list[str] | None, BeforeValidator(_stages)] = None
     seed: Int | None = Field(None, ge=0)
