@@ -210,8 +210,13 @@ class MobileVLMSource:
 
 
 def write_mobilevlm(folder: Path, projector: str, clip_cfg, with_tower: bool, shards: str,
-                    dtype: torch.dtype = torch.float32, seed: int = 0) -> MobileVLMSource:
-    """Write config.json, weights in MobileVLM's key layout and a sentencepiece tokenizer into ``folder``."""
+                    dtype: torch.dtype = torch.float32, seed: int = 0, tower_dir: Path | None = None,
+                    tower: str = "openai/clip-vit-large-patch14-336") -> MobileVLMSource:
+    """Write config.json, weights in MobileVLM's key layout and a sentencepiece tokenizer into ``folder``.
+
+    With ``tower_dir`` the tower is also saved there (``CLIPVisionModel.save_pretrained`` + a preprocessor config)
+    and ``mm_vision_tower`` names that path, as on the machine a MobileVLM was trained on.
+    """
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
     folder.mkdir(parents=True)
@@ -243,7 +248,11 @@ def write_mobilevlm(folder: Path, projector: str, clip_cfg, with_tower: bool, sh
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     else:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tower = "openai/clip-vit-large-patch14-336"
+    if tower_dir is not None:
+        clip.save_pretrained(tower_dir)
+        (tower_dir / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "CLIPImageProcessor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+        tower = str(tower_dir)
     config = mobilevlm_config_json(projector, clip_cfg.hidden_size, tower)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     spm_model = write_spm_tokenizer(folder)
@@ -281,11 +290,12 @@ def v1_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v2_source(tmp_path_factory):
-    """MobileVLM v2: ldpnetv2, CLIP weights embedded, one bf16 safetensors; 48 px / 2 = a 24x24 grid, as CLIP-L/336."""
+    """MobileVLM v2: ldpnetv2, CLIP weights embedded, one bf16 safetensors; 48 px / 2 = a 24x24 grid, as CLIP-L/336.
+    ``mm_vision_tower`` names a local tower folder (a 128-wide tower's head count is not in its weights)."""
     root = tmp_path_factory.mktemp("mobilevlm_v2")
     clip_cfg = clip_vision_config(hidden=128, heads=2, image=48, patch=2)
     return write_mobilevlm(root / "MobileVLM_V2-1.7B", "ldpnetv2", clip_cfg, with_tower=True, shards="safetensors",
-                           dtype=torch.bfloat16)
+                           dtype=torch.bfloat16, tower_dir=root / "clip-vit-large-patch14-336")
 
 
 def pixels(image_size: int, seed: int = 0) -> torch.Tensor:
@@ -415,7 +425,7 @@ def test_v2_embedded_tower_imports_and_matches(v2_source, tmp_path):
     model, tok = load_checkpoint(out)
     v = model.config.vision
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == \
-        (48, 2, 128, 2, 2, 256)  # inferred from the weights
+        (48, 2, 128, 2, 2, 256)  # from the tower folder's config.json
     assert model.config.connector.kind == "ldpv2" and model.config.num_visual_tokens == 144
     feats = torch.randn(1, 576, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -437,7 +447,7 @@ def test_mobilevlm_mlp2x_gelu_projector(tmp_path):
     from mobilemllm.inference import prompt_ids
 
     src = write_mobilevlm(tmp_path / "MobileVLM-mlp", "mlp2x_gelu", clip_vision_config(hidden=64, heads=1),
-                          with_tower=True, shards="safetensors")
+                          with_tower=True, shards="safetensors", tower_dir=tmp_path / "clip-vit-base-patch16")
     model, tok = load_checkpoint(import_checkpoint(src.folder, tmp_path / "ours"))
     assert model.config.connector.kind == "mlp2x_gelu" and model.config.vision.num_heads == 1
     hf_llm = LlamaForCausalLM.from_pretrained(src.folder, local_files_only=True, dtype=torch.float32).eval()
@@ -458,6 +468,54 @@ def test_v2_llm_only_keeps_language_model_and_tower(v2_source, tmp_path):
     assert not torch.equal(ours["connector.mlp.mlp.0.weight"].float(), proj["mlp.mlp.0.weight"])  # fresh connector
     info = json.loads((out / IMPORT_INFO_NAME).read_text())
     assert info["llm_only"] and any("seed 0" in n for n in info["notes"])
+
+
+# ---------------------------------------------------------------------------- the embedded tower's config
+
+
+def test_embedded_tower_config_comes_from_the_local_tower_folder(tmp_path):
+    """256 wide with 2 heads of 128: a guess of 64-dim heads (4 heads) would compute other features."""
+    from transformers import CLIPVisionModel
+
+    clip_cfg = clip_vision_config(hidden=256, heads=2)
+    tower = tmp_path / "clip-vit-custom"
+    src = write_mobilevlm(tmp_path / "MobileVLM-custom", "mlp2x_gelu", clip_cfg, with_tower=True,
+                          shards="safetensors", tower_dir=tower)
+    mean = [0.5, 0.25, 0.125]
+    (tower / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": CLIP_STD}))
+    model, _ = load_checkpoint(import_checkpoint(src.folder, tmp_path / "ours"))
+    v = model.config.vision
+    assert (v.num_heads, v.hidden_size, v.num_layers, v.intermediate_size) == (2, 256, 2, 512)
+    assert list(v.image_mean) == mean  # upstream's image processor comes from the tower folder too
+    hf = CLIPVisionModel.from_pretrained(tower, local_files_only=True).eval()
+    with torch.no_grad():
+        want = hf(pixel_values=pixels(32), output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(model.vision(pixels(32)), want, atol=1e-5, rtol=1e-5)
+
+    # without the folder the head count cannot be known: refused in one line naming both ways to give it
+    gone = _copy(src.folder, tmp_path / "no-folder",
+                 config_edit=lambda c: c.update(mm_vision_tower=str(tmp_path / "absent" / "clip-vit-custom")))
+    with pytest.raises(CheckpointError, match=r"256 wide, which matches no OpenAI CLIP .*head count") as e:
+        import_checkpoint(gone, tmp_path / "no")
+    assert "\n" not in str(e.value) and "--vision-tower" in str(e.value) and "absent/clip-vit-custom" in str(e.value)
+    assert not (tmp_path / "no").exists()
+    # --vision-tower gives config and weights
+    model, _ = load_checkpoint(import_checkpoint(gone, tmp_path / "flag", vision_tower=tower))
+    assert model.config.vision.num_heads == 2
+
+
+def test_published_clip_widths_give_their_head_counts():
+    from mobilemllm.models.importers.towers import vision_from_weights
+
+    for hidden, layers, heads in ((1024, 24, 16), (768, 12, 12)):
+        with torch.device("meta"):  # shapes only
+            state = {"vision.model.embeddings.patch_embedding.weight": torch.empty(hidden, 3, 14, 14),
+                     "vision.model.embeddings.position_embedding.weight": torch.empty(577, hidden),
+                     **{f"vision.model.encoder.layers.{i}.mlp.fc1.weight": torch.empty(4 * hidden, hidden)
+                        for i in range(layers)}}
+        v = vision_from_weights(state, "ckpt", "openai/clip-vit-large-patch14-336")
+        assert (v.num_heads, v.num_layers, v.image_size, v.patch_size, v.intermediate_size) == \
+            (heads, layers, 336, 14, 4 * hidden)
 
 
 # ---------------------------------------------------------------------------- LLaVA-HF

@@ -9,7 +9,8 @@ from mobilemllm.models.importers.configs import llm_config
 from mobilemllm.models.importers.files import read_weights
 from mobilemllm.models.importers.keys import check_unexpected, map_keys
 from mobilemllm.models.importers.plan import MOBILEVLM_TOWER, PROJECTORS, V, Plan
-from mobilemllm.models.importers.towers import is_openai_clip, load_tower_folder, vision_from_weights
+from mobilemllm.models.importers.towers import (is_openai_clip, load_tower_folder, tower_folder_config,
+                                                vision_from_weights)
 
 
 def plan_mobilevlm(src: Path, config: dict, vision_tower: Path | None, llm_only: bool, connector: str) -> Plan:
@@ -51,8 +52,10 @@ def plan_mobilevlm(src: Path, config: dict, vision_tower: Path | None, llm_only:
     drop: tuple[str, ...] = ("model.mm_projector.",) if llm_only else ()
     has_tower = any(k.startswith(MOBILEVLM_TOWER) for k in source)
     tower_name = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
-    if vision_tower is None and tower_name and not has_tower and Path(tower_name).is_dir():
-        vision_tower = Path(tower_name)  # the training machine's local path exists here too
+    # the training machine's local tower path may exist here too: upstream reads the tower's config from it
+    tower_dir = Path(tower_name) if tower_name and Path(tower_name).is_dir() else None
+    if vision_tower is None and tower_dir is not None and not has_tower:
+        vision_tower = tower_dir
     if vision_tower is not None:
         drop += (MOBILEVLM_TOWER,)
         if has_tower:
@@ -72,12 +75,18 @@ def plan_mobilevlm(src: Path, config: dict, vision_tower: Path | None, llm_only:
         plan.state.update(vstate)
         plan.origin.update(vorigin)
         plan.vision_source = str(vision_tower)
+    elif has_tower and tower_dir is not None:
+        # upstream builds CLIPVisionModel from this folder's config, then loads the checkpoint's weights into it
+        vcfg = tower_folder_config(tower_dir, t_errors, **extra)
+        if t_errors:
+            raise CheckpointError("cannot use the vision tower: " + "; ".join(t_errors))
+        plan.vision_source = f"{src.name} (embedded; config from {tower_dir})"
     elif has_tower:
         if tower_name and not is_openai_clip(tower_name):
             raise CheckpointError(
                 f"{where}: mm_vision_tower {tower_name!r} is not an OpenAI CLIP, so its config cannot be inferred from "
                 "the weights alone; pass --vision-tower with that tower's local folder")
-        vcfg = vision_from_weights(state, str(src), **extra)
+        vcfg = vision_from_weights(state, str(src), tower_name, **extra)
         plan.vision_source = f"{src.name} (embedded; config inferred from the weights, 64-dim heads as OpenAI CLIP)"
         plan.notes.append(f"vision tower config inferred from the weights of {tower_name or 'the checkpoint'}: "
                           f"{vcfg.num_layers}L x {vcfg.hidden_size}, {vcfg.image_size}px/{vcfg.patch_size}")

@@ -31,8 +31,16 @@ def vision_from_hf(hf_cfg, where: str, errors: list[str], **extra):
     return vcfg
 
 
-def vision_from_weights(state: dict[str, torch.Tensor], where: str, **extra):
-    """Infer an OpenAI CLIP tower's config from its weights (``vision.model.*`` keys)."""
+# OpenAI CLIP ViT width -> head count (64-dim heads in all): ViT-B/16 and B/32 (768), ViT-L/14 and L/14-336 (1024).
+OPENAI_CLIP_HEADS = {768: 12, 1024: 16}
+
+
+def vision_from_weights(state: dict[str, torch.Tensor], where: str, tower_name: str = "", **extra):
+    """Infer an OpenAI CLIP tower's config from its weights (``vision.model.*`` keys).
+
+    Shapes give everything but the head count, which is known only for the published OpenAI CLIP widths; any
+    other width is refused rather than guessed (a wrong head count computes different features silently).
+    """
     from mobilemllm.config import VisionConfig
 
     needed = [V + "embeddings.patch_embedding.weight", V + "embeddings.position_embedding.weight",
@@ -47,16 +55,21 @@ def vision_from_weights(state: dict[str, torch.Tensor], where: str, **extra):
     if grid * grid != positions:
         raise CheckpointError(f"{where}: the vision tower has {positions} patch positions, not a square grid")
     layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(V) + r"encoder\.layers\.(\d+)\.", k))}
-    if hidden % 64:
-        raise CheckpointError(f"{where}: cannot tell the head count of a {hidden}-wide vision tower from its weights; "
-                              "pass --vision-tower with the tower's folder (config.json)")
+    if hidden not in OPENAI_CLIP_HEADS:
+        folder = f"put the tower's folder at {tower_name!r} (the path mm_vision_tower names; its config.json is read " \
+                 "and the checkpoint's weights kept) or " if tower_name else ""
+        raise CheckpointError(
+            f"{where}: the embedded vision tower is {hidden} wide, which matches no OpenAI CLIP "
+            f"({' or '.join(map(str, OPENAI_CLIP_HEADS))}), so its head count cannot be known from the weights; "
+            f"{folder}pass --vision-tower TOWER_FOLDER (its config.json and weights are used)")
     return VisionConfig(kind="clip", image_size=grid * patch, patch_size=patch, hidden_size=hidden,
-                        num_layers=len(layers), num_heads=hidden // 64,
+                        num_layers=len(layers), num_heads=OPENAI_CLIP_HEADS[hidden],
                         intermediate_size=state[needed[2]].shape[0], **extra)
 
 
-def load_tower_folder(folder: Path, errors: list[str], **extra):
-    """(VisionConfig, our-keyed state, origin) from a local CLIP/SigLIP folder (vision-only or whole model)."""
+def tower_folder_config(folder: Path, errors: list[str], **extra):
+    """Our VisionConfig from a tower folder's ``config.json`` (heads, layers, sizes, LayerNorm eps, activation) and
+    ``preprocessor_config.json`` (mean/std), as upstream's ``CLIPVisionConfig.from_pretrained(mm_vision_tower)``."""
     from transformers import AutoConfig
 
     if not (folder / "config.json").exists():
@@ -68,13 +81,17 @@ def load_tower_folder(folder: Path, errors: list[str], **extra):
         raise CheckpointError(f"cannot read the vision tower config in {folder}: {e}") from None
     hf_cfg = getattr(hf_cfg, "vision_config", hf_cfg)
     extra = {**preprocessing([folder]), **extra}
-    vcfg = vision_from_hf(hf_cfg, str(folder / "config.json"), errors, **extra)
+    return vision_from_hf(hf_cfg, str(folder / "config.json"), errors, **extra)
+
+
+def load_tower_folder(folder: Path, errors: list[str], **extra):
+    """(VisionConfig, our-keyed state, origin) from a local CLIP/SigLIP folder (vision-only or whole model)."""
+    vcfg = tower_folder_config(folder, errors, **extra)
     if vcfg is None:
         return None, {}, {}, []
     rules = [("vision_model.", V), ("", V)]
     state, origin, unexpected = map_keys(read_weights(folder), rules, str(folder), ignore=TOWER_IGNORED)
     return vcfg, state, {k: f"{folder.name}:{v}" for k, v in origin.items()}, unexpected
-
 
 
 def is_openai_clip(name: str) -> bool:
