@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mobilemllm.bundle.layout import DEVICE_ROOT
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
 
-DEVICE_ROOT = "/data/local/tmp/mobilemllm"
 RUNNER_ENV = "MOBILEMLLM_ET_RUNNER"
 DEFAULT_RUNNER = Path("~/.cache/mobilemllm/android/llava_main")
 STATS_KEYS = ("prompt_tokens", "generated_tokens", "model_load_start_ms", "model_load_end_ms", "inference_start_ms",
@@ -114,24 +114,38 @@ def parse_adb_devices(output: str) -> list[tuple[str, str]]:
     return out
 
 
-def pick_serial(devices: list[tuple[str, str]], serial: str | None) -> str:
+def pick_serial(devices: list[tuple[str, str]], serial: str | None, choose: str = "--device adb:{serial}") -> str:
+    """The serial to use: ``serial`` if it is connected and ready, else the only ready device.
+
+    ``choose`` is how the calling command names a device (``--serial {serial}`` for push).
+    """
     ready = [s for s, state in devices if state == "device"]
+    listed = ", ".join(f"{s} ({st})" for s, st in devices) or "none"
     if serial is not None:
         state = dict(devices).get(serial)
         if state is None:
-            raise BackendUnavailable(f"no Android device {serial!r} is connected (adb devices lists: "
-                                     f"{', '.join(s for s, _ in devices) or 'none'})")
+            raise BackendUnavailable(f"no device with serial {serial!r} is connected (adb devices lists: {listed})")
         if state != "device":
-            raise BackendUnavailable(f"Android device {serial} is {state}; accept the USB debugging prompt on the phone")
+            raise BackendUnavailable(f"Android device {serial} is {state}, not ready: unlock it and accept the USB "
+                                     "debugging prompt on the phone, then run again")
         return serial
     if not ready:
-        listed = ", ".join(f"{s} ({st})" for s, st in devices)
-        raise BackendUnavailable("no Android device is ready (adb devices lists " + (listed or "none") +
-                                 "); connect a phone with USB debugging on")
+        why = f"adb devices lists {listed}" if devices else "no Android device is connected"
+        raise BackendUnavailable(f"no Android device is ready ({why}); plug a phone in with USB debugging on "
+                                 "(check with `adb devices`)")
     if len(ready) > 1:
         raise UserError(f"several Android devices are connected ({', '.join(ready)}); choose one with "
-                        f"--device adb:{ready[0]}")
+                        + choose.format(serial=ready[0]))
     return ready[0]
+
+
+def shell(*args: str) -> list[str]:
+    """``adb shell`` arguments for one remote command, each quoted for the phone's shell.
+
+    adb joins its arguments with spaces and the phone's ``sh -c`` parses the result, so an unquoted file
+    name such as ``x;rm -rf /sdcard;#`` would run on the phone. Plain names come out unchanged.
+    """
+    return ["shell", *(shlex.quote(a) for a in args)]
 
 
 def find_runner(path: str | None) -> Path:
@@ -207,18 +221,25 @@ def _safe(name: str) -> str:
 
 
 def _check(cmd: list[str], timeout: float = 600) -> str:
+    """Run one adb command; its stdout, or a one-line BackendUnavailable naming the command."""
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"timed out: {' '.join(cmd)}") from None
+        raise BackendUnavailable(f"timed out after {timeout:.0f} s: {shlex.join(cmd)}") from None
+    except OSError as e:
+        raise BackendUnavailable(f"`{shlex.join(cmd)}` failed: {e}") from None
     if res.returncode != 0:
-        raise UserError(f"`{' '.join(shlex.quote(c) for c in cmd)}` failed ({res.returncode}): "
-                        f"{(res.stderr or res.stdout).strip()[:300]}")
+        raise BackendUnavailable(f"`{shlex.join(cmd)}` failed (exit {res.returncode}): "
+                                 f"{(res.stderr or res.stdout).strip()[:300]}")
     return res.stdout
 
 
-def connect(serial: str | None) -> tuple[str, str]:
+def list_devices(adb: str) -> list[tuple[str, str]]:
+    """[(serial, state)] from ``adb devices``."""
+    return parse_adb_devices(_check([adb, "devices"], timeout=60))
+
+
+def connect(serial: str | None, choose: str = "--device adb:{serial}") -> tuple[str, str]:
     """(adb path, serial of the ready device) or a clear BackendUnavailable."""
     adb = find_adb()
-    devices = parse_adb_devices(_check([adb, "devices"], timeout=30))
-    return adb, pick_serial(devices, serial)
+    return adb, pick_serial(list_devices(adb), serial, choose)

@@ -13,6 +13,9 @@ QUESTION = "{question}"  # placeholder in the prompt's text segments
 
 # ExecuTorch bundles: one program with the methods MultimodalRunner calls.
 PROGRAM_NAME = "model.pte"
+# Android: where `mobilemllm push` and `bench --device adb` put bundles; android_demo lists this folder
+# (readable by apps without storage permissions).
+DEVICE_ROOT = "/data/local/tmp/mobilemllm"
 # ONNX bundles: one graph per part.
 GRAPH_FILES = {"vision_encoder": "vision.onnx", "token_embedding": "embed.onnx", "text_decoder": "decoder.onnx"}
 

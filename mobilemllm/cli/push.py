@@ -4,6 +4,10 @@ The bundle lands in ``/data/local/tmp/mobilemllm/<name>/`` (readable by apps wit
 permissions). It is pushed into ``<name>.partial/`` first, its checksums are compared on the phone with
 the manifest's, and only then is it moved into place, so the app never sees half a bundle.
 ``--dry-run`` prints the exact adb commands instead of running them (no adb or phone needed).
+
+File names come from the manifest, a file anyone can edit: they are checked to stay inside the bundle
+(:func:`mobilemllm.bundle.load_manifest`) and every argument of an ``adb shell`` command is quoted for
+the phone's shell (adb joins its arguments with spaces and the phone runs ``sh -c`` on the result).
 """
 
 from __future__ import annotations
@@ -11,14 +15,13 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-DEVICE_ROOT = "/data/local/tmp/mobilemllm"
+from mobilemllm.bench.adb import DEVICE_ROOT, shell
+
 TARGETS = ("android",)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADB_HELP = ("install Android platform-tools (Debian/Ubuntu: `apt-get install adb`; or the SDK's "
@@ -39,9 +42,15 @@ def check_name(name: str) -> str:
 
 
 def bundle_files(bundle: Path, manifest: dict) -> list[str]:
-    """Every file of the bundle, manifest.json last (the app treats a folder with a manifest as complete)."""
-    from mobilemllm.bundle import MANIFEST_NAME
+    """Every file of the bundle, manifest.json last (the app treats a folder with a manifest as complete).
 
+    Refuses (one line) a manifest whose paths lead outside ``bundle``, before any command is built.
+    """
+    from mobilemllm.bundle.layout import MANIFEST_NAME
+    from mobilemllm.bundle.manifest import confined_path
+
+    for rel in manifest["files"]:
+        confined_path(bundle, rel)
     return sorted(manifest["files"]) + [MANIFEST_NAME]
 
 
@@ -53,67 +62,27 @@ def adb_commands(bundle: Path, manifest: dict, name: str, serial: str | None = N
     staging = final + ".partial"
     files = bundle_files(bundle, manifest)
     subdirs = sorted({posixpath.dirname(f) for f in files if posixpath.dirname(f)})
-    cmds = [base + ["shell", "rm", "-rf", staging],
-            base + ["shell", "mkdir", "-p", staging] + [f"{staging}/{d}" for d in subdirs]]
-    for rel in files:
+    cmds = [base + shell("rm", "-rf", staging),
+            base + shell("mkdir", "-p", staging, *[f"{staging}/{d}" for d in subdirs])]
+    for rel in files:  # adb push takes the remote path as one argument, no shell: not quoted
         cmds.append(base + ["push", str(bundle / rel), f"{staging}/{rel}"])
-    cmds.append(base + ["shell", "sha256sum"] + [f"{staging}/{rel}" for rel in sorted(manifest["files"])])
-    cmds.append(base + ["shell", "rm", "-rf", final])
-    cmds.append(base + ["shell", "mv", staging, final])
+    cmds.append(base + shell("sha256sum", *[f"{staging}/{rel}" for rel in sorted(manifest["files"])]))
+    cmds.append(base + shell("rm", "-rf", final))
+    cmds.append(base + shell("mv", staging, final))
     return cmds
 
 
 def connected_devices(adb: str) -> dict[str, str]:
     """{serial: state} from ``adb devices`` (state is 'device' when usable)."""
-    from mobilemllm.errors import BackendUnavailable
+    from mobilemllm.bench.adb import list_devices
 
-    try:
-        out = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BackendUnavailable(f"`{adb} devices` failed: {e}") from None
-    if out.returncode != 0:
-        raise BackendUnavailable(f"`{adb} devices` failed: {(out.stderr or out.stdout).strip()}")
-    devices = {}
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and not line.startswith(("List of devices", "*")):
-            devices[parts[0]] = parts[1]
-    return devices
+    return dict(list_devices(adb))
 
 
 def pick_device(devices: dict[str, str], serial: str | None) -> str:
-    from mobilemllm.errors import BackendUnavailable, UserError
+    from mobilemllm.bench.adb import pick_serial
 
-    ready = sorted(s for s, state in devices.items() if state == "device")
-    if serial is not None:
-        if serial not in devices:
-            listed = ", ".join(f"{s} ({st})" for s, st in sorted(devices.items())) or "none"
-            raise BackendUnavailable(f"no device with serial {serial!r} is connected (adb devices lists: {listed})")
-        if devices[serial] != "device":
-            raise BackendUnavailable(f"device {serial} is '{devices[serial]}', not ready: unlock it and accept the "
-                                     "USB debugging prompt, then run again")
-        return serial
-    if not ready:
-        others = ", ".join(f"{s} ({st})" for s, st in sorted(devices.items()))
-        raise BackendUnavailable("no Android device is connected" + (f" and ready ({others})" if others else "") +
-                                 ": plug one in with USB debugging on (check with `adb devices`), "
-                                 "or pass --dry-run to print the commands")
-    if len(ready) > 1:
-        raise UserError(f"{len(ready)} devices are connected ({', '.join(ready)}); choose one with --serial")
-    return ready[0]
-
-
-def _run(cmd: list[str]) -> str:
-    from mobilemllm.errors import BackendUnavailable
-
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BackendUnavailable(f"`{shlex.join(cmd)}` failed: {e}") from None
-    if out.returncode != 0:
-        raise BackendUnavailable(f"`{shlex.join(cmd)}` failed (exit {out.returncode}): "
-                                 f"{(out.stderr or out.stdout).strip()[:500]}")
-    return out.stdout
+    return pick_serial(list(devices.items()), serial, choose="--serial {serial}")
 
 
 def check_sums(output: str, manifest: dict, staging: str) -> None:
@@ -157,16 +126,19 @@ def push(
         for cmd in adb_commands(bundle, manifest, name, serial):
             typer.echo(shlex.join(cmd))
         return
-    adb = shutil.which("adb")
-    if adb is None:
-        raise BackendUnavailable(f"adb was not found on PATH: {ADB_HELP}")
+    from mobilemllm.bench.adb import _check, find_adb
+
+    try:
+        adb = find_adb()
+    except BackendUnavailable:
+        raise BackendUnavailable(f"adb was not found on PATH: {ADB_HELP}") from None
     serial = pick_device(connected_devices(adb), serial)
     cmds = adb_commands(bundle, manifest, name, serial, adb="adb")
     staging = device_dir(name) + ".partial"
     for cmd in cmds:
         typer.echo(shlex.join(cmd), err=True)
-        out = _run([adb] + cmd[1:])
-        if cmd[cmd.index("shell") + 1:][:1] == ["sha256sum"] if "shell" in cmd else False:
+        out = _check([adb] + cmd[1:], timeout=1800)
+        if cmd[3:5] == ["shell", "sha256sum"]:  # cmd is [adb, -s, serial, ...]: a serial is always picked here
             check_sums(out, manifest, staging)
     typer.echo(f"pushed {bundle} to {serial}:{device_dir(name)}/ ({len(manifest['files']) + 1} files); "
                "open the MobileMLLM demo app and pick it")

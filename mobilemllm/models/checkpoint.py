@@ -1,26 +1,59 @@
 """Checkpoint folders: ``config.json`` + ``model.safetensors`` + tokenizer files, loadable offline.
 
-Folders are written atomically: into a temporary sibling, then renamed over the target, so an
-interrupted save never leaves a half-written checkpoint behind.
+Folders are written atomically (:mod:`mobilemllm.atomic`): into a temporary sibling, then renamed over
+the target under a lock, so an interrupted save never leaves a half-written checkpoint behind. An existing
+folder is replaced only if it is a checkpoint (a config.json that loads, beside model.safetensors).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import torch
 
-from mobilemllm.atomic import atomic_dir, commit_dir
+from mobilemllm.atomic import OutputKind, abort_dir, atomic_dir, commit_dir
 from mobilemllm.config import ModelConfig
-from mobilemllm.errors import CheckpointError
+from mobilemllm.errors import CheckpointError, UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig in ``path`` (a checkpoint's config.json); one-line CheckpointError when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}); re-save the checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of model config fields; "
+                              "re-save the checkpoint")
+    try:
+        return ModelConfig.from_dict(data)
+    except UserError as e:
+        raise CheckpointError(f"{path} is not a model config: {e}") from None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a checkpoint (None when it is): recognised by a config that loads, not by names."""
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        return f"it has no {' or '.join(missing)}"
+    try:
+        read_config(folder / CONFIG_NAME)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+CHECKPOINT = OutputKind("checkpoint", checkpoint_problem, writer="checkpoint save")
 
 
 def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
@@ -28,7 +61,7 @@ def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = Non
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = atomic_dir(path)
+    tmp = atomic_dir(path, CHECKPOINT)
     try:
         cfg = model.config.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
         cfg.save(tmp / CONFIG_NAME)
@@ -40,9 +73,9 @@ def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = Non
             tokenizer.save_pretrained(tmp)
         if extra:
             (tmp / "training_state.json").write_text(json.dumps(extra, indent=2))
-        return commit_dir(tmp, path)
+        return commit_dir(tmp, path, CHECKPOINT)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abort_dir(tmp)
         raise
 
 
@@ -104,7 +137,7 @@ def load_checkpoint(path: str | Path, with_tokenizer: bool = True, dtype: torch.
     from mobilemllm.models.vlm import MobileVLM
 
     path = check_checkpoint_dir(path)
-    cfg = ModelConfig.load(path / CONFIG_NAME)
+    cfg = read_config(path / CONFIG_NAME)
     cfg = cfg.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
     state = load_state_dict_file(path / WEIGHTS_NAME)
     from transformers.initialization import no_init_weights
