@@ -12,6 +12,7 @@ import yaml
 from mobilemllm.cli import main
 from mobilemllm.errors import ConfigError
 from mobilemllm.training.recipes import Recipe, load_recipe, recipe_names, recipe_path, validate_recipe
+from mobilemllm.training.trainer import TrainConfig
 
 
 def _one_line_error(capsys, args, *fragments) -> str:
@@ -68,12 +69,9 @@ def test_override_values_follow_the_schema_types():
     assert load_recipe("tiny", ["num_threads=auto"])["num_threads"] == "auto"
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(__import__(
-    "mobilemllm.training.trainer", fromlist=["TrainConfig"]).TrainConfig)])
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)])
 def test_every_train_config_key_is_a_stage_key(name):
     """The stage sections follow TrainConfig: each of its fields, written as YAML, loads in every stage."""
-    from mobilemllm.training.trainer import TrainConfig
-
     default = getattr(TrainConfig(), name)
     text = yaml.safe_dump(default).splitlines()[0] if default is not None else "null"
     for section in ("pretrain", "instruct", "dpo", "foundations.text", "foundations.vision"):
