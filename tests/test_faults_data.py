@@ -374,3 +374,30 @@ def test_check_text():
     assert check_text("caf\u00e9 \U0001f600", "x") == "caf\u00e9 \U0001f600"
     with pytest.raises(DataError, match=r"^the question is not valid UTF-8 text: character 2 is a lone surrogate"):
         check_text("ab\udfff", "the question")
+
+
+def test_train_allow_outside_images_trains_on_them(data_dir, tmp_path, capsys, tiny_checkpoint):
+    (data_dir / "instruct.json").write_text(json.dumps([record(0, image="../secret.png"), record(1)]))
+    code, err = train(capsys, data_dir, tiny_checkpoint, tmp_path / "out", "--allow-outside-images")
+    assert code == 0, err
+    assert (tmp_path / "out" / "instruct" / "model.safetensors").exists()
+
+
+def test_foundations_checks_its_records_and_image_names(data_dir, tmp_path, capsys, tiny_checkpoint,
+                                                        tiny_tokenizer, tiny_config):
+    from mobilemllm.training.foundations import CaptionPairs
+
+    pretrain = data_dir / "pretrain.json"
+    pretrain.write_text(json.dumps([record(0, image="/etc/hostname")]))
+    with pytest.raises(DataError, match="record 0.*absolute path"):
+        CaptionPairs(pretrain, None, tiny_tokenizer, tiny_config.vision)
+    (data_dir / "images" / "link.png").symlink_to(data_dir / "secret.png")
+    pretrain.write_text(json.dumps([record(0, image="link.png")]))
+    with pytest.raises(DataError, match="record 0.*outside the image folder"):
+        CaptionPairs(pretrain, None, tiny_tokenizer, tiny_config.vision)[0]
+    assert CaptionPairs(pretrain, None, tiny_tokenizer, tiny_config.vision, allow_outside_images=True)[0] is not None
+    # the foundations stage reads every record's text first: a malformed one is one line, not a KeyError
+    pretrain.write_text(json.dumps([{"conversations": [{"from": "human"}]}]))
+    code, err = run(capsys, "train", "--recipe", "tiny", "--stage", "foundations", "--data", data_dir, "--init",
+                    tiny_checkpoint, "--out", tmp_path / "out", "--no-eval", "--no-progress")
+    assert_one_line_error(code, err, str(pretrain), "record 0", "'value'")
