@@ -76,6 +76,10 @@ def path_problem(rel: str) -> str | None:
     """
     if any(ord(c) < 32 or ord(c) == 127 for c in rel):
         return "holds a control character"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape: no file system can name it
+        return "is not valid Unicode"
     if "\\" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
         return "is absolute or uses backslashes"
     if any(part in ("", ".", "..") for part in rel.split("/")):
