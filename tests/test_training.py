@@ -316,7 +316,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_state(small_world, tmp_pat
     t = _instruct_trainer(small_world, tmp_path, lr=1e30, max_grad_norm=1e30, save_every=1, max_steps=6)
     with pytest.raises(TrainingDiverged, match=r"at step \d+/6.*last good state \(step \d+\)"):
         t.fit(resume=False)
-    state = torch.load(tmp_path / "last" / "state.pt", weights_only=False)
+    from mobilemllm.training.resume_state import read_state
+
+    state = read_state(tmp_path / "last")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -370,6 +372,35 @@ def test_torchrun_two_processes_match_one_process(small_world, tmp_path):
     m3, _ = load_checkpoint(tmp_path / "fsdp" / "instruct")
     for (n, a), (_, b) in zip(m1.named_parameters(), m3.named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), n
+
+
+def test_pipeline_resume_refuses_other_data_unless_resume_changed(small_world, tmp_path, monkeypatch):
+    """An interrupted stage resumed with other data files is refused in one line naming them; with
+    resume_changed it goes on from the saved step and the stage's training_state.json records the change."""
+    from mobilemllm.training.pipeline import run_recipe
+
+    recipe = _write_recipe(small_world, tmp_path / "r.yaml", steps=4)
+    real_save = Trainer.save_state
+
+    def save_then_die(self, step):
+        real_save(self, step)
+        if step == 2:
+            raise _Interrupt()
+
+    def run(extra=(), **kw):
+        return run_recipe(load_recipe(recipe, list(extra)), tmp_path / "out", stages=["instruct"],
+                          init=small_world / "init", evaluate_stages=False, progress=False, log=lambda m: None, **kw)
+
+    monkeypatch.setattr(Trainer, "save_state", save_then_die)
+    with pytest.raises(_Interrupt):
+        run()
+    monkeypatch.undo()
+    more = ["instruct.data=[instruct.json,eval_questions.json]"]
+    with pytest.raises(ConfigError, match=r'data \[".*instruct.json"\] -> \[.*eval_questions.json"\].*--resume-changed'):
+        run(more)
+    run(more, resume_changed=True)
+    train = json.loads((tmp_path / "out" / "instruct" / "training_state.json").read_text())["train"]
+    assert train["resumed_from"] == 2 and set(train["resume_changes"]) == {"data", "samples"}
 
 
 # ------------------------------------------------------------------------------------------ LoRA

@@ -28,6 +28,11 @@ def train(
                                         "(default: the previous stage's folder in --out)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted stage from its last "
                                 "saved state and reuse finished, unchanged stages; --no-resume retrains them."),
+    resume_changed: bool = typer.Option(False, "--resume-changed/--no-resume-changed", help="Continue an "
+                                        "interrupted stage even though its settings (lr, steps, batch, data, ...) "
+                                        "changed since its state was saved: the new ones apply from the saved step "
+                                        "on, and the change is recorded in logs/<stage>/metrics.jsonl and the "
+                                        "stage's training_state.json. Without it such a resume is refused."),
     fresh: bool = typer.Option(False, "--fresh/--no-fresh", help="Delete the stages' folders in --out first."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate each trained stage on the recipe's "
                                   "evaluation data."),
@@ -36,7 +41,14 @@ def train(
         False, "--allow-outside-images/--no-allow-outside-images",
         help="Let records name images outside their image folder (absolute paths, '..', links out)."),
 ) -> None:
-    """Train a model with a recipe: stages run in order, each from the previous stage's checkpoint."""
+    """Train a model with a recipe: stages run in order, each from the previous stage's checkpoint.
+
+    One run at a time may use an output folder (a second one stops at once). OpenMP threads sleep
+    instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy):
+    on a CPU shared with other work that is several times faster."""
+    from mobilemllm.training.threads import prefer_passive_omp_wait
+
+    prefer_passive_omp_wait()  # before the import below loads torch and its OpenMP runtime
     from mobilemllm.training.pipeline import print_results, run_recipe
     from mobilemllm.training.recipes import load_recipe
     from mobilemllm.training.stages import get_stage
@@ -51,7 +63,7 @@ def train(
     rec = load_recipe(recipe, extra)
     stages = None if stage == "all" else [stage]
     results = run_recipe(rec, out, stages=stages, resume=resume, fresh=fresh, evaluate_stages=evaluate, init=init,
-                         progress=progress)
+                         progress=progress, resume_changed=resume_changed)
     from mobilemllm.training.distributed import dist_env
 
     if dist_env().is_main:

@@ -183,6 +183,7 @@ def collate_pairs(items, pad_id: int = 0) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------- driver
 def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Path, text_cfg: TrainConfig,
                       vision_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
+                      resume_changed: bool = False,
                       caption_file: str = "pretrain.json", image_folder: str | Path | None = None,
                       seq_len: int = 128, image_features: str = "quadrant_mean",
                       allow_outside_images: bool = False) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
     pad = tokenizer.pad_token_id
     t = Trainer(model, LMObjective(), text, lambda s: collate(s, pad), text_cfg, run_dir / "text",
                 progress=progress, desc="foundations: text LM")
-    summary["text"] = t.fit(resume=resume)
+    summary["text"] = t.fit(resume=resume, resume_changed=resume_changed)
 
     model.set_trainable(vision=True, connector=False, llm=False)
     pairs = CaptionPairs(data_dir / caption_file, Path(image_folder) if image_folder else None, tokenizer,
@@ -209,6 +210,6 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
                             image_features=image_features, num_patches=model.config.vision.grid ** 2)
     t = Trainer(clip, ContrastiveObjective(), pairs, lambda s: collate_pairs(s, pad), vision_cfg,
                 run_dir / "vision", progress=progress, desc="foundations: contrastive vision")
-    summary["vision"] = t.fit(resume=resume)
+    summary["vision"] = t.fit(resume=resume, resume_changed=resume_changed)
     model.set_trainable(vision=True, connector=True, llm=True)
     return summary

@@ -8,6 +8,7 @@ Layout of an output folder (``out_dir``)::
                                  tokenizer files, training_state.json, eval.json)
     logs/<stage>/metrics.jsonl   the training log; logs/<stage>/last/ the resumable state while running
     results.json                 per-stage evaluation table
+    .lock, .lock.owner           held while a run writes here (a second run into the same folder stops at once)
 
 Each stage starts from the previous stage's folder. A stage whose folder is complete and whose
 fingerprint (its recipe section, the previous stage's fingerprint and the data) is unchanged is
@@ -18,12 +19,15 @@ The quickstart entry point is :func:`run_tiny_pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,10 +36,13 @@ from mobilemllm.training.distributed import barrier, dist_env
 from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
                                          stage_train_config)
 from mobilemllm.training.stages import ORDER, get_stage, trainable_parts
+from mobilemllm.training.threads import adaptive_threads, busy_cores, cpu_threads  # noqa: F401 (busy_cores: API)
 
 STATE_NAME = "training_state.json"
 EVAL_NAME = "eval.json"
 RESULTS_NAME = "results.json"
+LOCK_NAME = ".lock"
+OWNER_NAME = ".lock.owner"  # who holds the lock (the lock file itself may be emptied by a failed attempt)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -194,9 +201,29 @@ def _curriculum_indices(stage: str, cfg, opts: dict[str, Any], dataset, data_pat
     return out
 
 
+def _run_keys(recipe: dict[str, Any], stage: str, cfg, opts: dict[str, Any], data_paths: list[Path],
+              template: str | None, parts: dict[str, bool], init: str | Path | None) -> dict[str, Any]:
+    """What decides a stage's result besides its TrainConfig; a resumed run must match them (or be told to go
+    on with --resume-changed). ``init``: the starting checkpoint's fingerprint, so a retrained previous stage
+    counts as a change."""
+    try:
+        start = json.loads((Path(init) / STATE_NAME).read_text()).get("fingerprint") if init else None
+    except (OSError, ValueError, AttributeError):
+        start = None
+    return {"data": [str(p.resolve()) for p in data_paths], "image_folder": opts.get("image_folder"),
+            "template": template, "max_length": opts.get("max_length"), "trainable": parts,
+            "curriculum_data": opts.get("curriculum_data") if cfg.curriculum_steps else None,
+            "lora": opts.get("lora") if stage == "instruct" else None,
+            "beta": float(opts.get("beta", 0.1)) if get_stage(stage).objective == "dpo" else None,
+            "init": start or str(init or recipe.get("model", "tiny"))}
+
+
 def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_dir: Path, init: str | Path | None,
-              resume: bool = True, progress: bool = True, fingerprint: str = "") -> dict[str, Any]:
-    """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``."""
+              resume: bool = True, progress: bool = True, fingerprint: str = "",
+              resume_changed: bool = False) -> dict[str, Any]:
+    """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``.
+
+    ``resume_changed``: continue an interrupted run of the stage even though its settings changed."""
     from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate
     from mobilemllm.models.checkpoint import load_checkpoint, save_checkpoint
     from mobilemllm.training.losses import DPOObjective, LMObjective
@@ -219,6 +246,7 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
 
         summary = train_foundations(model, tok, data_dir, run_dir, foundations_config(recipe, "text"),
                                     foundations_config(recipe, "vision"), resume=resume, progress=progress,
+                                    resume_changed=resume_changed,
                                     image_features=foundations_image_features(recipe),
                                     allow_outside_images=bool(recipe.get("allow_outside_images")))
         cfg_dump: dict[str, Any] = {"text": vars(foundations_config(recipe, "text")),
@@ -259,8 +287,9 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
             collate_fn = lambda items: collate(items, pad)  # noqa: E731
         trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
                           param_groups=_param_groups(cfg.connector_lr),
-                          curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir))
-        summary = trainer.fit(resume=resume)
+                          curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir),
+                          run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
+        summary = trainer.fit(resume=resume, resume_changed=resume_changed)
         if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
             from mobilemllm.models.vlm import MobileVLM
 
@@ -309,56 +338,69 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
     return report
 
 
-def busy_cores(interval: float = 0.5) -> float:
-    """How many cores other work keeps busy right now: /proc/stat sampled over ``interval`` seconds (this
-    process waits meanwhile, so it counts itself out; the 1-minute load average would count the work this
-    process did just before, e.g. a test session's earlier tests). Falls back to the load average."""
-    import os
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return sum(vals[:8]), idle
-
+# ----------------------------------------------------------------------------------------- run folder
+def check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``, or say in one line why it cannot be (a file there, a file on the way to it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"the output folder {out_dir} is a file; pass a folder as --out (it is created if missing)")
     try:
-        t0, i0 = sample()
-        time.sleep(interval)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    total = t1 - t0
-    cores = os.cpu_count() or 1
-    return 0.0 if total <= 0 else cores * (1.0 - (i1 - i0) / total)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out_dir}: {e.strerror or e}") from None
 
 
-def cpu_threads(setting: int | str | None, world_size: int = 1, busy: float | None = None) -> int | None:
-    """Threads per process: an int, or "auto": every core when the machine is idle, fewer when other
-    processes keep cores busy right now (OpenMP threads that wait on a busy CPU spin and slow a small
-    model down many times over). ``busy``: cores in use by others (default: measured, :func:`busy_cores`)."""
-    import os
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` while a run writes into ``out_dir``: a second run into the same folder fails at
+    once instead of interleaving its checkpoints and logs with this one's. Advisory (``filelock``: flock on
+    POSIX), so the operating system releases it when the process dies, however it dies."""
+    from filelock import FileLock, Timeout
 
-    if setting in (None, 0):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if setting == "auto":
-        busy = busy_cores() if busy is None else busy
-        n = cores if busy < 0.75 else max(1, cores - int(busy + 0.5))
-    else:
-        n = int(setting)
-    return max(1, n // world_size)
+    lock = FileLock(str(out_dir / LOCK_NAME))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise UserError(f"another run is using {out_dir} ({_lock_owner(out_dir)}); wait for it to finish or "
+                        "choose another --out") from None
+    try:
+        (out_dir / OWNER_NAME).write_text(f"pid {os.getpid()} on {platform.node() or 'this machine'}")
+        yield
+    finally:
+        lock.release()
+
+
+def _lock_owner(out_dir: Path) -> str:
+    try:
+        return (out_dir / OWNER_NAME).read_text().strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"
 
 
 def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: list[str] | None = None,
                overrides: list[str] | None = None, resume: bool = True, fresh: bool = False,
                evaluate_stages: bool = True, init: str | Path | None = None, progress: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``stages`` (default: the recipe's) into ``out_dir``, evaluate each, write results.json."""
-    from mobilemllm.evaluation.run import summarize
+               log: Callable[[str], None] = print, resume_changed: bool = False) -> dict[str, Any]:
+    """Run ``stages`` (default: the recipe's) into ``out_dir``, evaluate each, write results.json.
 
+    The run holds ``out_dir/.lock`` (:func:`run_lock`). ``resume_changed``: an interrupted stage whose
+    settings changed since its state was saved continues with the new ones instead of being refused.
+    ``num_threads: auto`` adapts the thread count to the CPU load while the stages train."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe, overrides)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    lock = run_lock(out_dir) if dist_env().is_main else contextlib.nullcontext()
+    with lock, adaptive_threads(recipe.get("num_threads") == "auto"):
+        return _run_recipe(recipe, out_dir, stages=stages, resume=resume, fresh=fresh,
+                           evaluate_stages=evaluate_stages, init=init, progress=progress, log=log,
+                           resume_changed=resume_changed)
+
+
+def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | None, resume: bool, fresh: bool,
+                evaluate_stages: bool, init: str | Path | None, progress: bool, log: Callable[[str], None],
+                resume_changed: bool) -> dict[str, Any]:
+    from mobilemllm.evaluation.run import summarize
+
     env = dist_env()
     if not env.is_main:
         log = lambda _m: None  # noqa: E731
@@ -405,7 +447,7 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
                                     f"`mobilemllm train --stage {prev}` first (or pass --init FOLDER)")
             log(f"{stage}: training from {start or recipe.get('model')}")
             state = run_stage(recipe, stage, out_dir, data_dir=data_dir, init=start, resume=resume,
-                              progress=progress, fingerprint=fp)
+                              progress=progress, fingerprint=fp, resume_changed=resume_changed)
         entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s"),
                                  "train_cpu_s": state.get("cpu_s")}
         if evaluate_stages and eval_dir is not None and stage != "foundations" and env.is_main:

@@ -14,11 +14,18 @@
 - AdamW, cosine schedule with linear warm-up, gradient clipping, bf16 autocast on GPU, optional
   gradient checkpointing.
 - Resumable state (trainable weights, optimizer, scheduler, RNG, step) goes to ``run_dir/last/``
-  every ``save_every`` steps, written atomically (temp folder, then rename). ``resume=True`` picks it
-  up, so an interrupted run ends with the same weights as an uninterrupted one.
+  every ``save_every`` steps, without pickle (safetensors + JSON, :mod:`mobilemllm.training.resume_state`),
+  written aside and swapped in (:mod:`mobilemllm.atomic`). ``resume=True`` picks it up, so an interrupted
+  run ends with the same weights as an uninterrupted one. A resumed run must have the same settings (all
+  but the cosmetic ones in :data:`COSMETIC`); ``resume_changed=True`` continues with the new ones and
+  records the change in the first metrics line after the resume and in the summary.
 - A NaN/inf loss stops the run before the optimizer step with :class:`TrainingDiverged`, naming the
   step; the last good resumable state is kept.
-- Metrics go to ``run_dir/metrics.jsonl`` (one JSON object per logged step) and a progress bar.
+- Metrics go to ``run_dir/metrics.jsonl`` (one JSON object per logged step, each written whole) and a
+  progress bar (loss, lr, steps/s, tokens/s, CPU threads).
+- On a CPU, inside :func:`~mobilemllm.training.threads.adaptive_threads` (the pipeline's ``num_threads:
+  auto``) and without a fixed ``num_threads``, the loop re-measures the other processes' CPU use every few
+  seconds and adapts torch's thread count (:class:`~mobilemllm.training.threads.ThreadTuner`).
 """
 
 from __future__ import annotations
@@ -38,13 +45,18 @@ import torch
 from torch import nn
 
 from mobilemllm.errors import ConfigError, UserError
-from mobilemllm.atomic import atomic_dir, commit_dir
+from mobilemllm.atomic import OutputKind, abort_dir, atomic_dir, commit_dir, probe_dir
 from mobilemllm.training.distributed import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, pick_device
+from mobilemllm.training.resume_state import (append_line, has_state, log, plain, read_state, saved_step,
+                                              trim_metrics, write_state)
+from mobilemllm.training.threads import ThreadTuner, adaptive
 
 STATE_DIR = "last"
-STATE_FILE = "state.pt"
+STATE_KIND = OutputKind.json_marker("resumable training state", "step.json", "step", writer="training run")
 METRICS_FILE = "metrics.jsonl"
 PRECISIONS = ("auto", "fp32", "bf16")
+# TrainConfig fields that do not change what a run computes: a resumed run may change them freely.
+COSMETIC = frozenset({"log_every", "num_threads", "save_every", "grad_checkpointing"})
 
 
 class TrainingDiverged(UserError):
@@ -152,18 +164,21 @@ class Trainer:
 
     ``collate_fn(samples) -> batch dict``; ``objective`` has ``units(batch)`` and ``loss(model, batch)``
     (see :mod:`mobilemllm.training.losses`). ``run_dir`` receives ``metrics.jsonl`` and ``last/``.
+    ``run_keys``: what else decides the result besides ``cfg`` (data files, template, ...); a resumed run
+    compares them with the saved ones, as it does the config.
     """
 
     def __init__(self, model: nn.Module, objective, dataset, collate_fn: Callable, cfg: TrainConfig,
                  run_dir: str | Path, *, progress: bool = True, desc: str = "train",
                  param_groups: Callable[[nn.Module], list[dict]] | None = None,
-                 curriculum: Iterable[int] | None = None):
+                 curriculum: Iterable[int] | None = None, run_keys: dict[str, Any] | None = None):
         self.cfg = cfg
         self.env: DistEnv = dist_env()
         self.device = pick_device(self.env)
         init_distributed(self.env, self.device)
         if cfg.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
+        self.adapt_threads = self.device.type == "cpu" and not cfg.num_threads and adaptive()
         self.model = model.to(self.device)
         self.objective = objective
         if hasattr(objective, "reference"):
@@ -200,6 +215,8 @@ class Trainer:
         self.save_every = cfg.save_every or max(1, self.total_steps // 10)
         self.autocast_dtype = torch.bfloat16 if (
             self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) else None
+        self.run_keys = {**(run_keys or {}), "samples": n, "curriculum_samples": len(self.curriculum)}
+        self.resume_changes: dict[str, list] = {}
 
     # ---- data order ----------------------------------------------------------------------------
     GROUP_BATCHES = 64  # global batches sorted together by length when group_by_length is on
@@ -283,40 +300,60 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
+    def settings(self) -> dict[str, Any]:
+        """What decides this run's result: the config less :data:`COSMETIC`, and ``run_keys`` (as saved in JSON)."""
+        return plain({**{k: v for k, v in asdict(self.cfg).items() if k not in COSMETIC}, **self.run_keys})
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
     def save_state(self, step: int) -> None:
-        """Write the resumable state after ``step`` completed steps (atomically, main process)."""
-        state = {
-            "step": step,
-            "model": self._trainable_state(self.model),
-            "optimizer": self._optim_state(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "config": asdict(self.cfg),
-            "world_size": self.env.world_size,
-        }
+        """Write the resumable state after ``step`` completed steps (aside, then swapped in; main process)."""
+        state = {"step": step, "model": self._trainable_state(self.model), "optimizer": self._optim_state(),
+                 "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(), "settings": self.settings(),
+                 "config": asdict(self.cfg), "world_size": self.env.world_size}
         if self.env.is_main:
-            tmp = atomic_dir(self.run_dir / STATE_DIR)
+            tmp = atomic_dir(self.run_dir / STATE_DIR, STATE_KIND)
             try:
-                torch.save(state, tmp / STATE_FILE)
-                (tmp / "step.json").write_text(json.dumps({"step": step, "total_steps": self.total_steps}))
-                commit_dir(tmp, self.run_dir / STATE_DIR)
+                write_state(tmp, step, state, self.total_steps)
+                commit_dir(tmp, self.run_dir / STATE_DIR, STATE_KIND)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                abort_dir(tmp)
                 raise
         barrier(self.env)
 
-    def load_state(self) -> int:
-        path = self.run_dir / STATE_DIR / STATE_FILE
+    def _setting_changes(self, saved: dict[str, Any], allow: bool) -> dict[str, list]:
+        """The settings that differ from the saved state's: ``{key: [old, new]}``; refused unless ``allow``."""
+        old, new = saved.get("settings") or {}, self.settings()
+        changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        if changes and not allow:
+            listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items())
+            raise ConfigError(
+                f"{self.run_dir / STATE_DIR} was saved by a run with other settings ({listed}); rerun with the "
+                f"same settings, pass --resume-changed to continue from step {saved.get('step')} with the new ones, "
+                "or --no-resume to start over")
+        return changes
+
+    def load_state(self, resume_changed: bool = False) -> int:
+        """Load ``run_dir/last`` into the model, optimizer, scheduler and RNGs; returns its step. With
+        ``resume_changed`` a state saved with other settings continues under this run's settings."""
+        folder = self.run_dir / STATE_DIR
+        changes: dict[str, list] = {}
+        state = read_state(folder, lambda saved: changes.update(self._setting_changes(saved, resume_changed)))
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a corrupt file is a user-fixable problem: start over or delete it
-            raise UserError(f"cannot read the resumable state {path} ({e}); delete {path.parent} or run with "
-                            "--no-resume") from None
-        if state.get("config", {}).get("global_batch") != self.cfg.global_batch:
-            raise ConfigError(f"{path} was written with global_batch {state['config'].get('global_batch')}, "
-                              f"this run uses {self.cfg.global_batch}; resume with the same recipe or use --no-resume")
+            self._apply_state(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"the resumable state in {folder} does not fit this model ({type(e).__name__}: {e}); "
+                            f"delete {folder} to start this stage over, or run with --no-resume") from None
+        if changes:
+            self._use_new_settings()
+            log.warning(f"{self.desc}: resuming at step {state['step']} with changed settings: "
+                        + ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()))
+        self.resume_changes = changes
+        return int(state["step"])
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
         if self.cfg.fsdp and self.env.distributed:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -337,15 +374,17 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        return int(state["step"])
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines past ``step`` (written after the last saved state by an interrupted run)."""
-        path = self.run_dir / METRICS_FILE
-        if not self.env.is_main or not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    def _use_new_settings(self) -> None:
+        """--resume-changed: the optimizer's hyper-parameters and the lr schedule follow this run's settings
+        (the loaded state brought the saved ones); moments, RNG and step stay as saved."""
+        for group, fresh in zip(self.optimizer.param_groups, self._fresh_groups):
+            group.update(fresh)
+        sched = self.scheduler
+        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, lam in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---- the loop ------------------------------------------------------------------------------
     def _build_optimizer(self, model: nn.Module) -> None:
@@ -360,108 +399,143 @@ class Trainer:
         total, warm, floor = self.total_steps, self.warmup_steps, self.cfg.min_lr_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_with_warmup(s, total, warm, floor))
+        # this run's hyper-parameters per group, which a state loaded with --resume-changed gives back
+        self._fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
 
-    def fit(self, resume: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-        """Run to the last step; returns a summary (steps, final loss, tokens/s, wall time)."""
+    def _wrap(self) -> nn.Module:
+        """The model as the loop calls it: FSDP2-sharded, DDP-wrapped, or itself."""
+        if self.cfg.grad_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        if self.env.distributed and self.cfg.fsdp:
+            return apply_fsdp(self.model)
+        if self.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return self.model
+
+    def _start(self, resume: bool, resume_changed: bool) -> int:
+        """The step to start from: the saved state's (resume), or 0 after clearing an earlier run's log and state."""
+        folder, metrics = self.run_dir / STATE_DIR, self.run_dir / METRICS_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.env.is_main:
+            probe_dir(folder, STATE_KIND)  # puts back a state folder a crash left aside mid-swap
+        barrier(self.env)
+        start = 0
+        if resume and has_state(folder):
+            start = self.load_state(resume_changed)
+        elif self.env.is_main:
+            metrics.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.env.is_main:
+            trim_metrics(metrics, start)
+        barrier(self.env)
+        return start
+
+    def fit(self, resume: bool = True, on_step: Callable[[int, dict], None] | None = None,
+            resume_changed: bool = False) -> dict[str, Any]:
+        """Run to the last step; returns a summary (steps, final loss, tokens/s, wall time).
+
+        ``resume``: continue from ``run_dir/last`` if it exists; ``resume_changed``: even when it was saved
+        with other settings (which are then replaced by this run's, and listed in the summary)."""
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if cfg.grad_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        wrapped: nn.Module = self.model
-        if env.distributed and cfg.fsdp:
-            wrapped = apply_fsdp(self.model)
-        elif env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        wrapped = self._wrap()
         self._build_optimizer(self.model)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        start = 0
-        if resume and (self.run_dir / STATE_DIR / STATE_FILE).exists():
-            start = self.load_state()
-        elif env.is_main:
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / STATE_DIR, ignore_errors=True)
-        self._truncate_metrics(start)
-        barrier(env)
-
+        start = self._start(resume, resume_changed)
         self.model.train()
         bar = _Bar(self.desc, self.total_steps, start) if self.progress else None
-        t_run = time.perf_counter()
-        cpu0 = time.process_time()
+        tuner = ThreadTuner(env.world_size) if self.adapt_threads else None
+        t_run, cpu0 = time.perf_counter(), time.process_time()
         tokens_total, last = 0, {}
         try:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
-                batches = self._micro_batches(step)
-                units = torch.tensor([float(sum(self.objective.units(b) for b in batches))], device=self.device)
-                all_reduce_sum(units, env)
-                n_units = max(units.item(), 1.0)
-                loss_total = torch.zeros((), device=self.device)
-                metric_totals: dict[str, torch.Tensor] = {}
-                tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                                 else b["input_ids"].numel() for b in batches))], device=self.device)
-                for k, batch in enumerate(batches):
-                    sync = not (env.distributed and not cfg.fsdp and k < len(batches) - 1)
-                    ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-                    amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
-                        if self.autocast_dtype else contextlib.nullcontext()
-                    with ctx:
-                        with amp:
-                            loss_sum, msums = self.objective.loss(wrapped, batch)
-                        (loss_sum * (env.world_size / n_units)).backward()
-                    loss_total += loss_sum.detach().float()
-                    for key, v in msums.items():
-                        metric_totals[key] = metric_totals.get(key, 0) + v.detach().float()
-                keys = sorted(metric_totals)
-                packed = torch.stack([loss_total] + [metric_totals[k] for k in keys]).to(self.device)
-                all_reduce_sum(packed, env)
-                all_reduce_sum(tokens, env)
-                loss = packed[0].item() / n_units
-                if not math.isfinite(loss):
-                    where = self.run_dir / STATE_DIR
-                    kept = f"the last good state (step {self._saved_step()}) is kept in {where}" \
-                        if (where / STATE_FILE).exists() else "no resumable state was saved yet"
-                    raise TrainingDiverged(
-                        f"{self.desc}: the loss became {loss} at step {step + 1}/{self.total_steps}; {kept}. "
-                        f"Lower the learning rate (now {cfg.lr:g}) or check the data, then rerun")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), cfg.max_grad_norm)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                last, tokens = self._step(step, wrapped)
                 dt = time.perf_counter() - t0
-                tokens_total += int(tokens.item())
-                last = {"step": step + 1, "epoch": self.epoch_at(step + 1), "loss": loss,
-                        "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens.item() / dt,
-                        "elapsed_s": round(time.perf_counter() - t_run, 3)}
-                last.update({k: packed[i + 1].item() / n_units for i, k in enumerate(keys)})
-                if env.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps):
-                    with open(self.run_dir / METRICS_FILE, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                if bar:
-                    bar.update(last)
-                if (step + 1) % self.save_every == 0 and step + 1 < self.total_steps:
-                    self.save_state(step + 1)
-                if on_step is not None:
-                    on_step(step + 1, last)
+                tokens_total += tokens
+                last.update({"tokens_per_s": tokens / dt, "steps_per_s": round(1 / dt, 4),
+                             "elapsed_s": round(time.perf_counter() - t_run, 3)})
+                if self.device.type == "cpu":
+                    last["threads"] = torch.get_num_threads()
+                if step == start and self.resume_changes:
+                    last["resume_changes"] = self.resume_changes
+                self._after_step(step, last, bar, on_step)
+                if tuner is not None:
+                    tuner.step()
         finally:
             if bar:
                 bar.close()
         self.model.eval()
         elapsed = time.perf_counter() - t_run
-        return {"steps": self.total_steps, "resumed_from": start, "final_loss": last.get("loss"),
-                "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "train_s": round(elapsed, 2),
-                "cpu_s": round(time.process_time() - cpu0, 2),
-                "world_size": env.world_size, "last_metrics": last}
+        summary = {"steps": self.total_steps, "resumed_from": start, "final_loss": last.get("loss"),
+                   "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "train_s": round(elapsed, 2),
+                   "cpu_s": round(time.process_time() - cpu0, 2), "world_size": env.world_size, "last_metrics": last}
+        if self.resume_changes:
+            summary["resume_changes"] = self.resume_changes
+        return summary
 
-    def _saved_step(self) -> int | None:
-        try:
-            return json.loads((self.run_dir / STATE_DIR / "step.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return None
+    def _after_step(self, step: int, row: dict, bar, on_step) -> None:
+        """Log, show, save and report step ``step``'s results."""
+        if self.env.is_main and ((step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps):
+            append_line(self.run_dir / METRICS_FILE, row)
+        if bar:
+            bar.update(row)
+        if (step + 1) % self.save_every == 0 and step + 1 < self.total_steps:
+            self.save_state(step + 1)
+        if on_step is not None:
+            on_step(step + 1, row)
+
+    def _step(self, step: int, wrapped: nn.Module) -> tuple[dict[str, Any], int]:
+        """One optimizer step over the step's global batch: (its metrics row, tokens processed by all ranks)."""
+        env = self.env
+        batches = self._micro_batches(step)
+        units = torch.tensor([float(sum(self.objective.units(b) for b in batches))], device=self.device)
+        all_reduce_sum(units, env)
+        n_units = max(units.item(), 1.0)
+        loss_total = torch.zeros((), device=self.device)
+        metric_totals: dict[str, torch.Tensor] = {}
+        tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                         else b["input_ids"].numel() for b in batches))], device=self.device)
+        for k, batch in enumerate(batches):
+            sync = not (env.distributed and not self.cfg.fsdp and k < len(batches) - 1)
+            ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+            amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
+                if self.autocast_dtype else contextlib.nullcontext()
+            with ctx:
+                with amp:
+                    loss_sum, msums = self.objective.loss(wrapped, batch)
+                (loss_sum * (env.world_size / n_units)).backward()
+            loss_total += loss_sum.detach().float()
+            for key, v in msums.items():
+                metric_totals[key] = metric_totals.get(key, 0) + v.detach().float()
+        keys = sorted(metric_totals)
+        packed = torch.stack([loss_total] + [metric_totals[k] for k in keys]).to(self.device)
+        all_reduce_sum(packed, env)
+        all_reduce_sum(tokens, env)
+        loss = packed[0].item() / n_units
+        if not math.isfinite(loss):
+            self._diverged(step, loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "epoch": self.epoch_at(step + 1), "loss": loss, "lr": lr,
+               "grad_norm": float(grad_norm)}
+        row.update({k: packed[i + 1].item() / n_units for i, k in enumerate(keys)})
+        return row, int(tokens.item())
+
+    def _diverged(self, step: int, loss: float) -> None:
+        where = self.run_dir / STATE_DIR
+        done = saved_step(where)
+        kept = f"the last good state (step {done}) is kept in {where}" if done is not None \
+            else "no resumable state was saved yet"
+        raise TrainingDiverged(
+            f"{self.desc}: the loss became {loss} at step {step + 1}/{self.total_steps}; {kept}. "
+            f"Lower the learning rate (now {self.cfg.lr:g}) or check the data, then rerun")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on CPU (gathered from every rank under FSDP: call on all ranks)."""
@@ -478,7 +552,7 @@ class Trainer:
 
 
 class _Bar:
-    """A rich progress bar with loss, lr and tokens/s."""
+    """A rich progress bar with loss, lr, steps/s (smoothed over the last steps), tokens/s and CPU threads."""
 
     def __init__(self, desc: str, total: int, start: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -489,9 +563,14 @@ class _Bar:
                           transient=False)
         self.p.start()
         self.task = self.p.add_task(desc, total=total, completed=start, info="")
+        self.rate: float | None = None
 
     def update(self, m: dict) -> None:
-        info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tok/s"
+        # an exponential average: fast enough to show a slowdown within a few steps, steady enough to read
+        self.rate = m["steps_per_s"] if self.rate is None else 0.8 * self.rate + 0.2 * m["steps_per_s"]
+        info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {self.rate:.2f} steps/s {m['tokens_per_s']:,.0f} tok/s"
+        if "threads" in m:
+            info += f" {m['threads']} thr"
         if "rewards/accuracies" in m:
             info += f" acc {m['rewards/accuracies']:.2f} margin {m['rewards/margins']:.3f}"
         self.p.update(self.task, completed=m["step"], info=info)
