@@ -392,7 +392,7 @@ def test_kv_cache_option_errors(tiny_checkpoint, tmp_path, capsys):
         parse_recipe("format: executorch\nkv_cache: int4\n", "x.yaml")
     assert main(["export", "--model", str(tiny_checkpoint), "--target", "android", "--kv-cache", "fp8",
                  "--out", str(tmp_path / "a")]) == 2
-    assert "unknown --kv-cache 'fp8'; valid: fp32, int8" in capsys.readouterr().err
+    assert "kv_cache must be one of fp32, int8, got 'fp8'" in capsys.readouterr().err
     assert main(["export", "--model", str(tiny_checkpoint), "--target", "onnx", "--kv-cache", "int8",
                  "--out", str(tmp_path / "b")]) == 2
     assert "--kv-cache applies to ExecuTorch targets" in capsys.readouterr().err

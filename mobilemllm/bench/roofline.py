@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Bytes per weight by scheme: the packed weight plus its per-group scale (fp32) where grouped.
-SCHEME_BITS = {"fp32": 32, "float32": 32, "fp16": 16, "float16": 16, "bf16": 16, "int8": 8, "8da8w": 8,
-               "int8_weight": 8, "8da4w": 4, "int4": 4, "int4_weight": 4, "4w": 4}
+from mobilemllm.quantization import weight_bits  # bits per weight of every scheme a manifest can name
 
 _BANDWIDTH_CACHE: dict[tuple[int, int], float] = {}
 
@@ -59,7 +57,7 @@ def kv_cache_bytes(llm_cfg, position: int, dtype_bytes: float = 4) -> int:
 
 def scheme_bytes_per_weight(scheme: str, group_size: int | None = None) -> float:
     """Bytes one weight costs under ``scheme`` (e.g. 8da4w at group 32: 0.5 + 4/32 = 0.625)."""
-    bits = SCHEME_BITS.get(scheme.lower())
+    bits = weight_bits(scheme)
     if bits is None:
         return 4.0
     per = bits / 8

@@ -29,18 +29,11 @@ from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
 
 PACKAGE_FILES = {"vision_encoder": "vision.mlpackage", "token_embedding": "embed.mlpackage",
                  "text_decoder": "decoder.mlpackage"}
-COMPRESSIONS: dict[str, str] = {
-    "fp16": "no weight compression (fp16 weights)",
-    "int8": "int8 linear quantization, symmetric, per output channel",
-    "int4": "int4 linear quantization, symmetric, per block of input channels",
-    "palettize4": "4-bit palettization (k-means look-up table), per grouped channel",
-}
-# MIL ops that hold compressed weights (iOS 18 opset): what the spec checks look for.
-COMPRESSION_OPS = {"int8": "constexpr_blockwise_shift_scale", "int4": "constexpr_blockwise_shift_scale",
-                   "palettize4": "constexpr_lut_to_dense"}
+# The compressions (fp16 | int8 | int4 | palettize4), their block sizes, the MIL ops that hold compressed
+# weights (what the spec checks look for) and the logit-cosine gates vs eager (macOS) are the registry's
+# ``coremltools`` quantizer (mobilemllm.quantization).
 IOS18_SPEC_VERSION = 9
 PREDICTION_NEEDS_MACOS = "Core ML prediction needs macOS"
-PARITY_GATES = {"fp16": 0.999, "int8": 0.99, "int4": 0.9, "palettize4": 0.9}  # min logit cosine vs eager (macOS)
 
 
 def can_predict() -> bool:
@@ -57,11 +50,10 @@ def _ct():
 
 
 def check_compression(scheme: Any, block_size: Any = 32) -> None:
-    errors = []
-    if scheme not in COMPRESSIONS:
-        errors.append(f"unknown Core ML compression {scheme!r}; valid: {', '.join(COMPRESSIONS)}")
-    if not isinstance(block_size, int) or block_size not in (16, 32, 64, 128):
-        errors.append(f"block_size must be one of 16, 32, 64, 128, got {block_size!r}")
+    """A Core ML compression and block size, checked by the registry; ConfigError listing every problem."""
+    from mobilemllm import quantization as Q
+
+    errors = Q.check({"format": "coreml", "compression": scheme, "block_size": block_size})
     if errors:
         raise ConfigError("invalid Core ML recipe: " + "; ".join(errors))
 
@@ -294,7 +286,9 @@ def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) 
     states = len(specs["text_decoder"]["states"])
     checks.append(parity.check("text_decoder_states", states, 2 * num_layers, states == 2 * num_layers))
     if scheme != "fp16":
-        op = COMPRESSION_OPS[scheme]
+        from mobilemllm import quantization as Q
+
+        op = Q.scheme("coremltools", scheme).graph_op
         n = specs["text_decoder"]["ops"].get(op, 0)
         checks.append(parity.check(f"text_decoder_{op}_ops", n, "> 0", n > 0))
     return checks
@@ -394,7 +388,10 @@ def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dic
     got = torch.from_numpy(coreml_teacher_forced(loaded, cfg, ids, image, ref_tokens))
     cos = parity.logit_cosine(got, ref_logits)
     greedy = [int(t) for t in got.argmax(-1)]
-    gate = float((recipe.get("parity") or {}).get("min_logit_cosine", PARITY_GATES[scheme]))
+    from mobilemllm import quantization as Q
+
+    gate = float((recipe.get("parity") or {}).get("min_logit_cosine",
+                                                   Q.scheme("coremltools", scheme).parity_cosine))
     return [parity.check("logit_cosine", cos, gate, cos >= gate),
             parity.check("logits_max_rel_diff", parity.max_rel_diff(got, ref_logits)),
             parity.check(f"teacher_forced_greedy_agreement_{n}_tokens", parity.greedy_agreement(greedy, ref_tokens))]

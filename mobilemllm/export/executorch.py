@@ -45,18 +45,25 @@ PARITY_PROMPT = "What shape is in the image?"
 
 # ---- preflight -----------------------------------------------------------------------------------
 def preflight(recipe: dict[str, Any]) -> None:
-    """Fail before any work when a backend cannot be used here."""
+    """Fail before any work when the recipe is wrong or its backend cannot be used here."""
+    from mobilemllm import quantization as Q
+
     backend = recipe.get("backend", "xnnpack")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown ExecuTorch backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "qnn":
-        from mobilemllm.export import qnn as Q
+        from mobilemllm.export import qnn as QNN
 
-        errors = Q.check_recipe(recipe)
-        if errors:
-            raise ConfigError("; ".join(errors))
+        errors = QNN.check_recipe(recipe)
+    else:
+        errors = Q.check({**recipe, "format": "executorch"})
+    if errors:
+        raise ConfigError("; ".join(errors))
+    if backend == "qnn":
+        from mobilemllm.export import qnn as QNN
+
         root = os.environ.get("QNN_SDK_ROOT")
-        problem = Q.sdk_problem(root)
+        problem = QNN.sdk_problem(root)
         if problem:
             raise BackendUnavailable(
                 "the android-qnn target needs Qualcomm's QNN SDK (AI Engine Direct) to lower and run; "
@@ -70,14 +77,6 @@ def preflight(recipe: dict[str, Any]) -> None:
             raise BackendUnavailable(f"QNN_SDK_ROOT is set but ExecuTorch's QNN backend cannot load ({e}); build "
                                      "ExecuTorch with -DEXECUTORCH_BUILD_QNN=ON against that SDK") from None
     if backend == "coreml":
-        if (recipe.get("kv_cache") or "fp32") != "fp32":
-            raise ConfigError("ios-coreml keeps its KV cache as fp16 Core ML state; --kv-cache int8 is for XNNPACK")
-        for part in ("text_decoder", "vision_encoder"):
-            scheme = ((recipe.get("quantization") or {}).get(part) or {}).get("scheme", "fp32")
-            if scheme != "fp32":
-                raise ConfigError(f"ios-coreml runs the {part} in Core ML (fp16 compute), so its scheme must be "
-                                  f"fp32, not {scheme!r}; for compressed Core ML weights use --target coreml "
-                                  "(int8 / int4 / palettize4 .mlpackages), for 8da4w --target ios (XNNPACK)")
         try:
             import coremltools  # noqa: F401
         except ImportError:
@@ -391,7 +390,7 @@ def _peak_rss_mb() -> float:
 def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
                       force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Quantize + export + lower ``model`` by ``recipe``, check parity, and write the bundle at ``out_dir``."""
-    from mobilemllm.export.quantize import check_scheme, quantize_embeddings, quantize_linears
+    from mobilemllm.export.quantize import quantize_embeddings, quantize_linears
 
     t0 = time.perf_counter()
     preflight(recipe)
@@ -399,9 +398,6 @@ def export_executorch(model, tokenizer, recipe: dict[str, Any], out_dir: str | P
         raise UserError("the model has no tokenizer; export a checkpoint folder that contains tokenizer.json")
     backend = recipe.get("backend", "xnnpack")
     quant = recipe.get("quantization") or {}
-    for part, spec in quant.items():
-        if backend != "qnn":  # QNN schemes were checked by preflight
-            check_scheme(part, spec)
     B.check_out_dir(out_dir)
     ctx, seq = context_lengths(model, recipe)
     model = model.float().eval()

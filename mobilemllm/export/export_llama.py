@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-KV_CACHE_DTYPES = ("fp32", "int8")
+from mobilemllm.quantization import KV_CACHE_DTYPES
 
 
 def _load_custom_ops() -> None:

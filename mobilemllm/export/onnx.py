@@ -35,22 +35,20 @@ from mobilemllm.bundle.layout import GRAPH_FILES  # noqa: E402,F401  (re-exporte
 # Graphs above this size are written with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-# Quantization schemes by name. ``parts`` says which graphs each scheme touches; the rest stay fp32.
-QUANT_SCHEMES: dict[str, dict[str, Any]] = {
-    "fp32": {"description": "no quantization"},
-    "int8": {"description": "int8 dynamic quantization of MatMul/Gather weights (onnxruntime quantize_dynamic)",
-             "backend": "onnxruntime.quantization.quantize_dynamic"},
-    "int4": {"description": "4-bit weight-only MatMulNBits, symmetric, per block (matmul_nbits_quantizer)",
-             "backend": "onnxruntime.quantization.matmul_nbits_quantizer"},
-}
-BLOCK_SIZES = (32, 64, 128)
-# Gates for parity at export. fp32 must match eager; quantized graphs are held to stated bounds.
-# A recipe's ``parity: {max_rel_diff: ..., min_logit_cosine: ...}`` overrides these (as for ExecuTorch).
-PARITY_GATES = {
-    "fp32": {"max_rel_diff": 1e-4, "min_cosine": 0.9999, "min_greedy_agreement": 1.0},
-    "int8": {"min_cosine": 0.99, "min_greedy_agreement": None},
-    "int4": {"min_cosine": 0.90, "min_greedy_agreement": None},
-}
+# Schemes (fp32 | int8 | int4), their block sizes and parity gates: the registry's ``onnxruntime``
+# quantizer (mobilemllm.quantization). fp32 must match eager; quantized graphs are held to the scheme's
+# logit-cosine gate. A recipe's ``parity: {max_rel_diff: ..., min_logit_cosine: ...}`` overrides these.
+FP32_GATES = {"max_rel_diff": 1e-4, "min_greedy_agreement": 1.0}
+
+
+def parity_gates(scheme: str) -> dict[str, Any]:
+    """The parity gates of the most lossy scheme in a bundle."""
+    from mobilemllm import quantization as Q
+
+    gates = {"min_cosine": Q.scheme("onnxruntime", scheme).parity_cosine, "min_greedy_agreement": None}
+    return {**gates, **FP32_GATES} if scheme == "fp32" else gates
+
+
 PARITY_KEYS = ("greedy_tokens", "max_rel_diff", "min_logit_cosine")
 
 
@@ -217,6 +215,12 @@ class OnnxQuantization:
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
 
+    @classmethod
+    def from_plan(cls, plan) -> "OnnxQuantization":
+        """From the registry's checked :class:`mobilemllm.quantization.Plan` of an ONNX recipe."""
+        return cls(**{p: plan.scheme(p) for p in GRAPH_FILES}, block_size=plan.group_size("text_decoder"),
+                   accuracy_level=plan.accuracy_level)
+
     def scheme(self, part: str) -> str:
         return getattr(self, part)
 
@@ -230,13 +234,15 @@ class OnnxQuantization:
         return "int4" if "int4" in used else "int8" if "int8" in used else "fp32"
 
     def to_manifest(self) -> dict[str, dict[str, Any]]:
+        from mobilemllm import quantization as Q
+
         out = {}
         for part in GRAPH_FILES:
             scheme = self.scheme(part)
             entry: dict[str, Any] = {"scheme": {"int8": "int8", "int4": "int4_weight"}.get(scheme, scheme),
                                      "group_size": self.block_size if scheme == "int4" else None}
             if scheme != "fp32":
-                entry["backend"] = QUANT_SCHEMES[scheme]["backend"]
+                entry["backend"] = Q.scheme("onnxruntime", scheme).tool
             out[part] = entry
         return out
 
@@ -251,55 +257,18 @@ def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
           text_decoder: {scheme: int4, block_size: 32}
           vision_encoder: {scheme: int8}
           token_embedding: fp32
+
+    The registry (:func:`mobilemllm.quantization.resolve`) reads and checks it.
     """
-    errors: list[str] = []
-    values: dict[str, Any] = {}
-    parts = list(GRAPH_FILES)
-    if spec is None:
-        spec = "fp32"
-    if isinstance(spec, str):
-        values["text_decoder"] = spec
-        if spec == "int8":  # int8 dynamic is cheap for every graph; int4 keeps the small ones in fp32
-            values["vision_encoder"] = values["token_embedding"] = "int8"
-    elif isinstance(spec, dict):
-        for key, value in spec.items():
-            if key in ("block_size", "group_size", "accuracy_level"):
-                values["block_size" if key == "group_size" else key] = value
-            elif key not in GRAPH_FILES:
-                errors.append(f"unknown quantization part {key!r} (valid: {', '.join(parts)})")
-            elif isinstance(value, str) or value is None:
-                values[key] = value or "fp32"
-            elif isinstance(value, dict):
-                values[key] = value.get("scheme", "fp32")
-                for extra in ("block_size", "group_size"):
-                    if value.get(extra) is not None:
-                        values["block_size"] = value[extra]
-                if value.get("accuracy_level") is not None:
-                    values["accuracy_level"] = value["accuracy_level"]
-                unknown = sorted(set(value) - {"scheme", "block_size", "group_size", "accuracy_level"})
-                if unknown:
-                    errors.append(f"unknown key(s) {', '.join(unknown)} in quantization.{key}")
-            else:
-                errors.append(f"quantization.{key} must be a scheme name or a mapping, got {value!r}")
-    else:
-        errors.append(f"quantization must be a scheme name or a mapping, got {spec!r}")
+    from mobilemllm import quantization as Q
+
+    recipe: dict[str, Any] = {"format": "onnx", "quantization": spec}
     if block_size is not None:
-        values["block_size"] = block_size
-    for part in parts:
-        scheme = values.get(part, "fp32")
-        if scheme not in QUANT_SCHEMES:
-            errors.append(f"unknown ONNX quantization {scheme!r} for {part}; valid: {', '.join(QUANT_SCHEMES)}")
-    if values.get("token_embedding") == "int4":
-        errors.append("token_embedding cannot be int4 (MatMulNBits quantizes MatMul only); use fp32 or int8")
-    bs = values.get("block_size", 32)
-    if not isinstance(bs, int) or bs not in BLOCK_SIZES:
-        errors.append(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {bs!r}")
-    lvl = values.get("accuracy_level", 4)
-    if lvl not in (0, 1, 2, 3, 4):
-        errors.append(f"accuracy_level must be 0-4, got {lvl!r}")
+        recipe["quantization"] = {**Q.onnx_mapping(spec), "block_size": block_size}
+    errors = Q.check(recipe)
     if errors:
         raise ConfigError("invalid ONNX quantization: " + "; ".join(errors))
-    return OnnxQuantization(**values)
+    return OnnxQuantization.from_plan(Q.resolve(recipe))
 
 
 class _quiet_root_logger:
@@ -342,7 +311,7 @@ def quantize_graph(src: Path, dst: Path, scheme: str, q: OnnxQuantization) -> No
             quant.process()
             quant.model.save_model_to_file(str(dst), use_external_data_format=large)
         return
-    raise ConfigError(f"unknown ONNX quantization {scheme!r}; valid: {', '.join(QUANT_SCHEMES)}")
+    raise ConfigError(f"unknown ONNX quantization {scheme!r} for a graph file")
 
 
 def quantize_graphs(fp32_paths: dict[str, Path], out_dir: Path, q: OnnxQuantization) -> dict[str, Path]:
@@ -437,7 +406,7 @@ def onnx_teacher_forced(runner, ids: list[int], image, tokens: list[int]):
 
 def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
                    overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Parity checks of an ONNX runner against the eager model, gated per PARITY_GATES[scheme]."""
+    """Parity checks of an ONNX runner against the eager model, gated per :func:`parity_gates`."""
     from mobilemllm.data.images import preprocess, to_uint8_views
     from mobilemllm.export import parity
     from mobilemllm.inference import prompt_ids
@@ -453,7 +422,7 @@ def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
         ref_img = model.encode_images(preprocess(image, cfg.vision).unsqueeze(0))
     got_img = runner.vision.run(None, {"pixel_values": to_uint8_views(image, cfg.vision)})[0]
 
-    gates = dict(PARITY_GATES[scheme])
+    gates = parity_gates(scheme)
     overrides = overrides or {}
     if "max_rel_diff" in overrides and scheme == "fp32":
         gates["max_rel_diff"] = float(overrides["max_rel_diff"])

@@ -44,16 +44,19 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from mobilemllm import quantization as Q
 from mobilemllm.errors import BackendUnavailable, ConfigError
 
 HTP_LIBRARY = "lib/x86_64-linux-clang/libQnnHtp.so"
 DEFAULT_SOC = "SM8650"  # Snapdragon 8 Gen 3 (HTP v75)
-# recipe scheme -> QnnQuantizer QuantDtype name (activation bits, weight bits); fp16: no quantization,
-# the method compiles for the HTP's fp16 precision instead.
-QNN_SCHEMES = {"16a4w": "use_16a4w", "16a8w": "use_16a8w", "16a16w": "use_16a16w", "8a8w": "use_8a8w",
-               "8a4w": "use_8a4w", "fp16": None}
-DEFAULT_SCHEMES = {"text_decoder": "16a4w", "vision_encoder": "8a8w"}
+# The schemes (16a4w, 8a8w, ..., fp16: no quantization, the HTP's fp16 precision) are the registry's
+# ``qnn`` quantizer (mobilemllm.quantization); ``impl`` names QnnQuantizer's QuantDtype.
 QNN_PARTS = ("text_decoder", "vision_encoder")  # the token embedding stays on the CPU (dynamic length)
+
+
+def _quant_dtype(scheme: str) -> str | None:
+    """QnnQuantizer's QuantDtype attribute for a QNN scheme (None: fp16, no quantization)."""
+    return Q.scheme("qnn", scheme).impl
 MASK_MIN = -255.0  # additive mask: exp(-255) is 0 in fp32, and a 16-bit activation range stays fine-grained
 
 
@@ -78,45 +81,19 @@ def soc_chipset(name: str | None):
 
 def part_schemes(recipe: dict[str, Any]) -> dict[str, str]:
     """{text_decoder, vision_encoder: QNN scheme} from the recipe (defaults 16a4w / 8a8w); bad -> ConfigError."""
-    quant = recipe.get("quantization") or {}
-    out = {}
-    for part in QNN_PARTS:
-        spec = quant.get(part) or {}
-        scheme = str((spec.get("scheme") if isinstance(spec, dict) else spec) or DEFAULT_SCHEMES[part])
-        if scheme not in QNN_SCHEMES:
-            raise ConfigError(f"quantization scheme {scheme!r} is not a QNN scheme for {part}; choose one of "
-                              f"{', '.join(QNN_SCHEMES)} (QNN's HTP takes PT2E-quantized graphs, not torchao 8da4w)")
-        out[part] = scheme
-    return out
+    plan = Q.resolve({**recipe, "format": "executorch", "backend": "qnn"})
+    return {part: plan.scheme(part) for part in QNN_PARTS}
 
 
 def check_recipe(recipe: dict[str, Any]) -> list[str]:
-    """Problems with a ``backend: qnn`` recipe (empty list: fine). Used by recipe parsing and preflight."""
-    from mobilemllm.export.quantize import check_scheme
-
+    """Problems with a ``backend: qnn`` recipe (empty list: fine): its SoC and calibration, and its
+    quantization (QNN schemes, the CPU token embedding, the KV cache) as the registry checks it."""
     errors = []
     try:
         soc_chipset(recipe.get("soc_model"))
     except ConfigError as e:
         errors.append(str(e))
-    try:
-        part_schemes(recipe)
-    except ConfigError as e:
-        errors.append(str(e))
-    quant = recipe.get("quantization") or {}
-    for part in quant:
-        if part not in (*QNN_PARTS, "token_embedding"):
-            errors.append(f"unknown program part {part!r} in quantization; valid parts: "
-                          f"{', '.join((*QNN_PARTS, 'token_embedding'))}")
-    emb = quant.get("token_embedding")
-    if emb is not None:
-        try:
-            check_scheme("token_embedding", emb if isinstance(emb, dict) else {"scheme": emb})
-        except ConfigError as e:
-            errors.append(str(e))
-    if (recipe.get("kv_cache") or "fp32") != "fp32":
-        errors.append("android-qnn keeps its KV cache as mutable buffers in the QNN graph; --kv-cache int8 is for "
-                      "XNNPACK")
+    errors += Q.check({**recipe, "format": "executorch", "backend": "qnn"})
     calib = recipe.get("calibration_steps")
     if calib is not None and (not isinstance(calib, int) or calib < 0):
         errors.append(f"calibration_steps must be a non-negative integer, got {calib!r}")
@@ -191,12 +168,13 @@ def make_quantizer(dtype: str, soc_model: str | None = None):
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
     from torchao.quantization.pt2e import MinMaxObserver
 
-    if QNN_SCHEMES.get(dtype) is None:
+    impl = Q.SCHEMES.get(("qnn", dtype))
+    if impl is None or impl.impl is None:
         raise ConfigError(f"{dtype!r} is not a QNN quantization scheme; valid: "
-                          f"{', '.join(k for k, v in QNN_SCHEMES.items() if v)}")
+                          f"{', '.join(n for n in Q.names('qnn') if _quant_dtype(n))}")
     with sdk_env_for_quantization():
         quantizer = QnnQuantizer(soc_model=soc_chipset(soc_model))
-    quantizer.set_default_quant_config(getattr(QuantDtype, QNN_SCHEMES[dtype]), is_qat=False,
+    quantizer.set_default_quant_config(getattr(QuantDtype, impl.impl), is_qat=False,
                                        is_conv_per_channel=True, is_linear_per_channel=True,
                                        act_observer=MinMaxObserver)
     return quantizer
@@ -382,7 +360,7 @@ def decoder_calibration_inputs(model, tokenizer, prefill_len: int, images: Seque
 def quantize_decoder(model, tokenizer, decoder: QnnRunnerDecoder, scheme: str, soc_model: str | None,
                      steps: int = 8) -> QnnRunnerDecoder:
     """The decoder with its static core PT2E-quantized (QNN ``scheme``) and calibrated on real prompts."""
-    if QNN_SCHEMES[scheme] is None:  # fp16: HTP runs the float graph in fp16
+    if _quant_dtype(scheme) is None:  # fp16: HTP runs the float graph in fp16
         return decoder
     p = decoder.prefill_len
     images = calibration_images(model, 2)
@@ -398,7 +376,7 @@ def quantize_decoder(model, tokenizer, decoder: QnnRunnerDecoder, scheme: str, s
 
 
 def quantize_vision(model, vision: nn.Module, scheme: str, soc_model: str | None) -> nn.Module:
-    if QNN_SCHEMES[scheme] is None:
+    if _quant_dtype(scheme) is None:
         return vision
     images = calibration_images(model, 4)
     return quantize_for_qnn(vision, (images[0],), [(im,) for im in images], scheme, soc_model)

@@ -1,13 +1,13 @@
-"""Named quantization schemes per program part, applied with torchao before export.
+"""torchao quantization of export-ready modules, before ``torch.export`` (ExecuTorch programs).
 
-Schemes (a recipe's ``quantization.<part>.scheme``):
+The schemes (names, parts, bits, group sizes) are tabled in :mod:`mobilemllm.export.quantization` under
+the ``torchao`` quantizer; this module applies them:
 
-- linears (``text_decoder``, ``vision_encoder``): ``fp32``; ``8da4w`` (int8 dynamic activations, int4
-  weights grouped by ``group_size``, 0 = per channel); ``8da8w`` (int8 dynamic activations, int8
-  per-channel weights; alias ``int8``); ``int8_weight`` (int8 per-channel weight-only).
+- linears (``text_decoder``, ``vision_encoder``): ``8da4w`` (int8 dynamic activations, int4 weights grouped
+  by ``group_size``, 0 = per channel), ``8da8w`` (alias ``int8``), ``int8_weight`` (weight-only).
   Linears whose input width is not divisible by the group size fall back to per-channel int4 (8da4w),
   so no layer is silently left in fp32 -- the count of fallbacks is reported.
-- embeddings (``token_embedding``): ``fp32``, ``embedding8``, ``embedding4`` (weight-only, grouped).
+- embeddings (``token_embedding``): ``embedding8``, ``embedding4`` (weight-only, grouped).
 
 The LM head counts as a decoder linear. XNNPACK runs all of these; ``portable`` runs them too, slowly.
 """
@@ -20,22 +20,14 @@ import torch
 from torch import nn
 
 from mobilemllm.errors import ConfigError
-
-LINEAR_SCHEMES = ("fp32", "8da4w", "8da8w", "int8", "int8_weight")
-EMBEDDING_SCHEMES = ("fp32", "embedding4", "embedding8")
-PART_SCHEMES = {"text_decoder": LINEAR_SCHEMES, "vision_encoder": LINEAR_SCHEMES, "token_embedding": EMBEDDING_SCHEMES}
+from mobilemllm import quantization as Q
 
 
 def check_scheme(part: str, spec: dict[str, Any]) -> None:
-    valid = PART_SCHEMES.get(part)
-    if valid is None:
-        raise ConfigError(f"unknown program part {part!r} in quantization; valid parts: {', '.join(PART_SCHEMES)}")
-    scheme = spec.get("scheme", "fp32")
-    if scheme not in valid:
-        raise ConfigError(f"quantization scheme {scheme!r} is not valid for {part}; choose one of {', '.join(valid)}")
-    gs = spec.get("group_size")
-    if gs is not None and (not isinstance(gs, int) or gs < 0 or (gs and gs % 2)):
-        raise ConfigError(f"{part} group_size must be 0 (per channel) or a positive even integer, got {gs!r}")
+    """One ExecuTorch part's torchao scheme, checked by the registry (:func:`mobilemllm.quantization.check`)."""
+    errors = Q.check({"format": "executorch", "backend": "xnnpack", "quantization": {part: spec}})
+    if errors:
+        raise ConfigError(errors[0])
 
 
 def _granularity(group_size: int | None):
@@ -75,7 +67,8 @@ def quantize_linears(module: nn.Module, scheme: str, group_size: int | None = 32
                       filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
             info.update(group_size=0)
         else:
-            raise ConfigError(f"unknown linear quantization scheme {scheme!r}; valid: {', '.join(LINEAR_SCHEMES)}")
+            raise ConfigError(f"unknown linear quantization scheme {scheme!r}; valid: "
+                              f"{', '.join(Q.names('torchao', 'text_decoder'))}")
     return info
 
 
@@ -83,8 +76,9 @@ def quantize_embeddings(module: nn.Module, scheme: str, group_size: int | None =
     """Weight-only quantization of every nn.Embedding of ``module`` in place."""
     if scheme == "fp32":
         return {"scheme": "fp32"}
-    if scheme not in EMBEDDING_SCHEMES:
-        raise ConfigError(f"unknown embedding scheme {scheme!r}; valid: {', '.join(EMBEDDING_SCHEMES)}")
+    if scheme not in Q.names("torchao", "token_embedding"):
+        raise ConfigError(f"unknown embedding scheme {scheme!r}; valid: "
+                          f"{', '.join(Q.names('torchao', 'token_embedding'))}")
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
 
     bits = 4 if scheme == "embedding4" else 8
