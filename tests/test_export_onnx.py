@@ -350,15 +350,6 @@ def test_unknown_execution_provider(bundles):
         OnnxRunner.from_bundle(bundles["int8"], providers=["NoSuchExecutionProvider"])
 
 
-def test_providers_from_env(monkeypatch):
-    from mobilemllm.runtime.onnx_runner import providers_from_env
-
-    monkeypatch.setenv("MOBILEMLLM_ORT_PROVIDERS", " QNNExecutionProvider, CPUExecutionProvider ")
-    assert providers_from_env() == ["QNNExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.delenv("MOBILEMLLM_ORT_PROVIDERS")
-    assert providers_from_env() is None
-
-
 def test_parity_failure_blocks_the_bundle(tmp_path, model, tiny_tokenizer, fp32_graphs):
     """A bundle whose graphs miss the recipe's parity gate is not written unless forced."""
     strict = {"min_logit_cosine": 0.9999}  # 4-bit weights cannot reach this

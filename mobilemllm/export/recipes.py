@@ -149,7 +149,7 @@ def _schema_errors(recipe: dict[str, Any]) -> list[str]:
     if fmt == "onnx" and "providers" in data:  # chosen where the bundle runs, not when it is written
         data.pop("providers")
         errors.append("providers is not an export setting: pick ONNX Runtime execution providers when running "
-                      "(mobilemllm generate --providers ..., or MOBILEMLLM_ORT_PROVIDERS)")
+                      "(mobilemllm generate --providers ...)")
     if fmt == "executorch" and data.get("backend", "xnnpack") != "qnn":
         errors.extend(f"{k} applies to backend: qnn only" for k in QNN_ONLY if k in data)
     try:

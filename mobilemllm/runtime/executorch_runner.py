@@ -15,25 +15,16 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from mobilemllm.errors import UserError
+from mobilemllm.errors import BackendUnavailable, UserError
+from mobilemllm.runtime.base import RunResult, Runner, Sampling
 
-
-@dataclass
-class RunResult:
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    ttft_s: float  # inference start -> first generated token (prefill included)
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    stats: dict[str, Any] = field(default_factory=dict)
+__all__ = ["ExecuTorchRunner", "RunResult", "Utf8Buffer", "image_tensor", "load_kernels", "run_program"]
 
 
 class Utf8Buffer:
@@ -82,12 +73,15 @@ def _complete_prefix(data: bytes) -> int:
 
 
 @contextmanager
-def _quiet_stdout():
+def _quiet_stdout(log: list[str] | None = None):
     """The C++ runner prints every piece and a report to stdout (fd 1) itself; send that to /dev/null while
-    Python's ``sys.stdout`` (where ``on_text`` streams) keeps writing to the real stdout."""
+    Python's ``sys.stdout`` (where ``on_text`` streams) keeps writing to the real stdout. With ``log``, its
+    log lines on stderr (fd 2) go to a temporary file whose text is appended to ``log`` afterwards."""
     import ctypes
+    import tempfile
 
     sys.stdout.flush()
+    sys.stderr.flush()
     try:
         on_fd1 = sys.stdout.fileno() == 1
     except (AttributeError, OSError, ValueError):
@@ -95,6 +89,10 @@ def _quiet_stdout():
     saved = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
+    captured = tempfile.TemporaryFile() if log is not None else None
+    saved_err = os.dup(2) if captured is not None else None
+    if captured is not None:
+        os.dup2(captured.fileno(), 2)
     old = sys.stdout
     if on_fd1:
         sys.stdout = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
@@ -113,6 +111,18 @@ def _quiet_stdout():
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
+        if captured is not None:
+            os.dup2(saved_err, 2)
+            os.close(saved_err)
+            captured.seek(0)
+            log.append(captured.read().decode("utf-8", "replace"))
+            captured.close()
+
+
+def _log_tail(log: list[str], lines: int = 8) -> str:
+    """The runner's last log lines (its reason for a failure is there, not in the exception)."""
+    text = [ln for ln in "".join(log).splitlines() if ln.strip() and "tokenizers:regex" not in ln]
+    return "\n".join(text[-lines:])
 
 
 def _inputs(manifest: dict[str, Any], tokenizer, image_u8: torch.Tensor, question: str):
@@ -204,3 +214,135 @@ def _result(text: str, stats: dict[str, Any], timing: tuple[float, list[float], 
                      generated_tokens=int(stats.get("generated_tokens", 0)), ttft_s=r["ttft_s"],
                      prefill_tokens_per_s=r["prefill_tokens_per_s"], decode_tokens_per_s=r["decode_tokens_per_s"],
                      stats=stats)
+
+
+def set_threads(threads: int | None) -> int | None:
+    """Size ExecuTorch's shared CPU threadpool (XNNPACK uses it); returns the thread count in use."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+    except ImportError:
+        return None
+    if threads:
+        portable_lib._unsafe_reset_threadpool(int(threads))
+    return int(portable_lib._threadpool_get_thread_count())
+
+
+class ExecuTorchRunner(Runner):
+    """A bundle's ``model.pte`` in ExecuTorch's C++ ``MultimodalRunner`` (the runner the apps drive).
+
+    The C++ runner keeps its KV position across ``generate`` calls until ``reset``: a follow-up turn hands
+    it only the new token ids. Sampling is its own: greedy at temperature 0, otherwise top-p 0.9 with a
+    clock seed, so a ``seed`` or another ``top_p`` is refused when sampling.
+    """
+
+    format = "executorch"
+    options = ("threads",)
+
+    def __init__(self, bundle_dir, manifest, **kw):
+        if manifest["export"].get("backend") == "coreml":
+            raise BackendUnavailable("this bundle uses ExecuTorch's Core ML delegate, which runs only on Apple "
+                                     "hardware; run it in the iOS demo app, or export --target ios for XNNPACK")
+        super().__init__(bundle_dir, manifest, **kw)
+        self.max_seq_len = int(manifest["context"]["max_seq_len"])
+        self._runner = None
+        self._pos = 0  # the C++ runner's KV position, checked against its stats after every turn
+
+    def describe(self) -> str:
+        return f"ExecuTorch MultimodalRunner, {self.manifest['target']} bundle"
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        if sampling.temperature <= 0:
+            return  # greedy: top_p and seed change nothing
+        if sampling.seed is not None:
+            raise UserError("ExecuTorch's MultimodalRunner seeds its sampler from the clock and cannot take a seed; "
+                            "use temperature 0 for repeatable answers")
+        if sampling.top_p is not None and abs(sampling.top_p - 0.9) > 1e-9:
+            raise UserError(f"ExecuTorch's MultimodalRunner samples with top_p 0.9 and cannot use top_p "
+                            f"{sampling.top_p}; leave top_p unset (or 0.9), or use temperature 0")
+
+    def _load(self) -> None:
+        from mobilemllm.bundle import PROGRAM_NAME, sha256_file
+        from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir, special_token_ids
+
+        try:
+            load_kernels()
+            from executorch.extension.llm.runner import MultimodalRunner
+        except (ImportError, RuntimeError) as e:
+            raise BackendUnavailable(f"running ExecuTorch bundles needs the executorch package ({e}): "
+                                     "pip install executorch==1.5.1") from None
+        if self.opts.get("threads"):
+            set_threads(self.opts["threads"])
+        tok_dir = self.bundle_dir / self.manifest["tokenizer"]["dir"]
+        pieces = decode_only_tokenizer_dir(self.tokenizer, sha256_file(tok_dir / "tokenizer.json"))
+        self._specials = special_token_ids(self.tokenizer)
+        self.pte = self.bundle_dir / PROGRAM_NAME
+        log: list[str] = []
+        try:
+            with _quiet_stdout(log):
+                self._runner = MultimodalRunner(str(self.pte), str(pieces))
+        except RuntimeError as e:
+            raise BackendUnavailable(f"ExecuTorch's MultimodalRunner cannot load {self.pte} ({e}); its last log "
+                                     f"lines:\n{_log_tail(log)}") from None
+        self._pos = 0
+
+    def _reset_cache(self) -> None:
+        self._runner.reset()
+        self._pos = 0
+
+    def _inputs(self, ids: list[int], views) -> list:
+        """Token ids with IMAGE_TOKEN_ID runs -> MultimodalInputs: the image, and token runs cut to the
+        program's max_seq_len (the most one prefill call takes)."""
+        from executorch.extension.llm.runner import make_image_input, make_token_input
+
+        from mobilemllm.bundle import IMAGE_TOKEN_ID
+
+        out, i = [], 0
+        while i < len(ids):
+            image = ids[i] == IMAGE_TOKEN_ID
+            j = i
+            while j < len(ids) and (ids[j] == IMAGE_TOKEN_ID) == image:
+                j += 1
+            if image:
+                if j - i != self.manifest["prompt"]["num_visual_tokens"]:
+                    raise RuntimeError(f"an image run of {j - i} positions; the bundle's image fills "
+                                       f"{self.manifest['prompt']['num_visual_tokens']}")
+                out.append(make_image_input(image_tensor(self.manifest, views)))
+            else:
+                out += [make_token_input([int(t) for t in ids[k:min(j, k + self.max_seq_len)]])
+                        for k in range(i, j, self.max_seq_len)]
+            i = j
+        return out
+
+    def _run(self, ids, views, max_new, sampling, on_token):
+        from executorch.extension.llm.runner import GenerationConfig
+
+        from mobilemllm.runtime.piece_tokenizer import piece_token
+
+        runner = self._runner
+        config = GenerationConfig(echo=False, max_new_tokens=int(max_new), temperature=float(sampling.temperature),
+                                  num_bos=0, num_eos=0, seq_len=self.max_context)
+        stats: dict[str, Any] = {}
+        calls = [0]
+
+        def on_piece(piece: str) -> None:
+            calls[0] += 1
+            if on_token(piece_token(piece, self._specials)):
+                runner.stop()
+
+        start = self._pos
+        self._pos = -1  # unknown until the run completes
+        log: list[str] = []
+        try:
+            with _quiet_stdout(log):
+                runner.generate(self._inputs(ids, views), config, on_piece,
+                                lambda s: stats.update(json.loads(s.to_json_string())))
+        except RuntimeError as e:
+            raise RuntimeError(f"ExecuTorch's MultimodalRunner failed on {self.pte} ({e}); its last log lines:\n"
+                               f"{_log_tail(log)}") from None
+        # the C++ runner's position must be ours: the prompt after what was cached, then every token but the last
+        if int(stats.get("prompt_tokens", -1)) != start + len(ids) or \
+                int(stats.get("generated_tokens", -1)) != calls[0] - 1:
+            raise RuntimeError(f"ExecuTorch's runner is at another KV position than expected (stats {stats}, "
+                               f"cached {start} + prefilled {len(ids)}, {calls[0]} tokens)")
+        self._pos = start + len(ids) + calls[0] - 1
+        return stats

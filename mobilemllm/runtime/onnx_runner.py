@@ -8,6 +8,10 @@ back as ``past_key_values.*``. Text streams through ``TextStreamer`` (UTF-8 safe
 
 The execution providers are a list (default ``CPUExecutionProvider``) so NNAPI, CoreML or QNN can be
 named on devices whose onnxruntime build has them; unknown names fail with the list that exists.
+
+:class:`OnnxRunner` is the engine (sessions, embedding, one decoder step, a single-turn loop that export's
+parity check uses); :class:`OnnxBundleRunner` is the bundle's :class:`~mobilemllm.runtime.base.Runner`
+(images preprocessed from the manifest, the KV cache kept between turns of a conversation).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mobilemllm.errors import BackendUnavailable, CheckpointError, UserError
+from mobilemllm.runtime.base import Runner, Sampling
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -364,75 +369,51 @@ def read_manifest(bundle: str | Path) -> dict:
     return load_manifest(bundle)
 
 
-def providers_from_env() -> list[str] | None:
-    """``MOBILEMLLM_ORT_PROVIDERS=QNNExecutionProvider,CPUExecutionProvider`` picks providers for
-    ``mobilemllm generate --bundle`` (whose options are shared by every format)."""
-    import os
+class OnnxBundleRunner(Runner):
+    """An ONNX bundle through ONNX Runtime; the decoder's past (``present.*`` fed back) is kept between turns.
 
-    value = os.environ.get("MOBILEMLLM_ORT_PROVIDERS", "").strip()
-    return [p.strip() for p in value.split(",") if p.strip()] or None
-
-
-def run_onnx_bundle(bundle: str | Path, manifest: dict | None, image, prompt: str, *, max_new_tokens: int = 64,
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                    on_text: Callable[[str], None] | None = None, image_path=None,
-                    providers: Sequence[str] | None = None, threads: int | None = None,
-                    report: bool = True) -> GenerationResult:
-    """What ``mobilemllm generate --bundle`` calls for an ONNX bundle (via ``runtime.run_bundle``).
-
-    Streams text to ``on_text`` and, with ``report``, prints prompt size, TTFT and decode speed to stderr.
+    Sampling honours temperature, top_p and seed (numpy's generator, nucleus sampling as eager generation).
+    Options: ``providers`` (execution providers in order, default CPU) and ``threads`` (intra-op threads).
     """
-    import sys
 
-    if not prompt.strip():
-        raise UserError("the prompt is empty; pass --prompt 'a question about the image'")
-    runner = OnnxRunner.from_bundle(bundle, manifest, providers=providers or providers_from_env(), threads=threads)
-    if isinstance(image, (str, Path)):
-        from mobilemllm.data.images import load_image
+    format = "onnx"
+    options = ("providers", "threads")
 
-        image_path = image_path or image
-        image = load_image(image)
-    s = runner.config.vision.image_size
-    if report and image.size != (s, s):
-        print(f"note: image{' ' + str(image_path) if image_path else ''} is {image.width}x{image.height}; "
-              f"resized to {s}x{s} as the bundle expects", file=sys.stderr)
-    res = runner.generate(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, on_text=on_text)
-    if report:
-        if on_text is not None:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        print(f"[{res.prompt_tokens} prompt tokens, {len(res.tokens)} generated; time to first token "
-              f"{res.ttft_s * 1000:.0f} ms, decode {res.decode_tokens_per_s:.1f} tok/s; ONNX Runtime "
-              f"{', '.join(runner.providers)}]", file=sys.stderr)
-    return res
+    def describe(self) -> str:
+        providers = self.engine.providers if self.loaded else (self.opts.get("providers") or DEFAULT_PROVIDERS)
+        return f"ONNX Runtime {', '.join(providers)}, {self.manifest['target']} bundle"
 
+    def _load(self) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("running ONNX bundles needs onnxruntime: pip install onnxruntime") from None
+        self.engine = OnnxRunner.from_bundle(self.bundle_dir, self.manifest, providers=self.opts.get("providers"),
+                                             threads=self.opts.get("threads"))
+        self.max_context = min(self.max_context, self.engine.max_context)
+        self.vision_input = self.engine.vision.get_inputs()[0].name
+        self._past = None
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mobilemllm.runtime.onnx_runner --bundle DIR --image IMG --prompt TEXT [--providers ...]``."""
-    import argparse
-    import sys
+    def _reset_cache(self) -> None:
+        self._past = None
 
-    ap = argparse.ArgumentParser(description="Run an ONNX bundle with ONNX Runtime.")
-    ap.add_argument("--bundle", required=True, help="ONNX bundle folder (from `mobilemllm export --target onnx`).")
-    ap.add_argument("--image", required=True, help="Image file.")
-    ap.add_argument("--prompt", required=True, help="Question about the image.")
-    ap.add_argument("--providers", default="CPUExecutionProvider",
-                    help="Comma-separated execution providers, in priority order (e.g. "
-                         "QNNExecutionProvider,CPUExecutionProvider).")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
-    args = ap.parse_args(argv)
-    try:
-        run_onnx_bundle(args.bundle, None, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
-                        providers=[p.strip() for p in args.providers.split(",") if p.strip()], threads=args.threads)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    def _run(self, ids, views, max_new, sampling, on_token):
+        from mobilemllm.bundle import IMAGE_TOKEN_ID
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        engine = self.engine
+        image_embeds = None
+        if IMAGE_TOKEN_ID in ids:
+            image_embeds = engine.vision.run(None, {self.vision_input: views})[0]
+        emb = engine.embed(ids, image_embeds)
+        past = self._past if self._past is not None else engine.empty_past()
+        self._past = None  # unknown until the run completes
+        rng = np.random.default_rng(sampling.seed)
+        top_p = 1.0 if sampling.top_p is None else float(sampling.top_p)
+        for step in range(max_new):
+            logits, past = engine.step(emb, past)
+            token = pick_token(logits, float(sampling.temperature), top_p, rng)
+            if on_token(token) or step == max_new - 1:
+                break
+            emb = engine.embed_session.run(None, {"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
+        self._past = past
+        return {}

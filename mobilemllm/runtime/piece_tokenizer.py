@@ -4,8 +4,9 @@ The executorch 1.5.1 Python bindings hand each generated piece to the token call
 ``str``; a byte-level piece that ends inside a multi-byte UTF-8 character makes pybind11 raise
 ``UnicodeDecodeError`` and aborts generation (and the runner's own stdout printing drops such bytes).
 So the Python runner gives ``MultimodalRunner`` a *decode-only* copy of the bundle's tokenizer whose
-every token decodes to an ASCII envelope of its raw bytes (``\\x01<hex>\\x02``); :class:`PieceDecoder`
-turns the envelopes back into bytes, and :class:`~mobilemllm.runtime.executorch_runner.Utf8Buffer`
+every token decodes to an ASCII envelope of its raw bytes and its id (``\\x01<hex>\\x02\\x03<id>\\x04``);
+:class:`PieceDecoder` turns the envelopes back into bytes, :func:`piece_token` into the token id (which the
+conversation runner needs to know what its KV cache holds), and :class:`~mobilemllm.runtime.executorch_runner.Utf8Buffer`
 emits text only when characters are complete. The prompt goes in as token ids (the bundle tokenizer's
 encoding, checked at export to equal the C++ tokenizer's), so this copy is never used to encode.
 
@@ -21,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 START, END = "\x01", "\x02"
+ID_START, ID_END = "\x03", "\x04"
+FORMAT = "pieces2"  # in the cache folder's name: a folder written by an older envelope format is not reused
+_ID = re.compile("\x03([0-9]+)\x04")
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -67,8 +71,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 
 
 def decode_only_tokenizer_dir(tokenizer, cache_key: str) -> Path:
-    """A folder with a tokenizer.json whose token i decodes to ``\\x01<hex of token i's bytes>\\x02``."""
-    folder = Path(tempfile.gettempdir()) / f"mobilemllm-pieces-{hashlib.sha256(cache_key.encode()).hexdigest()[:16]}"
+    """A folder with a tokenizer.json whose token i decodes to ``\\x01<hex of token i's bytes>\\x02\\x03<i>\\x04``
+    (special tokens decode to their own text)."""
+    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"mobilemllm-{FORMAT}-{digest}"
     target = folder / "tokenizer.json"
     if target.exists():
         return folder
@@ -82,7 +88,7 @@ def decode_only_tokenizer_dir(tokenizer, cache_key: str) -> Path:
                           "normalized": False, "special": True})
             vocab[content] = i
             continue
-        envelope = (START + b.hex() + END).encode("ascii")
+        envelope = (START + b.hex() + END + ID_START + str(i) + ID_END).encode("ascii")
         vocab["".join(to_char[x] for x in envelope)] = i
     spec = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
@@ -114,3 +120,18 @@ class PieceDecoder:
         data = b"".join(bytes.fromhex(h) for h in self._ENVELOPE.findall(piece))
         if data:
             self.sink(data)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Text of each special token -> its id (the runner hands special tokens over as their text)."""
+    return {tokenizer.convert_ids_to_tokens(i): int(i) for i in tokenizer.all_special_ids}
+
+
+def piece_token(piece: str, specials: dict[str, int]) -> int:
+    """The token id of one piece from the decode-only tokenizer."""
+    m = _ID.search(piece)
+    if m:
+        return int(m.group(1))
+    if piece in specials:
+        return specials[piece]
+    raise RuntimeError(f"the ExecuTorch runner returned a piece {piece!r} that names no token of the bundle")

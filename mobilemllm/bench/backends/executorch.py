@@ -38,17 +38,6 @@ def _program_path(bundle: Path, manifest: dict) -> Path:
     return bundle / programs[0]
 
 
-def set_threads(threads: int | None) -> int | None:
-    """Size ExecuTorch's shared CPU threadpool (XNNPACK uses it); returns the thread count in use."""
-    try:
-        from executorch.extension.pybindings import portable_lib
-    except ImportError:
-        return None
-    if threads:
-        portable_lib._unsafe_reset_threadpool(int(threads))
-    return int(portable_lib._threadpool_get_thread_count())
-
-
 def image_input_tensor(manifest: dict, seed: int = 0):
     """The vision_encoder's input as the apps build it: uint8 views stacked (1, 3, V*S, S)."""
     import torch
@@ -89,6 +78,8 @@ class _ExecuTorchBase(Backend):
         self.tokenizer_dir = self.bundle / self.manifest["tokenizer"]["dir"]
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.info = case_info(self.bundle, self.manifest)
+        from mobilemllm.runtime.executorch_runner import set_threads
+
         with _CapturedOutput():  # the threadpool logs its CPU probing to stderr
             used = set_threads(self.threads)
         if used and not self.threads:

@@ -1,7 +1,7 @@
 """ONNX Runtime backend for an ``onnx`` bundle (``vision.onnx``, ``embed.onnx``, ``decoder.onnx``).
 
-Uses the graphs through :class:`mobilemllm.runtime.onnx_runner.OnnxRunner` (the sessions ``mobilemllm
-generate`` runs) and times each graph call: image encode, prompt embedding + one prefill call, then
+Opens the bundle through :func:`mobilemllm.runtime.open_runner` (the runner ``mobilemllm generate`` uses)
+and times each call of its engine's graphs: image encode, prompt embedding + one prefill call, then
 ``new_tokens`` decode calls feeding ``present.*`` back, greedy with EOS ignored.
 """
 
@@ -41,9 +41,9 @@ class OnnxRuntimeBackend(Backend):
         self.manifest = read_bundle(self.bundle, "onnx")
 
     def load(self) -> None:
-        from mobilemllm.runtime.onnx_runner import OnnxRunner
+        from mobilemllm.runtime import open_runner
 
-        self.runner = OnnxRunner.from_bundle(self.bundle, self.manifest, threads=self.threads)
+        self.runner = open_runner(self.bundle, threads=self.threads).load().engine
         self.tokenizer = self.runner.tokenizer
         self.info = case_info(self.bundle, self.manifest)
         pre = self.manifest["preprocessing"]

@@ -1,0 +1,96 @@
+"""Fixtures for the runner, chat, serve and web-demo tests (imported by those test modules).
+
+``onnx_chat``: the tiny test model with larger LLM weights (std 0.3, seed 1: greedy decoding gives varied
+tokens, and its first answer to "Describe the image." re-tokenizes to the same ids, so a follow-up reuses
+the cache),
+exported once per session as an fp32 ONNX bundle (about half a minute), with the eager model and tokenizer
+it came from and a test image. ONNX bundles run in the fast tier; ExecuTorch bundles come from
+``conftest_apps.app_bundle`` (slow tier).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_CACHE: dict[str, object] = {}
+
+
+@dataclass
+class ChatBundle:
+    bundle: Path
+    model: object  # the eager MobileVLM the bundle was exported from
+    tokenizer: object
+    image: Path  # a 32x32 test image
+    wide_image: Path  # a 48x40 image of the same scene (padded and resized by the runner)
+
+
+def confident_model(seed: int = 1, scale: float = 0.3):
+    """The tiny test model with LLM weights of std ``scale``: clear greedy winners, varied tokens."""
+    import torch
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def onnx_chat(tmp_path_factory, tiny_tokenizer) -> ChatBundle:
+    if "onnx" not in _CACHE:
+        from PIL import Image
+
+        from mobilemllm.export.onnx import export_onnx, parity_image
+
+        root = tmp_path_factory.mktemp("onnx_chat")
+        model = confident_model()
+        recipe = {"name": "onnx", "format": "onnx", "quantization": "fp32", "parity": {"greedy_tokens": 8}}
+        bundle = export_onnx(model, tiny_tokenizer, recipe, root / "tiny-onnx", log=lambda s: None)
+        image = root / "scene.png"
+        parity_image(model.config.vision, seed=7).save(image)
+        wide = root / "wide.png"
+        Image.open(image).resize((48, 40)).save(wide)
+        _CACHE["onnx"] = ChatBundle(bundle, model, tiny_tokenizer, image, wide)
+    return _CACHE["onnx"]
+
+
+def eager_conversation_ids(model, tokenizer, tmp_path: Path, image: Path, turns: list[tuple[str, str]],
+                           question: str) -> list[int]:
+    """The prompt ids of a multi-turn conversation as training builds them: a LLaVA record through
+    ConversationDataset, cut where the last answer's labels start."""
+    import shutil
+
+    from mobilemllm.bundle import IGNORE_INDEX
+    from mobilemllm.data.dataset import ConversationDataset
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    shutil.copy(image, tmp_path / "images" / "scene.png")
+    conv = []
+    for i, (q, a) in enumerate(list(turns) + [(question, "placeholder answer")]):
+        conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps([{"id": "t", "image": "scene.png", "conversations": conv}]))
+    sample = ConversationDataset(path, tmp_path / "images", tokenizer, model.config)[0]
+    last_answer = max(i for i, lab in enumerate(sample.labels) if lab == IGNORE_INDEX) + 1
+    return sample.input_ids[:last_answer]
+
+
+def eager_greedy(model, tokenizer, image: Path, ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Greedy tokens and text of the eager model after prompt ``ids`` about ``image``."""
+    import torch
+
+    from mobilemllm.data.images import load_image, preprocess
+    from mobilemllm.data.tokenizer import eos_ids
+
+    pix = preprocess(load_image(image), model.config.vision).unsqueeze(0)
+    eos = eos_ids(tokenizer)
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([ids]), pix, max_new_tokens=max_new_tokens, eos_ids=eos)
+    return tokens, tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
