@@ -11,8 +11,8 @@ import sys
 
 import typer
 
-from mobilemllm.cli import (bench, data, demo, eval as eval_, export, generate, import_, info, push, quickstart, train,
-                            train_bench)
+from mobilemllm.cli import (bench, chat, data, demo, eval as eval_, export, generate, import_, info, push, quickstart,
+                            train, train_bench)
 
 # The command table, in the order `--help` lists them: command name -> typed function (or a Typer group).
 # Command modules are light: each imports its heavy dependencies (torch, ExecuTorch, ...) inside the
@@ -26,6 +26,7 @@ COMMANDS: dict[str, object] = {
     "eval": eval_.eval_cmd,
     "export": export.export,
     "generate": generate.generate,
+    "chat": chat.chat,
     "bench": bench.bench,
     "push": push.push,
     "demo": demo.demo,
