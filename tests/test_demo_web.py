@@ -2,6 +2,10 @@
 port, driven by Debian's headless Chromium through Selenium: upload an image, ask, read the streamed
 answer and the runner's stats, take a screenshot, and check that bad uploads get a clear message.
 
+The HTTP API and its defences run in the fast tier on an ONNX bundle: follow-up questions continue the
+image's conversation; bad Content-Lengths, foreign origins, slow clients and invalid text are refused
+without holding up other clients or buffering memory.
+
 In CI (CI=true) a missing chromium/chromedriver/selenium fails the test; elsewhere it skips.
 """
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_apps import app_bundle, need_tool  # noqa: F401  (fixture)
+from conftest_runner import onnx_chat  # noqa: F401  (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -36,8 +41,27 @@ def server(app_bundle):
     srv.server_close()
 
 
-def post(url: str, data: bytes, content_type: str = "application/octet-stream") -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+IDLE_TIMEOUT_S = 1.0  # the fast-tier server's per-connection timeout
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_chat):
+    """The demo on an ONNX bundle (fast tier), with a short idle timeout for the slow-client tests."""
+    from mobilemllm.demo_server import make_server, url_of
+
+    srv = make_server(onnx_chat.bundle, "127.0.0.1", 0, max_upload_mb=MAX_UPLOAD_MB, max_new_tokens=8,
+                      idle_timeout=IDLE_TIMEOUT_S)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield url_of(srv)
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url: str, data: bytes, content_type: str = "application/octet-stream",
+         headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type,
+                                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read()
@@ -234,3 +258,181 @@ def test_demo_command_serves_on_loopback(app_bundle):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- the HTTP API on an ONNX bundle (fast tier) --------------------------------------------------------
+def events_of(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+
+
+def ask(url: str, image_id: str, question: str, **extra) -> list[dict]:
+    code, body = post(url + "api/ask", json.dumps({"image": image_id, "question": question, **extra}).encode(),
+                      "application/json")
+    assert code == 200, body
+    return events_of(body)
+
+
+def upload(url: str, path: Path) -> str:
+    code, body = post(url + "api/image", path.read_bytes(), "image/png")
+    assert code == 200, body
+    return json.loads(body)["id"]
+
+
+def test_demo_follow_up_questions_continue_the_conversation(onnx_server, onnx_chat):
+    from mobilemllm.runtime import open_runner
+
+    conv = open_runner(onnx_chat.bundle).conversation(onnx_chat.image)
+    want = [conv.ask(q, max_new_tokens=8).text for q in ("Describe the image.", "What colour is it?")]
+    image_id = upload(onnx_server, onnx_chat.image)
+    first = ask(onnx_server, image_id, "Describe the image.")
+    second = ask(onnx_server, image_id, "What colour is it?")
+    assert [first[0]["turn"], second[0]["turn"], second[-1]["turn"]] == [1, 2, 2]
+    assert [first[-1]["text"], second[-1]["text"]] == want
+    assert "".join(e["text"] for e in second if e["type"] == "text") == want[1]
+    stats = second[-2]
+    assert stats["type"] == "stats" and stats["reused_tokens"] > 0 and stats["prompt_tokens"] > first[-2]["prompt_tokens"]
+    # another image is its own conversation; the first one continues where it was
+    other = upload(onnx_server, onnx_chat.wide_image)
+    assert ask(onnx_server, other, "Describe the image.")[0]["turn"] == 1
+    third = ask(onnx_server, image_id, "Where is the circle?")
+    assert third[0]["turn"] == 3 and third[-1]["text"] == conv.ask("Where is the circle?", max_new_tokens=8).text
+    # reset: the next question starts a new conversation about the same image
+    code, body = post(onnx_server + "api/reset", json.dumps({"image": image_id}).encode(), "application/json")
+    assert code == 200 and json.loads(body)["turns"] == 0
+    again = ask(onnx_server, image_id, "Describe the image.")
+    assert again[0]["turn"] == 1 and again[-1]["text"] == want[0]
+    # a conversation past the context: one error event that says what to do
+    full = ask(onnx_server, image_id, "describe the shapes " * 80)
+    assert [e["type"] for e in full][-1] == "error" and "start a new conversation" in full[-1]["message"]
+
+
+def test_demo_keeps_a_bounded_number_of_conversations(onnx_server, onnx_chat):
+    from mobilemllm.demo_server import KEEP_IMAGES
+
+    ids = [upload(onnx_server, onnx_chat.image) for _ in range(KEEP_IMAGES + 1)]
+    code, body = post(onnx_server + "api/ask", json.dumps({"image": ids[0], "question": "Hi?"}).encode(),
+                      "application/json")
+    assert code == 404 and "no longer on the server" in json.loads(body)["error"]
+    assert ask(onnx_server, ids[-1], "Hi?")[-1]["type"] == "done"
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", read_timeout: float = 10.0) -> bytes:
+    """Send bytes as they are (no client-side checks) and read the answer until the server closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=read_timeout) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
+
+
+@pytest.mark.parametrize("length_header, status, message", [
+    (b"Content-Length: -1\r\n", 400, b"non-negative whole number"),
+    (b"Content-Length: abc\r\n", 400, b"non-negative whole number"),
+    (b"Content-Length: +5\r\n", 400, b"non-negative whole number"),
+    (b"Content-Length: 5_0\r\n", 400, b"non-negative whole number"),
+    (b"", 411, b"no Content-Length"),
+    (b"Transfer-Encoding: chunked\r\n", 411, b"chunked"),
+])
+def test_demo_refuses_bad_content_lengths(onnx_server, length_header, status, message):
+    host = onnx_server.split("//")[1].rstrip("/")
+    head = b"POST /api/image HTTP/1.1\r\nHost: " + host.encode() + b"\r\n" + length_header + b"\r\n"
+    response = raw_request(onnx_server, head, b"x" * 100)
+    assert status_of(response) == status and message in response, response[:300]
+
+
+def test_negative_length_does_not_buffer_the_body(onnx_server):
+    """`Content-Length: -1` used to pass the size check and read the body until the client closed (into
+    memory): now it is refused at once and the peak RSS of this process (the server runs in a thread of it)
+    grows by far less than the 64 MiB the client tries to send."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from mobilemllm.procmem import peak_rss_bytes, release_memory, reset_peak_rss
+
+    release_memory()
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    before = peak_rss_bytes()
+    parts = urlsplit(onnx_server)
+    chunk = b"\0" * (1 << 20)
+    response = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(f"POST /api/image HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: -1\r\n\r\n".encode())
+        try:
+            for _ in range(64):
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while we were still sending
+        try:
+            while data := sock.recv(65536):
+                response += data
+        except ConnectionResetError:
+            pass
+    grown = peak_rss_bytes() - before
+    assert status_of(response) == 400 or not response, response[:200]
+    assert grown < 16 * 2**20, f"peak RSS grew by {grown / 2**20:.1f} MiB"
+    assert urllib.request.urlopen(onnx_server + "api/info", timeout=10).status == 200
+
+
+def test_slow_clients_are_dropped_without_holding_up_others(onnx_server):
+    """A client that stops mid-headers or mid-body holds only its own connection, and only for the idle
+    timeout; other requests are answered meanwhile."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(onnx_server)
+    stalled_headers = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    stalled_headers.sendall(b"POST /api/ask HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    stalled_body = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    stalled_body.sendall(f"POST /api/ask HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: 100\r\n\r\n{{".encode())
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert urllib.request.urlopen(onnx_server + "api/info", timeout=10).status == 200
+        assert time.monotonic() - t0 < IDLE_TIMEOUT_S  # not queued behind the stalled clients
+        answer = stalled_body.recv(65536)  # the server gives up on the body after the idle timeout
+        assert status_of(answer) == 408 and time.monotonic() - t0 < 10 * IDLE_TIMEOUT_S
+        assert stalled_headers.recv(65536) == b""  # dropped without an answer (no request to answer)
+    finally:
+        stalled_headers.close()
+        stalled_body.close()
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    (None, True), ("http://127.0.0.1:{port}", True), ("http://localhost:{port}", True),
+    ("http://evil.example", False), ("http://127.0.0.1:1", False), ("null", False),
+])
+def test_demo_posts_only_from_its_own_page(onnx_server, origin, allowed):
+    port = onnx_server.rstrip("/").rsplit(":", 1)[1]
+    headers = {} if origin is None else {"Origin": origin.format(port=port)}
+    code, body = post(onnx_server + "api/ask", json.dumps({"image": "x", "question": " "}).encode(),
+                      "application/json", headers)
+    if allowed:
+        assert code == 400 and "type a question" in json.loads(body)["error"]
+    else:
+        assert code == 403 and "refused" in json.loads(body)["error"]
+
+
+def test_demo_refuses_invalid_text_in_one_line(onnx_server):
+    code, body = post(onnx_server + "api/ask", b'{"image": "x", "question": "red \\ud800 square"}',
+                      "application/json")
+    assert code == 400 and "unpaired UTF-16 surrogate" in json.loads(body)["error"]
+    code, body = post(onnx_server + "api/ask", b"{not json", "application/json")
+    assert code == 400 and "not valid JSON" in json.loads(body)["error"]

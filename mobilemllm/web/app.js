@@ -1,4 +1,4 @@
-// mobilemllm web demo: upload an image, ask about it, stream the answer from the server's ExecuTorch runner.
+// mobilemllm web demo: upload an image, ask about it and follow up, streaming each answer from the bundle's runner.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -34,9 +34,16 @@ async function loadInfo() {
   }
 }
 
+function clearLog() {
+  $("log").replaceChildren();
+  delete $("log").dataset.state;
+  $("stats").textContent = "";
+}
+
 async function upload(file) {
   showError("");
   state.imageId = null;
+  clearLog();
   $("preview").hidden = true;
   $("model-view").hidden = true;
   $("preview-caption").textContent = "";
@@ -74,6 +81,7 @@ async function upload(file) {
 function addTurn(question) {
   const turn = document.createElement("div");
   turn.className = "turn";
+  turn.dataset.turn = String($("log").children.length + 1);
   const q = document.createElement("div");
   q.className = "q";
   q.textContent = question;
@@ -132,8 +140,9 @@ async function ask(question) {
       } else if (ev.type === "stats") {
         $("stats").textContent =
           `time to first token ${fmt(ev.ttft_ms, 0)} ms · decode ${fmt(ev.decode_tokens_per_s, 1)} tok/s · ` +
-          `prefill ${fmt(ev.prefill_tokens_per_s, 1)} tok/s · ${ev.prompt_tokens} prompt + ` +
-          `${ev.generated_tokens} generated tokens`;
+          `prefill ${fmt(ev.prefill_tokens_per_s, 1)} tok/s · ${ev.prompt_tokens} prompt` +
+          (ev.reused_tokens ? ` (${ev.reused_tokens} from the cache)` : "") +
+          ` + ${ev.generated_tokens} generated tokens`;
         $("stats").dataset.ttftMs = ev.ttft_ms;
         $("stats").dataset.decodeTokensPerS = ev.decode_tokens_per_s;
       } else if (ev.type === "error") {
@@ -144,6 +153,7 @@ async function ask(question) {
     }
     if (!finished) throw new Error("the answer stream ended early (did the server stop?)");
     $("log").dataset.state = "done";
+    $("question").value = "";
   } catch (e) {
     $("log").dataset.state = "error";
     showError(e.message || String(e));
@@ -163,6 +173,22 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   if (e.dataTransfer.files[0]) upload(e.dataTransfer.files[0]);
 });
+async function newConversation() {
+  showError("");
+  if (!state.imageId || state.busy) return;
+  try {
+    const res = await fetch("/api/reset", { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify({ image: state.imageId }) });
+    const body = await res.json();
+    if (!res.ok) throw new Error(body.error || res.statusText);
+    clearLog();
+    $("question").focus();
+  } catch (e) {
+    showError(e.message || String(e));
+  }
+}
+
+$("new-chat").addEventListener("click", newConversation);
 $("ask-form").addEventListener("submit", (e) => {
   e.preventDefault();
   if (!state.busy) ask($("question").value);
