@@ -92,6 +92,52 @@ def test_export_llama_strict_export_keeps_the_cache_as_state():
         torch.testing.assert_close(programs["token_embedding"].module()(ids), model.llm.get_input_embeddings()(ids))
 
 
+# ---- the shared export-ready vision encoder and token embedding (every format) ---------------------------
+@pytest.mark.parametrize("hires", ["direct", "tiles"])
+def test_vision_encoder_matches_the_model_in_eager_and_after_export(hires):
+    """One VisionEncoder for every format: the runner's stacked uint8 image (ExecuTorch), uint8 views (ONNX)
+    and float 0..255 views (Core ML) all give the eager tower + connector's embeddings, before and after
+    torch.export; it shares the model's weights."""
+    from mobilemllm.data.images import normalize
+    from mobilemllm.export.modules import VisionEncoder
+
+    cfg = make_tiny_config(vision={"hires": hires, "tile_grid": [1, 2]})
+    model = make_tiny_model(cfg, seed=3)
+    v, s = cfg.vision.num_views, cfg.vision.image_size
+    views = torch.randint(0, 256, (v, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stacked = views.transpose(0, 1).reshape(1, 3, v * s, s).contiguous()  # views top to bottom
+    with torch.no_grad():
+        want = model.encode_images(normalize(views, cfg.vision).unsqueeze(0))
+        for module, image in ((VisionEncoder(model), stacked), (VisionEncoder(model, stacked=False), views),
+                              (VisionEncoder(model, stacked=False), views.float())):
+            assert module.vision is model.vision and module.connector is model.connector
+            torch.testing.assert_close(module.eval()(image), want, rtol=1e-5, atol=1e-5)
+            exported = torch.export.export(module, (image,), strict=False).module()
+            torch.testing.assert_close(exported(image), want, rtol=1e-5, atol=1e-5)
+    assert want.shape == (1, cfg.num_visual_tokens, cfg.llm.hidden_size)
+
+
+def test_token_embedding_shares_the_weight_and_reads_placeholders_as_row_zero():
+    from torch.export import Dim
+
+    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+    from mobilemllm.export.modules import TokenEmbedding
+
+    model = make_tiny_model(seed=4)
+    table = model.llm.get_input_embeddings()
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, 9, 0]])
+    plain, clamped = TokenEmbedding(table).eval(), TokenEmbedding(table, clamp_negative=True).eval()
+    assert plain.embed.weight is table.weight and plain.embed is not table  # quantizing it keeps the model's
+    with torch.no_grad():
+        want = table(ids.clamp(min=0))
+        torch.testing.assert_close(clamped(ids), want)
+        torch.testing.assert_close(plain(ids[:, [0, 2]]), table(ids[:, [0, 2]]))
+        n = Dim("n", min=1, max=64)
+        exported = torch.export.export(clamped, (ids,), dynamic_shapes=({1: n},), strict=True).module()
+        torch.testing.assert_close(exported(ids), want)
+        torch.testing.assert_close(exported(ids[:, :2]), want[:, :2])  # a dynamic length
+
+
 def test_8da4w_falls_back_to_per_channel_when_the_group_does_not_divide():
     from torch import nn
 

@@ -209,7 +209,7 @@ def test_decoder_quantization_stays_close_to_eager(scheme, tiny_tok):
 
 def test_vision_quantization_8a8w_stays_close_to_eager():
     from mobilemllm.export import qnn as Q
-    from mobilemllm.export.export_llama import VisionEncoder
+    from mobilemllm.export.modules import VisionEncoder
     from mobilemllm.export.parity import logit_cosine
 
     model = make_tiny_model(seed=0)

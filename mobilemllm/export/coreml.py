@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
+from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
 
 PACKAGE_FILES = {"vision_encoder": "vision.mlpackage", "token_embedding": "embed.mlpackage",
                  "text_decoder": "decoder.mlpackage"}
@@ -58,32 +59,6 @@ def check_compression(scheme: Any, block_size: Any = 32) -> None:
         raise ConfigError("invalid Core ML recipe: " + "; ".join(errors))
 
 
-# ---- export-ready wrappers ---------------------------------------------------------------------
-class VisionPackage(torch.nn.Module):
-    """Pixels (V, 3, S, S) in 0..255 -> image embeddings (1, V*T, D)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.vision = model.vision
-        self.connector = model.connector
-        cfg = model.config.vision
-        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self.connector(self.vision((pixel_values - self.mean) / self.std))
-        return tokens.reshape(1, tokens.shape[0] * tokens.shape[1], tokens.shape[2])
-
-
-class EmbedPackage(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.embed = model.llm.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids.clamp(min=0))
-
-
 # ---- conversion ---------------------------------------------------------------------------------
 def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
              output_name: str, int_inputs: tuple[str, ...] = (), fp32_inputs: tuple[str, ...] = ()):
@@ -111,7 +86,7 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
 def convert_vision(model):
     cfg = model.config.vision
     pixels = torch.rand(cfg.num_views, 3, cfg.image_size, cfg.image_size) * 255.0
-    return _convert(VisionPackage(model.float()), (pixels,), None, ["pixel_values"], "image_embeds",
+    return _convert(VisionEncoder(model.float(), stacked=False), (pixels,), None, ["pixel_values"], "image_embeds",
                     fp32_inputs=("pixel_values",))
 
 
@@ -120,8 +95,8 @@ def convert_embed(model):
 
     n = Dim("sequence_length", min=1, max=model.config.llm.max_position_embeddings)
     ids = torch.tensor([[1, 5, 7, 2, 3]], dtype=torch.int32)
-    return _convert(EmbedPackage(model.float()), (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds",
-                    int_inputs=("input_ids",))
+    embed = TokenEmbedding(model.float().llm.get_input_embeddings(), clamp_negative=True)
+    return _convert(embed, (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds", int_inputs=("input_ids",))
 
 
 def convert_decoder(model):

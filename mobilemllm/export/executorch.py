@@ -111,7 +111,8 @@ def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: 
     kept a tensor, fp16 cache buffers that become Core ML states); for QNN ``QnnRunnerDecoder`` (the same
     without a SymInt past the input padding: a static core of ``max_seq_len`` rows, fp32 cache buffers);
     everywhere else ``ExportLlama``."""
-    from mobilemllm.export.export_llama import ExportLlama, TokenEmbedding, VisionEncoder
+    from mobilemllm.export.export_llama import ExportLlama
+    from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
 
     if backend == "coreml":
         from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mobilemllm.export.modules import TokenEmbedding, VisionEncoder  # noqa: F401  (the other two methods)
 from mobilemllm.quantization import KV_CACHE_DTYPES
 
 
@@ -176,41 +177,3 @@ class ExportLlama(nn.Module):
         for layer in self.layers:
             h = layer(h, start, cos, sin)
         return self.lm_head(self.norm(h[:, -1, :]))
-
-
-class TokenEmbedding(nn.Module):
-    """token_embedding(tokens (1, S) int64) -> (1, S, hidden); shares the LLM's embedding weight."""
-
-    def __init__(self, embed: nn.Embedding):
-        super().__init__()
-        self.embed = nn.Embedding(embed.num_embeddings, embed.embedding_dim, device="meta")
-        self.embed.weight = embed.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)
-
-
-class VisionEncoder(nn.Module):
-    """vision_encoder(uint8 (1, 3, V*S, S)) -> image embeddings (1, num_visual_tokens, hidden).
-
-    The app does only geometry (pad/resize, tiles stacked top to bottom); scaling by 1/255 and the
-    tower's mean/std happen here, in the graph.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        vcfg = model.config.vision
-        self.vision, self.connector = model.vision, model.connector
-        self.views, self.size = vcfg.num_views, vcfg.image_size
-        self.register_buffer("mean", torch.tensor(vcfg.image_mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(vcfg.image_std).view(1, 3, 1, 1) * 255.0),
-                             persistent=False)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.float()
-        # (1, 3, V*S, S) -> (V, 3, S, S): tile v occupies rows v*S .. (v+1)*S
-        x = x.view(3, self.views, self.size, self.size).transpose(0, 1)
-        x = (x - self.mean) * self.inv_std
-        feats = self.vision(x)
-        tokens = self.connector(feats)
-        return tokens.reshape(1, -1, tokens.shape[-1])

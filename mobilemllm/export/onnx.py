@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
 
 OPSET = 18
 from mobilemllm.bundle.layout import GRAPH_FILES  # noqa: E402,F401  (re-exported for export code)
@@ -60,33 +61,12 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-# ---- export-ready wrappers ---------------------------------------------------------------------
-class VisionGraph(nn.Module):
+# ---- export-ready wrappers (vision and embedding: mobilemllm.export.modules) ---------------------------
+class VisionGraph(VisionEncoder):
     """uint8 views (V, 3, S, S) -> image embeddings (1, V*T, D), normalisation inside."""
 
     def __init__(self, model):
-        super().__init__()
-        self.vision = model.vision
-        self.connector = model.connector
-        cfg = model.config.vision
-        self.register_buffer("mean", torch.tensor(cfg.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(cfg.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.to(torch.float32) - self.mean) / self.std
-        tokens = self.connector(self.vision(x))
-        return tokens.reshape(1, tokens.shape[0] * tokens.shape[1], tokens.shape[2])
-
-
-class EmbedGraph(nn.Module):
-    """Token ids (1, n) -> embeddings (1, n, D); negative ids (image placeholders) read row 0."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.embed = model.llm.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids.clamp(min=0))
+        super().__init__(model, stacked=False)
 
 
 class DecoderGraph(nn.Module):
@@ -177,7 +157,7 @@ def _export_embed(model, path: Path, ctx: int, log) -> None:
 
     t0 = time.perf_counter()
     n = Dim("sequence_length", min=1, max=ctx)
-    embed = EmbedGraph(model).eval()
+    embed = TokenEmbedding(model.llm.get_input_embeddings(), clamp_negative=True).eval()
     _export(embed, (torch.tensor([[1, 5, 7, 2, 3]]),), path, ["input_ids"], ["inputs_embeds"],
             {"input_ids": {1: n}}, _bytes_of(embed) > EXTERNAL_DATA_BYTES)
     log(f"embed.onnx written ({time.perf_counter() - t0:.1f} s)")
