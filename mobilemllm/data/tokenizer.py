@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from mobilemllm.data.cpp_tokenizer import cpp_compatible
 from mobilemllm.errors import CheckpointError
 from mobilemllm.templates import IMAGE
 
@@ -68,6 +69,7 @@ def load_tokenizer(path: str | Path):
     except Exception as e:  # transformers/tokenizers/sentencepiece raise many types on a damaged folder
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e.__class__.__name__}: "
                               f"{' '.join(str(e).split())[:200]}") from None
+    tok = cpp_compatible(tok)  # a folder written before (or by transformers' LlamaTokenizer) gets the same ids
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok

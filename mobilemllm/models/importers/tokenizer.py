@@ -8,7 +8,15 @@ from mobilemllm.errors import CheckpointError
 
 
 def load_source_tokenizer(src: Path, fmt: str = "auto"):
-    """The source's tokenizer (sentencepiece tokenizer.model or tokenizer.json), loaded offline."""
+    """The source's tokenizer (sentencepiece tokenizer.model or tokenizer.json), loaded offline, in the form
+    ExecuTorch's C++ tokenizer reads (:func:`mobilemllm.data.cpp_tokenizer.cpp_compatible`), so the checkpoint's
+    tokenizer.json is the one every bundle ships."""
+    from mobilemllm.data.cpp_tokenizer import cpp_compatible
+
+    return cpp_compatible(_load(src, fmt))
+
+
+def _load(src: Path, fmt: str):
     from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
     files = [f for f in ("tokenizer.json", "tokenizer.model") if (src / f).exists()]
