@@ -216,3 +216,95 @@ def runner_calls(manifest: Mapping[str, Any], question: str) -> list[tuple[str, 
         raise UserError("the manifest's prompt ends with the image; the phone runners need a text segment last")
     return calls
 
+
+
+# ---- conversation: follow-ups, new images, a full context ---------------------------------------
+class ContextFullError(UserError):
+    """The next turn may not fit the bundle's context: the app starts a new conversation instead."""
+
+
+def follow_up(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``manifest["prompt"]["follow_up"]``, or a UserError when the template has no chat turns."""
+    fu = manifest["prompt"].get("follow_up")
+    if not fu:
+        raise UserError(f"this bundle's template {manifest['prompt']['template']!r} has no chat turns "
+                        "(prompt.follow_up is missing): ask about a new image instead")
+    return fu
+
+
+def follow_up_calls(manifest: Mapping[str, Any], question: str) -> list[tuple[str, Any]]:
+    """What an app prefills after an answer that ended with the end-of-turn token, continuing the runner's
+    cache (which holds every answer token but that last one): the end-of-turn text, then the next turn."""
+    fu = follow_up(manifest)
+    q = question.strip()
+    texts = [fu["end_of_turn"]] + [s["text"].replace(QUESTION, q) for s in fu["segments"]]
+    return [("text", t) for t in texts if t]
+
+
+def conversation_calls(manifest: Mapping[str, Any], turns: Sequence[tuple[str, str]], question: str) -> list[tuple[str, Any]]:
+    """The whole conversation for an empty cache: the first prompt, then each earlier answer (its text),
+    the end-of-turn text and the next question's turn; ends before the next answer."""
+    questions = [q for q, _ in turns] + [question]
+    calls = runner_calls(manifest, questions[0])
+    for (_, answer), nxt in zip(turns, questions[1:]):
+        text = follow_up(manifest)["answer"].replace("{answer}", answer.strip())
+        if text:
+            calls.append(("text", text))
+        calls += follow_up_calls(manifest, nxt)
+    return calls
+
+
+def token_bound(manifest: Mapping[str, Any], calls: Sequence[tuple[str, Any]]) -> int:
+    """At most how many positions ``calls`` fill, without a tokenizer: a token holds at least one UTF-8 byte
+    (byte-level BPE, SentencePiece with byte fallback), plus one for a word-start marker per text."""
+    n = 0
+    for kind, value in calls:
+        if kind == "bos":
+            n += int(value)
+        elif kind == "image":
+            n += int(manifest["prompt"]["num_visual_tokens"])
+        elif kind == "text":
+            n += len(value.encode("utf-8")) + 1
+    return n
+
+
+class AppChat:
+    """The apps' conversation logic (android_demo ``ChatSession.kt``, ios_demo ``ChatSession.swift``).
+
+    One image and its turns. :meth:`calls` gives what to hand the runner for the next question:
+    ``("reset", None)`` first when the cache must start again (a new image, or the last answer was cut
+    short by Stop or the token limit, so its last token is not in the cache and its text must be
+    prefilled again), otherwise only the follow-up turn. :meth:`finish` records the answer.
+    ``used``: the positions the runner's cache holds (the app reads it from the runner's stats, or
+    bounds it); a turn that may not fit raises :class:`ContextFullError` with one clear message.
+    """
+
+    def __init__(self, manifest: Mapping[str, Any]):
+        self.manifest = manifest
+        self.turns: list[tuple[str, str]] = []
+        self.cache_continues = False
+        self.used = 0
+
+    def new_image(self) -> None:
+        self.turns.clear()
+        self.cache_continues = False
+
+    def calls(self, question: str) -> list[tuple[str, Any]]:
+        if not question.strip():
+            raise UserError("type a question about the image")
+        if self.turns and self.cache_continues:
+            calls, start = follow_up_calls(self.manifest, question), self.used
+        else:
+            calls, start = [("reset", None)] + conversation_calls(self.manifest, self.turns, question), 0
+        limit = int(self.manifest["context"]["max_context_len"])
+        if start + token_bound(self.manifest, calls) + 1 > limit:
+            raise ContextFullError(
+                f"this conversation has filled the model's context ({limit} tokens): pick a new image or "
+                "start a new chat" if self.turns else
+                f"the question is too long for the model's context ({limit} tokens): shorten it")
+        return calls
+
+    def finish(self, question: str, answer: str, ended_at_end_of_turn: bool, used: int) -> None:
+        self.turns.append((question.strip(), answer.strip()))
+        self.cache_continues = ended_at_end_of_turn
+        self.used = used

@@ -39,6 +39,27 @@ def prompt_section(config, tokenizer) -> dict[str, Any]:
         "bos_in_first_text": bos_in_text,
         "segments": segments,
         "num_visual_tokens": config.num_visual_tokens,
+        "follow_up": follow_up_section(tpl, tokenizer),
+    }
+
+
+def follow_up_section(tpl, tokenizer) -> dict[str, Any] | None:
+    """How a later turn continues the conversation, exactly as training writes a multi-turn record
+    (``Template.segments``): the answer (``answer``, used when an app prefills the conversation again), the
+    end-of-turn token training appends to every answer (``end_of_turn``: its text, which tokenizers parse to
+    that id), then the next question's ``segments``. None for templates without chat turns (captions)."""
+    from mobilemllm.templates import IMAGE
+
+    if tpl.caption_only or tokenizer.eos_token is None:
+        return None
+    q_marker, a_marker = "\x00Q\x00", "\x00A\x00"
+    segs = tpl.segments([(f"{IMAGE}\nq", a_marker), (q_marker, "")])
+    first = next(i for i, (_, is_answer) in enumerate(segs) if is_answer)
+    turn = [text for text, _ in segs[first + 1:-1] if text]
+    return {
+        "answer": segs[first][0].replace(a_marker, "{answer}"),
+        "end_of_turn": tokenizer.eos_token,
+        "segments": [{"type": "text", "text": t.replace(q_marker, QUESTION)} for t in turn],
     }
 
 
