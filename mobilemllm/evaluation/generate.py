@@ -1,7 +1,8 @@
-"""Batched greedy decoding for evaluation: left-padded prompts, one KV cache for the whole batch.
+"""Batched decoding: left-padded prompts, one KV cache for the whole batch.
 
-Equivalent to :meth:`MobileVLM.generate` with ``temperature=0`` per prompt (tested), but runs a
-whole batch of short answers in a handful of forward passes.
+:func:`greedy_batch` (evaluation) is equivalent to :meth:`MobileVLM.generate` with ``temperature=0`` per
+prompt (tested), but runs a whole batch of short answers in a handful of forward passes;
+:func:`sample_batch` draws the ``ppo`` stage's rollouts the same way, from a seeded generator.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 def greedy_batch(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, pad_id: int,
                  eos_ids: list[int], max_new_tokens: int = 16) -> list[list[int]]:
     """Greedy continuations (EOS excluded) of ``prompts``; ``pixel_values`` holds one image per prompt."""
+    return _decode(model, prompts, pixel_values, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+
+
+@torch.inference_mode()
+def sample_batch(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, pad_id: int,
+                 eos_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+    """Sampled continuations of ``prompts`` at ``temperature`` (the EOS kept at the end of the rows that
+    finished: the reward is read there). Deterministic for a given ``generator`` state."""
+    return _decode(model, prompts, pixel_values, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+                   temperature=temperature, generator=generator, keep_eos=True)
+
+
+def _decode(model, prompts, pixel_values, *, pad_id: int, eos_ids: list[int], max_new_tokens: int,
+            temperature: float = 0.0, generator: torch.Generator | None = None,
+            keep_eos: bool = False) -> list[list[int]]:
     from transformers import DynamicCache
 
     from mobilemllm.models.llm import cache_kwargs
@@ -41,10 +58,16 @@ def greedy_batch(model, prompts: list[list[int]], pixel_values: torch.Tensor | N
     embed_tokens = model.llm.get_input_embeddings()
     for _ in range(max_new_tokens):
         logits = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **cache_kwargs(cache),
-                           use_cache=True).logits[:, -1]
-        nxt = logits.float().argmax(-1)
+                           use_cache=True).logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, -1)
+            nxt = torch.multinomial(probs.to(generator.device if generator is not None else probs.device), 1,
+                                    generator=generator).squeeze(1).to(device)
+        else:
+            nxt = logits.argmax(-1)
         finished_now = torch.isin(nxt, eos)
-        for r in torch.nonzero(~done & ~finished_now).flatten().tolist():
+        keep = ~done if keep_eos else ~done & ~finished_now
+        for r in torch.nonzero(keep).flatten().tolist():
             out[r].append(int(nxt[r]))
         done |= finished_now
         if bool(done.all()):

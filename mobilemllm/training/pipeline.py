@@ -35,7 +35,7 @@ from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.training.distributed import barrier, dist_env
 from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
                                          stage_train_config)
-from mobilemllm.training.stages import ORDER, get_stage, trainable_parts
+from mobilemllm.training.stages import ALIGNMENT, ORDER, get_stage, trainable_parts
 from mobilemllm.training.threads import adaptive_threads, busy_cores, cpu_threads  # noqa: F401 (busy_cores: API)
 
 STATE_NAME = "training_state.json"
@@ -120,8 +120,12 @@ def initial_model(recipe: dict[str, Any]):
 
 
 def _previous(stages: list[str], stage: str) -> str | None:
+    """The stage whose checkpoint ``stage`` starts from: the one before it, or for an alignment stage (dpo, rm,
+    ppo) the last one before it that is not an alignment stage (the instruct model)."""
     i = stages.index(stage) if stage in stages else ORDER.index(stage)
     before = stages[:i] if stage in stages else [s for s in stages if ORDER.index(s) < ORDER.index(stage)]
+    if stage in ALIGNMENT:
+        before = [s for s in before if s not in ALIGNMENT]
     return before[-1] if before else None
 
 
@@ -139,6 +143,11 @@ def stage_state(out_dir: Path, stage: str) -> dict[str, Any] | None:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if stage == "rm":
+        from mobilemllm.training.reward import HEAD_NAME
+
+        if not (out_dir / stage / HEAD_NAME).is_file():  # killed between the checkpoint and its head
+            return None
     return state if state.get("complete") else None
 
 
@@ -215,7 +224,20 @@ def _run_keys(recipe: dict[str, Any], stage: str, cfg, opts: dict[str, Any], dat
             "curriculum_data": opts.get("curriculum_data") if cfg.curriculum_steps else None,
             "lora": opts.get("lora") if stage == "instruct" else None,
             "beta": float(opts.get("beta", 0.1)) if get_stage(stage).objective == "dpo" else None,
+            **(_ppo_keys(opts) if stage == "ppo" else {}),
             "init": start or str(init or recipe.get("model", "tiny"))}
+
+
+def _ppo_keys(opts: dict[str, Any]) -> dict[str, Any]:
+    """ppo's options and its reward model (by fingerprint) decide its result too."""
+    from mobilemllm.training.recipes import PPO_KEYS
+
+    rm = opts.get("reward_model")
+    try:
+        rm_fp = json.loads((Path(rm) / STATE_NAME).read_text()).get("fingerprint") if rm else None
+    except (OSError, ValueError, AttributeError):
+        rm_fp = None
+    return {"ppo": {k: opts.get(k) for k in PPO_KEYS}, "reward_model": rm_fp or (str(rm) if rm else None)}
 
 
 def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_dir: Path, init: str | Path | None,
@@ -232,6 +254,7 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     out_dir = Path(out_dir)
     st = get_stage(stage)
     env = dist_env()
+    heads = None
     t0, cpu0 = time.perf_counter(), time.process_time()
     if init is not None:
         model, tok = load_checkpoint(init)
@@ -269,7 +292,28 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
             model.set_trainable(llm=False)
             _apply_lora(model, lora)
         pad = tok.pad_token_id
-        if st.objective == "dpo":
+        if st.objective in ("rm", "ppo"):
+            if init is None:
+                raise ConfigError(f"the {stage} stage starts from the instruct checkpoint: run instruct first "
+                                  "(or pass --init FOLDER)")
+            if cfg.fsdp:
+                raise ConfigError(f"{stage}: fsdp is not supported for this stage; set {stage}.fsdp=false")
+        if st.objective == "rm":
+            from mobilemllm.training.reward import RewardModel, RewardObjective
+
+            torch.manual_seed(cfg.seed)  # the head's initial weights
+            model = RewardModel(model)
+            model.set_trainable(**parts)
+            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template,
+                                                 allow_outside_images=bool(recipe.get("allow_outside_images")))
+                               for p in data_paths])
+            objective = RewardObjective()
+            collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
+        elif st.objective == "ppo":
+            opts["reward_model"] = str(opts.get("reward_model") or out_dir / "rm")
+            trainer = _ppo_trainer(recipe, stage, model, tok, init, cfg, opts, data_paths, image_folder, template,
+                                   parts, run_dir, progress)
+        elif st.objective == "dpo":
             if init is None:
                 raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
             reference, _ = load_checkpoint(init, with_tokenizer=False)
@@ -285,11 +329,14 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
                                for p in data_paths])
             objective = LMObjective()
             collate_fn = lambda items: collate(items, pad)  # noqa: E731
-        trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
-                          param_groups=_param_groups(cfg.connector_lr),
-                          curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir),
-                          run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
+        if st.objective != "ppo":
+            trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
+                              param_groups=_param_groups(cfg.connector_lr),
+                              curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir),
+                              run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
         summary = trainer.fit(resume=resume, resume_changed=resume_changed)
+        if st.objective in ("rm", "ppo"):
+            heads, model = trainer.model, trainer.model.vlm  # the checkpoint is the VLM; the head goes beside it
         if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
             from mobilemllm.models.vlm import MobileVLM
 
@@ -309,11 +356,52 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
              "cpu_s": round(time.process_time() - cpu0, 2)}
     if env.is_main:
         save_checkpoint(model, tok, out_dir / stage, extra=state)
+        _save_heads(stage, heads, out_dir / stage)
         shutil.rmtree(run_dir / "last", ignore_errors=True)
         for sub in ("text", "vision"):
             shutil.rmtree(run_dir / sub / "last", ignore_errors=True)
     barrier(env)
     return state
+
+
+def _ppo_trainer(recipe, stage, model, tok, init, cfg, opts, data_paths, image_folder, template, parts, run_dir,
+                 progress):
+    """The ppo stage's trainer: policy + value head from ``init``, frozen reference (``init`` again), the
+    reward model of ``opts["reward_model"]``, rollout prompts from the stage's data."""
+    from mobilemllm.data.tokenizer import eos_ids
+    from mobilemllm.models.checkpoint import load_checkpoint
+    from mobilemllm.training.ppo import PolicyWithValue, PPOConfig, PPOObjective, PPOTrainer, PromptDataset
+    from mobilemllm.training.recipes import PPO_KEYS
+    from mobilemllm.training.reward import load_reward_model
+
+    reward_model, _ = load_reward_model(opts["reward_model"])
+    reference, _ = load_checkpoint(init, with_tokenizer=False)
+    torch.manual_seed(cfg.seed)  # the value head's initial weights
+    policy = PolicyWithValue(model)
+    policy.set_trainable(**parts)
+    allow = bool(recipe.get("allow_outside_images"))
+    dataset = _concat([PromptDataset(p, image_folder, tok, model.config, template=template,
+                                     allow_outside_images=allow) for p in data_paths])
+    ppo_cfg = PPOConfig(**{k: opts[k] for k in PPO_KEYS if opts.get(k) is not None})
+    objective = PPOObjective(reference, reward_model, ppo_cfg, tok.pad_token_id if tok.pad_token_id is not None
+                             else 0, eos_ids(tok))
+    return PPOTrainer(policy, objective, dataset, cfg, run_dir, progress=progress, desc=stage,
+                      param_groups=_param_groups(cfg.connector_lr),
+                      run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
+
+
+def _save_heads(stage: str, heads, folder: Path) -> None:
+    """The reward head (rm) or value head (ppo) beside the stage's checkpoint."""
+    if heads is None:
+        return
+    if stage == "rm":
+        from mobilemllm.training.reward import save_reward_head
+
+        save_reward_head(heads.cpu().float(), folder)
+    else:
+        from mobilemllm.training.ppo import save_value_head
+
+        save_value_head(heads.cpu().float(), folder)
 
 
 def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[str, Any],
@@ -330,12 +418,34 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached["report"]
-    model, tok = load_checkpoint(folder)
-    report = evaluate(model, tok, eval_dir, **eval_opts)
+    if stage == "rm":
+        report = _evaluate_reward_model(folder, eval_dir, state, eval_opts)
+    else:
+        model, tok = load_checkpoint(folder)
+        report = evaluate(model, tok, eval_dir, **eval_opts)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "report": report}, indent=1))
     tmp.replace(cache)
     return report
+
+
+def _evaluate_reward_model(folder: Path, eval_dir: Path, state: dict[str, Any], eval_opts: dict[str, Any]):
+    """Held-out pair accuracy of an rm stage folder on the evaluation data's preference pairs."""
+    from mobilemllm.data.dataset import PreferenceDataset
+    from mobilemllm.training.reward import load_reward_model, pair_accuracy
+
+    rm, tok = load_reward_model(folder)
+    name = (state.get("config") or {}).get("eval_pairs") or "dpo.json"
+    path = Path(name) if Path(name).is_absolute() else eval_dir / name
+    if not path.is_file():
+        return {"reward": None, "note": f"no held-out pairs ({path})"}
+    ds = PreferenceDataset(path, eval_opts.get("image_folder"), tok, rm.config,
+                           template=(state.get("config") or {}).get("template"),
+                           allow_outside_images=bool(eval_opts.get("allow_outside_images")))
+    if eval_opts.get("limit"):
+        ds.records = ds.records[:eval_opts["limit"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return {"reward": {"data": str(path), **pair_accuracy(rm, ds, pad, eval_opts.get("batch_size", 32))}}
 
 
 # ----------------------------------------------------------------------------------------- run folder
@@ -425,11 +535,13 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
         eval_opts["allow_outside_images"] = True
 
     results: dict[str, Any] = {"recipe": recipe.get("name"), "out_dir": str(out_dir), "stages": {}}
-    fp: str | None = None
+    fps: dict[str, str] = {}
     ordered = [s for s in ORDER if s in set(plan) | set(todo)]
     for stage in ordered:
         prev = _previous(ordered, stage)
-        fp = _fingerprint(recipe, stage, fp, data_dir)
+        # a stage's result depends on the checkpoint it starts from (and ppo on the reward model)
+        before = "/".join(str(fps.get(s)) for s in ([prev] + (["rm"] if stage == "ppo" else [])))
+        fp = fps[stage] = _fingerprint(recipe, stage, before if prev or stage == "ppo" else None, data_dir)
         if stage not in todo:
             continue
         state = stage_state(out_dir, stage)

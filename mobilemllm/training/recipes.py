@@ -20,9 +20,9 @@ A recipe's top-level keys::
     seed                        # default for every stage
     num_threads                 # CPU threads per process: an int >= 1 or auto
     foundations: {text: {...}, vision: {...}}   # TrainConfig sections (+ vision.image_features)
-    pretrain / instruct / dpo: {TrainConfig keys + data, image_folder, template, train_vision,
+    pretrain / instruct / dpo / rm / ppo: {TrainConfig keys + data, image_folder, template, train_vision,
                                 train_connector, train_llm; pretrain/instruct: max_length, curriculum_data;
-                                instruct: lora; dpo: beta}
+                                instruct: lora; dpo: beta; rm: eval_pairs; ppo: reward_model + PPOConfig}
     eval: {limit, batch_size, answer_tokens, caption_tokens, image_folder}
 
 Adding a key: an optimisation setting is a field of ``TrainConfig`` (trainer.py; every stage section and
@@ -122,6 +122,34 @@ class DPOSection(StageSection):
     beta: Number = Field(0.1, gt=0)
 
 
+class RMSection(StageSection):
+    """rm: the reward model's data is the preference pairs; its held-out pair accuracy is measured on the
+    evaluation folder's ``eval_pairs`` file."""
+
+    eval_pairs: str | None = None  # default: dpo.json of the evaluation data
+
+
+class PPOSection(StageSection):
+    """ppo: rollout prompts (``data``: preference records or conversations), the reward model, PPO's knobs
+    (mobilemllm.training.ppo.PPOConfig)."""
+
+    reward_model: str | None = None  # an rm stage folder; default: <out>/rm
+    kl_coef: Number = Field(0.05, ge=0)
+    adaptive_kl: Bool = True
+    target_kl: Number = Field(1.0, gt=0)
+    kl_horizon: Int = Field(1000, ge=1)
+    ppo_epochs: Int = Field(2, ge=1)
+    clip_range: Number = Field(0.2, gt=0)
+    clip_range_value: Number = Field(0.2, gt=0)
+    vf_coef: Number = Field(0.1, ge=0)
+    gamma: Number = Field(1.0, gt=0, le=1)
+    lam: Number = Field(0.95, ge=0, le=1)
+    temperature: Number = Field(1.0, gt=0)
+    max_new_tokens: Int = Field(64, ge=1)
+    missing_eos_penalty: Number | None = None
+    whiten_advantages: Bool = True
+
+
 class FoundationsVision(TrainSection):
     image_features: Literal[IMAGE_FEATURES] = "quadrant_mean"
 
@@ -190,6 +218,8 @@ class Recipe(Section):
     pretrain: LMStageSection | None = None
     instruct: InstructSection | None = None
     dpo: DPOSection | None = None
+    rm: RMSection | None = None
+    ppo: PPOSection | None = None
     eval: Eval | None = None
 
     @field_validator("model")
@@ -201,7 +231,9 @@ class Recipe(Section):
         return value
 
 
-STAGE_SECTIONS = {"pretrain": LMStageSection, "instruct": InstructSection, "dpo": DPOSection}
+STAGE_SECTIONS = {"pretrain": LMStageSection, "instruct": InstructSection, "dpo": DPOSection, "rm": RMSection,
+                  "ppo": PPOSection}
+PPO_KEYS = sorted(set(PPOSection.model_fields) - set(StageSection.model_fields) - {"reward_model"})
 TRAIN_KEYS = sorted(TrainSection.model_fields)
 # every stage option that is not a TrainConfig key (stage_options returns these)
 STAGE_EXTRA = sorted({k for s in STAGE_SECTIONS.values() for k in s.model_fields} - set(TRAIN_KEYS))
@@ -246,7 +278,7 @@ def validate_recipe(recipe: dict[str, Any], where: str = "recipe", errors: list[
     (bad overrides), reported with these."""
     typed = validate(Recipe, recipe, where, errors).model_dump(exclude_unset=True)
     errors = []
-    for name in ("pretrain", "instruct", "dpo"):
+    for name in STAGE_SECTIONS:
         try:
             stage_train_config(typed, name)
         except ConfigError as e:

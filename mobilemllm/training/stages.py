@@ -2,12 +2,10 @@
 which template and the default hyper-parameters of the published recipes.
 
 A recipe (``mobilemllm/recipes/*.yaml``) overrides the defaults per stage. Each stage starts from the
-previous stage's checkpoint folder and writes its own.
-
-Extension point: an ``rlhf`` stage (reward model + PPO with a per-token KL penalty against the
-reference) would add ``Stage(name="rlhf", objective="rlhf", ...)`` here and an objective class with
-``units(batch)`` / ``loss(model, batch)`` in :mod:`mobilemllm.training.losses` (registered in
-``OBJECTIVES``); the trainer loop, checkpoints and resume need no change. It is not built yet.
+previous stage's checkpoint folder and writes its own; the alignment stages (``dpo``, ``rm``, ``ppo``) all
+start from the instruct checkpoint, so a recipe may run either branch or both
+(``[pretrain, instruct, dpo]``, ``[pretrain, instruct, rm, ppo]``, ``[pretrain, instruct, dpo, rm, ppo]``).
+``ppo`` also reads the ``rm`` stage's reward model.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from mobilemllm.errors import ConfigError
 class Stage:
     name: str
     description: str
-    objective: str  # "lm" (next-token loss on answers) or "dpo" (preference pairs)
+    objective: str  # "lm" (next-token loss on answers), "dpo", "rm" (Bradley-Terry) or "ppo"
     data: str  # default data file, relative to the recipe's data folder
     template: str | None  # conversation template; None: the model's chat template
     trainable: dict[str, bool] = field(default_factory=dict)  # part -> trains?
@@ -54,9 +52,25 @@ DPO = Stage(
     objective="dpo", data="dpo.json", template=None,
     trainable={"vision": False, "connector": True, "llm": True}, lr=5e-7, global_batch=64)
 
-STAGES: dict[str, Stage] = {s.name: s for s in (FOUNDATIONS, PRETRAIN, INSTRUCT, DPO)}
+RM = Stage(
+    "rm",
+    "reward model: the instruct model with a scalar head on the last token, Bradley-Terry loss on the "
+    "preference pairs (InstructGPT)",
+    objective="rm", data="dpo.json", template=None,
+    trainable={"vision": False, "connector": True, "llm": True}, lr=1e-5, global_batch=64)
+
+PPO = Stage(
+    "ppo",
+    "RLHF: PPO on answers sampled from the instruct model, rewarded by the rm stage's model minus a "
+    "per-token KL penalty against the frozen instruct model",
+    objective="ppo", data="dpo.json", template=None,
+    trainable={"vision": False, "connector": True, "llm": True}, lr=1e-6, global_batch=64)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (FOUNDATIONS, PRETRAIN, INSTRUCT, DPO, RM, PPO)}
 # The order `--stage all` runs; foundations only when the recipe asks for it.
-ORDER: tuple[str, ...] = ("foundations", "pretrain", "instruct", "dpo")
+ORDER: tuple[str, ...] = ("foundations", "pretrain", "instruct", "dpo", "rm", "ppo")
+# Stages that start from the instruct model (the last stage before them that is not one of these).
+ALIGNMENT: frozenset[str] = frozenset({"dpo", "rm", "ppo"})
 
 
 def get_stage(name: str) -> Stage:

@@ -312,7 +312,7 @@ class Trainer:
         """Write the resumable state after ``step`` completed steps (aside, then swapped in; main process)."""
         state = {"step": step, "model": self._trainable_state(self.model), "optimizer": self._optim_state(),
                  "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(), "settings": self.settings(),
-                 "config": asdict(self.cfg), "world_size": self.env.world_size}
+                 "config": asdict(self.cfg), "world_size": self.env.world_size, "extra": self.extra_state()}
         if self.env.is_main:
             tmp = atomic_dir(self.run_dir / STATE_DIR, STATE_KIND)
             try:
@@ -322,6 +322,14 @@ class Trainer:
                 abort_dir(tmp)
                 raise
         barrier(self.env)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass's loop carries between steps besides the weights and optimizer (PPO: its KL
+        coefficient); saved in the resumable state, given back by :meth:`load_extra_state`."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
 
     def _setting_changes(self, saved: dict[str, Any], allow: bool) -> dict[str, list]:
         """The settings that differ from the saved state's: ``{key: [old, new]}``; refused unless ``allow``."""
@@ -368,6 +376,7 @@ class Trainer:
                     params[name].copy_(value.to(params[name].device))
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state.get("extra") or {})
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
