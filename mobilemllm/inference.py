@@ -32,7 +32,8 @@ class TextStreamer:
 
     def put(self, token: int) -> None:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # lstrip: as the answer's text (sentencepiece decoders keep a word's leading space, see data/cpp_tokenizer.py)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
         if len(text) > len(self.emitted):

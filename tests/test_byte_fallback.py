@@ -170,6 +170,17 @@ def forced_checkpoint(spm_source, source_tokenizer, tmp_path_factory):
     return import_checkpoint(src, root / "ckpt")
 
 
+def test_forced_byte_pieces_stream_eagerly_as_the_answer(forced_checkpoint, shapes_image):
+    from mobilemllm.api import load
+    from mobilemllm.inference import answer
+
+    model, tok = load(forced_checkpoint)
+    streamed: list[str] = []
+    eager = answer(model, tok, shapes_image, "What is it?", max_new_tokens=24, on_text=streamed.append)
+    assert "".join(streamed) == eager.text == OUT_OF_VOCAB
+    assert len(streamed) < len(eager.tokens)  # byte pieces were held back until their character was whole
+
+
 def _export_and_compare(ckpt: Path, out: Path, target: str, shapes_image) -> None:
     from mobilemllm.api import load
     from mobilemllm.bundle import load_manifest
