@@ -89,8 +89,8 @@ def test_stage_keys_belong_to_their_stage():
         load_recipe("tiny", ["pretrain.beta=0.1"])
     with pytest.raises(ConfigError, match="instruct.template must be one of plain, .*got 'chatml'"):
         load_recipe("tiny", ["instruct.template=chatml"])
-    with pytest.raises(ConfigError, match="synthetic.caption_order must be one of quadrant, shuffled"):
-        load_recipe("tiny", ["synthetic.caption_order=random"])
+    with pytest.raises(ConfigError, match="synthetic.question_wordings must be one of canonical, varied"):
+        load_recipe("tiny", ["synthetic.question_wordings=random"])
 
 
 # ------------------------------------------------------------------------------------- recipes as data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -366,43 +367,35 @@ def test_write_synthetic_rejects_bad_arguments(tmp_path: Path) -> None:
         write_synthetic(tmp_path, num_images=0)
     with pytest.raises(ValueError):
         write_synthetic(tmp_path, num_images=2, hallucination_rate=1.5)
-    with pytest.raises(ValueError, match="caption_order"):
-        write_synthetic(tmp_path, num_images=2, caption_order="alphabetical")
 
 
-def test_shuffled_captions_and_reading_docs_change_only_the_text(split: Path, tmp_path: Path) -> None:
-    """The options of issue 3's experiments (docs/training.md): captions that name shapes in a random order,
-    and "reading" lines in the LM corpus. Scenes, images, questions and evaluation files stay the same."""
-    out = tmp_path / "shuffled"
-    meta = write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, caption_order="shuffled",
-                           reading_docs=True)
-    assert meta["caption_order"] == "shuffled" and meta["reading_docs"] is True
+def test_varied_wordings_change_only_the_training_questions_wording(split: Path, tmp_path: Path) -> None:
+    """question_wordings=varied: the train split's questions and caption requests use many wordings (each a
+    training wording of its type), with the same answers, scenes and images; an eval split is unchanged."""
+    from mobilemllm.data.wordings import DETAIL_PROMPTS, TRAIN_WORDINGS
+
+    out = tmp_path / "varied"
+    write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, question_wordings="varied")
     a, b = tree(split), tree(out)
-    for name in a:
-        if name.startswith("images/") or name.startswith("eval_pope") or name in ("scenes.json", "eval_questions.json"):
-            assert a[name] == b[name], name
-    scenes_ = [Scene.from_dict(d) for d in load(out, "scenes.json")]
-    reordered = 0
-    for scene, rec in zip(scenes_, load(out, "pretrain.json")):
-        cap = rec["conversations"][1]["value"]
-        assert parse_objects(cap) == set(scene.objects)
-        for s in scene.shapes:  # every shape is named with its own place
-            assert f"a {s.phrase()} in the {s.position}" in cap
-        reordered += cap != caption(scene)
-    assert reordered > N // 4
-    for rec, scene in zip(load(out, "dpo.json"), scenes_):  # chosen and rejected share the order
-        chosen = rec["chosen"].split(". ")
-        rejected = rec["rejected"].split(". ")
-        assert len(rejected) == len(chosen) + 1 and all(x in rejected for x in chosen[:-1])
-        assert parse_objects(rec["chosen"]) == set(scene.objects)
-    corpus = (out / "corpus.txt").read_text().splitlines()
-    reading = [ln for ln in corpus if ln.startswith("A ") and ". " in ln and "?" in ln]
-    assert len(reading) == N
-    for line, scene in zip(reading, scenes_):
-        assert parse_objects(line.split(".")[0]) == set(scene.objects)
-        assert line.count("?") >= 2
-    plain = tree(split)["corpus.txt"]
-    assert len(plain) < len(b["corpus.txt"])
+    assert sorted(n for n in a if a[n] != b[n]) == ["corpus.txt", "dpo.json", "eval_questions.json",
+                                                   "instruct.json", "meta.json"]
+    base, varied = load(split, "eval_questions.json"), load(out, "eval_questions.json")
+    assert [r["conversations"][1] for r in base] == [r["conversations"][1] for r in varied]  # same answers
+    patterns = {t: [re.compile(re.escape(w).replace(r"\{pos\}", ".+").replace(r"\{obj\}", ".+") + "$")
+                    for w in ws] for t, ws in TRAIN_WORDINGS.items()}
+    texts = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in varied]
+    for r, text in zip(varied, texts):
+        assert any(p.match(text) for p in patterns[r["type"]]), text
+    assert len(set(t.split(" ")[0] for t in texts)) > 8  # many openings, not one
+    assert {r["prompt"] for r in load(out, "dpo.json")} <= set(DETAIL_PROMPTS)
+    assert len({r["prompt"] for r in load(out, "dpo.json")}) > 2
+    assert [(r["chosen"], r["rejected"]) for r in load(split, "dpo.json")] == \
+        [(r["chosen"], r["rejected"]) for r in load(out, "dpo.json")]
+    ev = tmp_path / "eval"
+    write_synthetic(ev, num_images=N, seed=3, hallucination_rate=0.5, split="eval", question_wordings="varied")
+    assert [n for n, v in tree(ev).items() if v != a[n] and n != "meta.json"] == []
+    with pytest.raises(ValueError, match="question_wordings"):
+        write_synthetic(tmp_path / "bad", num_images=2, question_wordings="fancy")
 
 
 def test_single_turn_writes_each_conversation_turn_as_its_own_record(split: Path, tmp_path: Path) -> None:
@@ -430,48 +423,15 @@ def test_training_data_is_rewritten_when_the_synthetic_options_change(tmp_path: 
 
     recipe = {"data": None, "eval_data": None, "synthetic": {"train_images": 6, "eval_images": 4}}
     train, evald = prepare_data(recipe, tmp_path, log=lambda s: None)
-    assert load(train, "meta.json")["caption_order"] == "quadrant" and load(evald, "meta.json")["num_images"] == 4
+    assert load(train, "meta.json")["question_wordings"] == "canonical" and load(evald, "meta.json")["num_images"] == 4
     stamp = (train / "meta.json").stat().st_mtime_ns
     prepare_data(recipe, tmp_path, log=lambda s: None)  # same options: reused
     assert (train / "meta.json").stat().st_mtime_ns == stamp
-    recipe["synthetic"] |= {"caption_order": "shuffled", "reading_docs": True}
+    recipe["synthetic"] |= {"question_wordings": "varied"}
     prepare_data(recipe, tmp_path, log=lambda s: None)
-    meta = load(train, "meta.json")
-    assert meta["caption_order"] == "shuffled" and meta["reading_docs"] is True
+    assert load(train, "meta.json")["question_wordings"] == "varied"
     from mobilemllm.errors import ConfigError
 
-    recipe["synthetic"]["caption_order"] = "sorted"
-    with pytest.raises(ConfigError, match="synthetic: unknown caption_order 'sorted'"):
+    recipe["synthetic"]["question_wordings"] = "sorted"
+    with pytest.raises(ConfigError, match="synthetic: unknown question_wordings 'sorted'"):
         prepare_data(recipe, tmp_path / "bad", log=lambda s: None)
-
-
-def test_yes_no_lookups_append_right_answers(split: Path, tmp_path: Path) -> None:
-    """synthetic.yes_no_lookups=N: N forward-look-up yes/no turns at the end of every instruct conversation."""
-    out = tmp_path / "lookups"
-    meta = write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, yes_no_lookups=3)
-    assert meta["yes_no_lookups"] == 3
-    base, more = load(split, "instruct.json"), load(out, "instruct.json")
-    scenes_ = {d["id"]: Scene.from_dict(d) for d in load(out, "scenes.json")}
-    answers = {"yes": 0, "no": 0}
-    for a, b in zip(base, more):
-        assert b["conversations"][:len(a["conversations"])] == a["conversations"]  # the rest is unchanged
-        extra = b["conversations"][len(a["conversations"]):]
-        assert len(extra) == 6
-        scene = scenes_[b["id"]]
-        for q, ans in zip(extra[::2], extra[1::2]):
-            text, ans = q["value"], ans["value"]
-            pos = next(p for p in POSITIONS if f"in the {p}" in text)
-            shape = scene.at(pos)
-            if text.startswith("Is there a shape"):
-                want = shape is not None
-            elif text.startswith("Is the shape") and " a " in text.split(pos)[1]:
-                want = text.removesuffix("?").endswith(shape.kind)
-            else:
-                want = text.removesuffix("?").endswith(shape.colour)
-            assert ans == ("yes" if want else "no"), text
-            answers[ans] += 1
-    assert min(answers.values()) > 0.25 * sum(answers.values())
-    for name in ("eval_questions.json", "scenes.json", "pretrain.json", "dpo.json"):
-        assert tree(split)[name] == tree(out)[name]
-    with pytest.raises(ValueError, match="yes_no_lookups"):
-        write_synthetic(tmp_path / "bad", num_images=2, yes_no_lookups=-1)

@@ -234,30 +234,6 @@ def _join(parts: Sequence[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-CAPTION_ORDERS: tuple[str, ...] = ("quadrant", "shuffled")
-
-
-def _check_order(caption_order: str) -> None:
-    if caption_order not in CAPTION_ORDERS:
-        raise ValueError(f"unknown caption_order {caption_order!r}; expected one of {CAPTION_ORDERS}")
-
-
-def shapes_in_order(scene: Scene, rng: random.Random | None = None, caption_order: str = "quadrant") -> list[Shape]:
-    """The scene's shapes in the order a caption names them: quadrant order, or shuffled with ``rng``.
-
-    Shuffled captions make the text name an object *before* its place, so describing an image exercises
-    the content-keyed look-up that "Where is the red circle?" needs (in quadrant order a caption only
-    ever reads the image place by place).
-    """
-    _check_order(caption_order)
-    shapes = list(scene.shapes)
-    if caption_order == "shuffled":
-        if rng is None:
-            raise ValueError("a shuffled caption order needs an rng")
-        rng.shuffle(shapes)
-    return shapes
-
-
 def caption(scene: Scene, shapes: Sequence[Shape] | None = None) -> str:
     """Short caption: "a large red circle in the top left and ..." (``shapes``: the order to name them in;
     default quadrant order)."""
@@ -290,27 +266,19 @@ def _hallucinated_shape(scene: Scene, rng: random.Random, allow_occupied: bool) 
     return Shape(kind, colour, rng.choice(SIZES), position)
 
 
-def _detailed_text(scene: Scene, extra: Shape | None, shapes: Sequence[Shape] | None = None,
-                   extra_at: int | None = None) -> str:
-    """``shapes``: the real shapes in caption order (default quadrant order); ``extra_at``: where the
-    hallucinated sentence goes among them (default: its quadrant's place)."""
+def _detailed_text(scene: Scene, extra: Shape | None) -> str:
+    """The count, then one sentence per shape in quadrant order; ``extra`` (a hallucinated shape) goes in its
+    quadrant's place (after a real shape of the same quadrant), so its place does not give it away."""
     sentences = [_count_sentence(len(scene.shapes))]
-    shapes = list(scene.shapes if shapes is None else shapes)
     order = {p: i for i, p in enumerate(POSITIONS)}
-    for s in shapes:
-        sentences.append(_sentence(s))
+    sentences += [_sentence(s) for s in scene.shapes]
     if extra is not None:
-        # Insert in quadrant order (after a real shape of the same quadrant) so the fake sentence
-        # is not given away by its place; in a shuffled caption, at a random place.
-        if extra_at is None:
-            extra_at = sum(1 for s in shapes if order[s.position] <= order[extra.position])
-        sentences.insert(1 + extra_at, _sentence(extra))
+        at = sum(1 for s in scene.shapes if order[s.position] <= order[extra.position])
+        sentences.insert(1 + at, _sentence(extra))
     return " ".join(sentences)
 
 
-def detailed_caption(
-    scene: Scene, rng: random.Random, hallucination_rate: float = 0.0, caption_order: str = "quadrant"
-) -> tuple[str, list[str]]:
+def detailed_caption(scene: Scene, rng: random.Random, hallucination_rate: float = 0.0) -> tuple[str, list[str]]:
     """"There are 2 shapes. A large red circle is in the top left. ..." and the hallucinated objects.
 
     With probability ``hallucination_rate`` one sentence about an absent object, in a free quadrant,
@@ -319,30 +287,20 @@ def detailed_caption(
     extra = None
     if rng.random() < hallucination_rate:
         extra = _hallucinated_shape(scene, rng, allow_occupied=False)
-    shapes, at = _caption_layout(scene, rng, caption_order, extra)
-    return _detailed_text(scene, extra, shapes, at), ([extra.object] if extra else [])
+    return _detailed_text(scene, extra), ([extra.object] if extra else [])
 
 
-def _caption_layout(scene: Scene, rng: random.Random, caption_order: str,
-                    extra: Shape | None) -> tuple[list[Shape], int | None]:
-    """The shapes in caption order and where a hallucinated sentence goes (None: its quadrant's place)."""
-    shapes = shapes_in_order(scene, rng, caption_order)
-    shuffled = caption_order == "shuffled"
-    return shapes, (rng.randint(0, len(shapes)) if extra is not None and shuffled else None)
-
-
-def preference_pair(scene: Scene, rng: random.Random, caption_order: str = "quadrant") -> dict[str, Any]:
+def preference_pair(scene: Scene, rng: random.Random, prompt: str = DETAIL_PROMPT) -> dict[str, Any]:
     """A DPO pair: chosen = faithful detailed caption, rejected = it plus one hallucinated object.
 
     The hallucinated sentence goes to a free quadrant, or to an occupied one when all are taken.
     """
     extra = _hallucinated_shape(scene, rng, allow_occupied=True)
     assert extra is not None
-    shapes, at = _caption_layout(scene, rng, caption_order, extra)
     return {
-        "prompt": DETAIL_PROMPT,
-        "chosen": _detailed_text(scene, None, shapes),
-        "rejected": _detailed_text(scene, extra, shapes, at),
+        "prompt": prompt,
+        "chosen": _detailed_text(scene, None),
+        "rejected": _detailed_text(scene, extra),
         "hallucinated": [extra.object],
     }
 
@@ -363,59 +321,50 @@ def adversarial_candidates(scene: Scene) -> list[str]:
     return [o for o in absent_objects(scene) if _share_attribute(o, present)]
 
 
-def ask(scene: Scene, rng: random.Random, qtype: str) -> Question | None:
-    """One question of type ``qtype`` about ``scene`` (None if that type cannot be asked)."""
+def ask(scene: Scene, rng: random.Random, qtype: str, wording: random.Random | None = None,
+        held_out: bool = False) -> Question | None:
+    """One question of type ``qtype`` about ``scene`` (None if that type cannot be asked). ``wording``: draw
+    the wording from :data:`~mobilemllm.data.wordings.TRAIN_WORDINGS` with this rng (default: the canonical
+    one), or from the held-out paraphrases; the content drawn from ``rng`` is the same either way."""
+    from mobilemllm.data.wordings import word
+
+    def text(**slots: str) -> str:
+        return word(qtype, wording, held_out=held_out, **slots)
+
     if qtype == "colour":
         s = rng.choice(scene.shapes)
-        return Question(f"What colour is the shape in the {s.position}?", s.colour, qtype)
+        return Question(text(pos=s.position), s.colour, qtype)
     if qtype == "kind":
         s = rng.choice(scene.shapes)
-        return Question(f"What shape is in the {s.position}?", s.kind, qtype)
+        return Question(text(pos=s.position), s.kind, qtype)
     if qtype == "count":
-        return Question("How many shapes are there?", str(len(scene.shapes)), qtype)
+        return Question(text(), str(len(scene.shapes)), qtype)
     if qtype == "position":
         counts = Counter(scene.objects)
         unique = [s for s in scene.shapes if counts[s.object] == 1]
         if not unique:
             return None
         s = rng.choice(unique)
-        return Question(f"Where is the {s.object}?", s.position, qtype)
-    if qtype == "existence":
+        return Question(text(obj=s.object), s.position, qtype)
+    if qtype in ("existence", "pope"):
         if rng.random() < 0.5:
             obj, answer = rng.choice(scene.objects), "yes"
         else:
             hard = adversarial_candidates(scene)
             pool = hard if hard and rng.random() < 0.5 else absent_objects(scene)
             obj, answer = rng.choice(pool), "no"
-        return Question(f"Is there a {obj}?", answer, qtype)
+        return Question(text(obj=obj), answer, qtype)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
-def yes_no_lookup(scene: Scene, rng: random.Random) -> Question:
-    """A yes/no question answered by looking at one named quadrant: "Is there a shape in the top left?",
-    "Is the shape in the top left red?", "Is the shape in the top left a circle?" (half of the attribute
-    questions name the true attribute). Training-only: unlike "Is there a red circle?", the answer follows
-    from a forward look-up, which gives the yes/no answer a first path from the image and the question."""
-    p = rng.choice(POSITIONS)
-    s = scene.at(p)
-    kind = rng.random()
-    if s is None or kind < 1 / 3:
-        return Question(f"Is there a shape in the {p}?", "yes" if s is not None else "no", "lookup")
-    if kind < 2 / 3:
-        c = s.colour if rng.random() < 0.5 else rng.choice(tuple(COLOURS))
-        return Question(f"Is the shape in the {p} {c}?", "yes" if c == s.colour else "no", "lookup")
-    k = s.kind if rng.random() < 0.5 else rng.choice(KINDS)
-    return Question(f"Is the shape in the {p} a {k}?", "yes" if k == s.kind else "no", "lookup")
-
-
-def sample_questions(scene: Scene, rng: random.Random, n: int) -> list[Question]:
-    """Up to ``n`` distinct questions of random types."""
+def sample_questions(scene: Scene, rng: random.Random, n: int, wording: random.Random | None = None) -> list[Question]:
+    """Up to ``n`` distinct questions of random types (``wording``: as :func:`ask`)."""
     out: list[Question] = []
     seen: set[str] = set()
     for _ in range(20 * n):
         if len(out) >= n:
             break
-        q = ask(scene, rng, rng.choice(QUESTION_TYPES))
+        q = ask(scene, rng, rng.choice(QUESTION_TYPES), wording)
         if q is not None and q.text not in seen:
             seen.add(q.text)
             out.append(q)
@@ -494,6 +443,45 @@ def _single_turn(rid: str, image: str, question: str, answer: str, **extra: Any)
     }
 
 
+QUESTION_WORDINGS: tuple[str, ...] = ("canonical", "varied")
+PARAPHRASE_TYPES: tuple[str, ...] = QUESTION_TYPES + ("pope",)
+
+
+def _progress(total: int):
+    """A transient rich progress bar (``advance()``/``stop()``)."""
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task("shapes", total=total)
+    return bar, task
+
+
+def _render_image(scene: Scene, image_size: int, images_dir: Path) -> str:
+    image = f"{scene.id}.png"
+    buf = io.BytesIO()
+    render(scene, image_size).save(buf, format="PNG")
+    _atomic_write_bytes(images_dir / image, buf.getvalue())
+    return image
+
+
+def _instruct_records(scene: Scene, image: str, turns: list[tuple[str, str]], single_turn: bool) -> list[dict]:
+    """One multi-turn record (the image before the first question), or one record per turn."""
+    if single_turn:
+        return [_single_turn(f"{scene.id}_t{j}", image, q, a) for j, (q, a) in enumerate(turns)]
+    conv = []
+    for j, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": f"<image>\n{q}" if j == 0 else q}, {"from": "gpt", "value": a}]
+    return [{"id": scene.id, "image": image, "conversations": conv}]
+
+
+def paraphrase_questions(scene: Scene, rng: random.Random) -> list[Question]:
+    """One question per type of :data:`PARAPHRASE_TYPES` in a held-out wording (POPE's question included)."""
+    wording = random.Random(rng.random())
+    out = [ask(scene, rng, t, wording, held_out=True) for t in PARAPHRASE_TYPES]
+    return [q for q in out if q is not None]
+
+
 def write_synthetic(
     out_dir: str | os.PathLike[str],
     num_images: int = 2000,
@@ -502,22 +490,18 @@ def write_synthetic(
     hallucination_rate: float = 0.3,
     split: str = "train",
     progress: bool = False,
-    caption_order: str = "quadrant",
-    reading_docs: bool = False,
-    yes_no_lookups: int = 0,
     single_turn: bool = False,
+    question_wordings: str = "canonical",
 ) -> dict[str, Any]:
     """Generate ``num_images`` scenes from ``seed`` and write images and LLaVA-format files.
 
-    ``caption_order``: name a scene's shapes in quadrant order ("quadrant") or in a random order per
-    caption ("shuffled") in the short, detailed and preference captions.
-    ``reading_docs``: also add to ``corpus.txt`` one line per scene that holds its caption followed by
-    questions about it and their answers, so the language-model foundation learns to answer a question
-    from a description earlier in its context (the look-up the image questions need later).
-    ``yes_no_lookups``: append that many :func:`yes_no_lookup` turns to every instruction conversation.
     ``single_turn``: write each turn of an instruction conversation as its own record (ids ``<id>_t<j>``),
     so every question and every detailed caption is asked right next to the image (with a question-first
     template, before it) instead of in later turns after it; the texts are the same.
+    ``question_wordings``: ``varied`` words the training questions and caption requests of a ``train`` split
+    (instruct.json, eval_questions.json, dpo.json) in many ways (mobilemllm.data.wordings.TRAIN_WORDINGS);
+    the content and answers are those of ``canonical``. The evaluation files of an ``eval`` split keep the
+    canonical wording; ``eval_paraphrase.json`` (every split) asks in held-out wordings never used in training.
 
     Every file is written atomically. Returns the meta dict (also written to ``meta.json``).
     """
@@ -527,135 +511,82 @@ def write_synthetic(
         raise ValueError(f"image_size must be at least 8, got {image_size}")
     if not 0.0 <= hallucination_rate <= 1.0:
         raise ValueError(f"hallucination_rate must be in [0, 1], got {hallucination_rate}")
-    _check_order(caption_order)
-    if not isinstance(yes_no_lookups, int) or yes_no_lookups < 0:
-        raise ValueError(f"yes_no_lookups must be a non-negative integer, got {yes_no_lookups!r}")
+    if question_wordings not in QUESTION_WORDINGS:
+        raise ValueError(f"unknown question_wordings {question_wordings!r}; expected one of {QUESTION_WORDINGS}")
+    from mobilemllm.data.wordings import detail_prompt
+
+    vary = question_wordings == "varied" and split == "train"
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
 
     scenes = [sample_scene(_rng(seed, i, "scene"), i, seed) for i in range(num_images)]
     popularity = object_popularity(scenes)
-
-    pretrain: list[dict[str, Any]] = []
-    instruct: list[dict[str, Any]] = []
-    dpo: list[dict[str, Any]] = []
-    eval_questions: list[dict[str, Any]] = []
-    pope: dict[str, list[dict[str, Any]]] = {s: [] for s in POPE_SPLITS}
-    eval_captions: list[dict[str, Any]] = []
+    files: dict[str, list[dict[str, Any]]] = {name: [] for name in (
+        "pretrain.json", "instruct.json", "dpo.json", "eval_questions.json",
+        *(f"eval_pope_{s}.json" for s in POPE_SPLITS), "eval_captions.json", "eval_paraphrase.json")}
     corpus: list[str] = []
     hallucinated_captions = 0
 
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("shapes", total=num_images)
+    bar, task = _progress(num_images) if progress else (None, None)
     try:
         for i, scene in enumerate(scenes):
-            image = f"{scene.id}.png"
-            buf = io.BytesIO()
-            render(scene, image_size).save(buf, format="PNG")
-            _atomic_write_bytes(images_dir / image, buf.getvalue())
+            image = _render_image(scene, image_size, images_dir)
+            # a separate stream picks the wordings, so the content drawn below is the same in either setting
+            wording = _rng(seed, i, "wording") if vary else None
 
             # Alignment pretraining.
-            cap = caption(scene, shapes_in_order(scene, _rng(seed, i, "caption"), caption_order))
-            pretrain.append(
-                {
-                    "id": scene.id,
-                    "image": image,
-                    "conversations": [
-                        {"from": "human", "value": "<image>"},
-                        {"from": "gpt", "value": cap},
-                    ],
-                }
-            )
+            cap = caption(scene)
+            files["pretrain.json"].append({"id": scene.id, "image": image, "conversations": [
+                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": cap}]})
             corpus.append(cap)
 
             # Instruction tuning: 2-4 questions, plus a noisy detailed caption for about half.
             rng = _rng(seed, i, "instruct")
-            turns = [(q.text, q.answer) for q in sample_questions(scene, rng, rng.randint(2, 4))]
+            turns = [(q.text, q.answer) for q in sample_questions(scene, rng, rng.randint(2, 4), wording)]
             if rng.random() < 0.5:
-                text, fake = detailed_caption(scene, rng, hallucination_rate, caption_order)
+                text, fake = detailed_caption(scene, rng, hallucination_rate)
                 hallucinated_captions += bool(fake)
-                turns.insert(rng.randint(0, len(turns)), (DETAIL_PROMPT, text))
-            if yes_no_lookups:
-                ry = _rng(seed, i, "lookup")
-                turns += [(q.text, q.answer) for q in (yes_no_lookup(scene, ry) for _ in range(yes_no_lookups))]
-            conv = []
-            for j, (q, a) in enumerate(turns):
-                conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
-                conv.append({"from": "gpt", "value": a})
-                corpus += [q, a]
-            if reading_docs:
-                rr = _rng(seed, i, "reading")
-                order = shapes_in_order(scene, rr, caption_order)
-                qa = [f"{q.text} {q.answer}" for q in sample_questions(scene, rr, 6)]
-                corpus.append(" ".join([caption(scene, order).capitalize(), *qa]))
-            if single_turn:
-                for j in range(0, len(conv), 2):
-                    human = conv[j]["value"]
-                    instruct.append({"id": f"{scene.id}_t{j // 2}", "image": image, "conversations": [
-                        {"from": "human", "value": human if j == 0 else f"<image>\n{human}"}, conv[j + 1]]})
-            else:
-                instruct.append({"id": scene.id, "image": image, "conversations": conv})
+                turns.insert(rng.randint(0, len(turns)), (detail_prompt(wording), text))
+            corpus += [t for qa in turns for t in qa]
+            files["instruct.json"] += _instruct_records(scene, image, turns, single_turn)
 
             # Preference pairs.
-            pair = preference_pair(scene, _rng(seed, i, "dpo"), caption_order)
-            dpo.append(
-                {
-                    "id": scene.id,
-                    "image": image,
-                    "prompt": pair["prompt"],
-                    "chosen": pair["chosen"],
-                    "rejected": pair["rejected"],
-                }
-            )
+            pair = preference_pair(scene, _rng(seed, i, "dpo"), detail_prompt(wording))
+            files["dpo.json"].append({"id": scene.id, "image": image, "prompt": pair["prompt"],
+                                      "chosen": pair["chosen"], "rejected": pair["rejected"]})
             corpus += [pair["prompt"], pair["chosen"], pair["rejected"]]
 
             # Evaluation: one question of each askable type.
             rng = _rng(seed, i, "eval")
             for qtype in QUESTION_TYPES:
-                q = ask(scene, rng, qtype)
+                q = ask(scene, rng, qtype, wording)
                 if q is None:
                     continue
-                eval_questions.append(
-                    _single_turn(f"{scene.id}_{qtype}", image, q.text, q.answer, type=qtype)
-                )
+                files["eval_questions.json"].append(
+                    _single_turn(f"{scene.id}_{qtype}", image, q.text, q.answer, type=qtype))
                 corpus += [q.text, q.answer]
 
             for name in POPE_SPLITS:
                 probes = pope_probes(scene, _rng(seed, i, f"pope_{name}"), name, popularity)
                 for j, (q, a, obj) in enumerate(probes):
-                    pope[name].append(_single_turn(f"{scene.id}_pope_{name}_{j}", image, q, a, object=obj))
+                    files[f"eval_pope_{name}.json"].append(
+                        _single_turn(f"{scene.id}_pope_{name}_{j}", image, q, a, object=obj))
                     corpus += [q, a]
 
-            eval_captions.append(
-                {
-                    "id": scene.id,
-                    "image": image,
-                    "prompt": DETAIL_PROMPT,
-                    "objects": scene.objects,
-                    "reference": pair["chosen"],
-                }
-            )
+            files["eval_captions.json"].append({"id": scene.id, "image": image, "prompt": DETAIL_PROMPT,
+                                                "objects": scene.objects, "reference": pair["chosen"]})
+            # Held-out wordings: never in the corpus or any training file.
+            for q in paraphrase_questions(scene, _rng(seed, i, "paraphrase")):
+                files["eval_paraphrase.json"].append(
+                    _single_turn(f"{scene.id}_para_{q.type}", image, q.text, q.answer, type=q.type))
             if bar is not None:
                 bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()
 
-    files: dict[str, Any] = {
-        "pretrain.json": pretrain,
-        "instruct.json": instruct,
-        "dpo.json": dpo,
-        "eval_questions.json": eval_questions,
-        **{f"eval_pope_{name}.json": recs for name, recs in pope.items()},
-        "eval_captions.json": eval_captions,
-        "scenes.json": [s.to_dict() for s in scenes],
-    }
+    files["scenes.json"] = [sc.to_dict() for sc in scenes]
     for name, records in files.items():
         _atomic_write_json(out / name, records)
     _atomic_write_bytes(out / "corpus.txt", ("\n".join(corpus) + "\n").encode("utf-8"))
@@ -671,10 +602,8 @@ def write_synthetic(
         "num_images": num_images,
         "image_size": image_size,
         "hallucination_rate": hallucination_rate,
-        "caption_order": caption_order,
-        "reading_docs": reading_docs,
-        "yes_no_lookups": yes_no_lookups,
         "single_turn": single_turn,
+        "question_wordings": question_wordings,
         "image_folder": "images",
         "hallucinated_instruct_captions": hallucinated_captions,
         "pope_popular_ranking": popularity,

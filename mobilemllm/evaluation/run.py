@@ -5,6 +5,8 @@ Files looked for in ``data_dir`` (each optional; the ones present are evaluated)
 - ``eval_questions.json``: single-answer questions (``conversations``: human question, gpt answer; an
   optional ``type`` groups the accuracy) -> exact-match accuracy.
 - ``eval_pope_{random,popular,adversarial}.json``: yes/no probes -> POPE metrics per split.
+- ``eval_paraphrase.json``: single-answer questions in wordings never used in training (``type``: the
+  question type, ``pope`` for POPE's question reworded) -> exact-match accuracy, overall and per type.
 - ``eval_captions.json``: ``{image, prompt, objects}`` -> hallucinated-object rates of the generated
   detailed captions. Objects are read from the text with :func:`mobilemllm.data.shapes.parse_objects`
   (the shapes world's vocabulary; real data needs its own object parser).
@@ -30,6 +32,7 @@ from mobilemllm.inference import prompt_ids
 
 QUESTIONS_FILE = "eval_questions.json"
 CAPTIONS_FILE = "eval_captions.json"
+PARAPHRASE_FILE = "eval_paraphrase.json"
 
 
 def pope_file(split: str) -> str:
@@ -91,7 +94,7 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     if not data_dir.is_dir():
         raise DataError(f"evaluation data folder {data_dir} does not exist; write one with "
                         "`mobilemllm data synth --seed 1 --num-images 200 --out DIR`")
-    files = [QUESTIONS_FILE, CAPTIONS_FILE] + [pope_file(s) for s in POPE_SPLITS]
+    files = [QUESTIONS_FILE, PARAPHRASE_FILE, CAPTIONS_FILE] + [pope_file(s) for s in POPE_SPLITS]
     if not any((data_dir / f).exists() for f in files):
         raise DataError(f"{data_dir} has none of the evaluation files ({', '.join(files)})")
     model.eval()
@@ -101,18 +104,11 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
 
-    if (data_dir / QUESTIONS_FILE).exists():
-        qs = _questions(data_dir / QUESTIONS_FILE, limit, allow_outside_images)
-        preds = run.answers([(q["image"], q["question"]) for q in qs], answer_tokens)
-        by_type: dict[str, list[bool]] = {}
-        for q, p in zip(qs, preds):
-            by_type.setdefault(q["type"], []).append(exact_match(p, q["answer"]))
-        hits = [h for v in by_type.values() for h in v]
-        report["vqa"] = {"n": len(hits), "accuracy": sum(hits) / max(1, len(hits)),
-                         "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
-                         "examples": [{"question": q["question"], "answer": q["answer"], "prediction": p}
-                                      for q, p in list(zip(qs, preds))[:5]]}
-        say(f"vqa: {report['vqa']['accuracy']:.3f} on {len(hits)} questions")
+    for key, name in (("vqa", QUESTIONS_FILE), ("paraphrase", PARAPHRASE_FILE)):
+        if (data_dir / name).exists():
+            report[key] = _exact_match_report(run, _questions(data_dir / name, limit, allow_outside_images),
+                                              answer_tokens)
+            say(f"{key}: {report[key]['accuracy']:.3f} on {report[key]['n']} questions")
 
     pope: dict[str, Any] = {}
     for split in POPE_SPLITS:
@@ -144,14 +140,29 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     return report
 
 
+def _exact_match_report(run: _Runner, qs: list[dict[str, Any]], answer_tokens: int) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers, overall and per question type, with a few examples."""
+    preds = run.answers([(q["image"], q["question"]) for q in qs], answer_tokens)
+    by_type: dict[str, list[bool]] = {}
+    for q, p in zip(qs, preds):
+        by_type.setdefault(q["type"], []).append(exact_match(p, q["answer"]))
+    hits = [h for v in by_type.values() for h in v]
+    return {"n": len(hits), "accuracy": sum(hits) / max(1, len(hits)),
+            "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+            "examples": [{"question": q["question"], "answer": q["answer"], "prediction": p}
+                         for q, p in list(zip(qs, preds))[:5]]}
+
+
 SUMMARY_COLUMNS = (
     ("vqa_accuracy", "VQA acc"),
+    ("paraphrase_accuracy", "paraphrase acc"),
     ("pope_accuracy", "POPE acc"),
     ("pope_f1", "POPE F1"),
     ("pope_yes_ratio", "yes-ratio"),
     ("pope_hallucination", "POPE FP rate"),
     ("caption_object_halluc", "caption halluc. obj"),
     ("caption_halluc_captions", "captions w/ halluc."),
+    ("rm_pair_accuracy", "RM pair acc"),
 )
 
 
@@ -160,6 +171,8 @@ def summarize(report: dict[str, Any]) -> dict[str, float | None]:
     vqa, pope, cap = report.get("vqa", {}), report.get("pope", {}).get("mean", {}), report.get("captions", {})
     return {
         "vqa_accuracy": vqa.get("accuracy"),
+        "paraphrase_accuracy": (report.get("paraphrase") or {}).get("accuracy"),
+        "rm_pair_accuracy": (report.get("reward") or {}).get("pair_accuracy"),
         "pope_accuracy": pope.get("accuracy"),
         "pope_f1": pope.get("f1"),
         "pope_yes_ratio": pope.get("yes_ratio"),

@@ -66,8 +66,7 @@ def prepare_data(recipe: dict[str, Any], out_dir: Path, log: Callable[[str], Non
 
 # The synthetic world's options a recipe may set (``synthetic:``), with write_synthetic's defaults; a data
 # folder is reused only when its meta.json records the same values.
-SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "caption_order": "quadrant", "reading_docs": False,
-                     "yes_no_lookups": 0, "single_turn": False}
+SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "single_turn": False, "question_wordings": "canonical"}
 
 
 def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
@@ -78,7 +77,8 @@ def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
     if meta.exists():
         m = json.loads(meta.read_text())
         if (m.get("num_images") == n and m.get("seed") == seed
-                and all(m.get(k, SYNTHETIC_OPTIONS[k]) == v for k, v in opts.items())):
+                and all(m.get(k, SYNTHETIC_OPTIONS[k]) == v for k, v in opts.items())
+                and (path / "eval_paraphrase.json").exists()):  # folders written before it get it now
             return
     if dist_env().is_main:
         log(f"writing {n} synthetic images (seed {seed}) to {path}")

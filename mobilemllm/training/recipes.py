@@ -41,7 +41,7 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator
 
 from mobilemllm.config import PRESETS, override_schema
-from mobilemllm.data.shapes import CAPTION_ORDERS
+from mobilemllm.data.shapes import QUESTION_WORDINGS
 from mobilemllm.errors import ConfigError
 from mobilemllm.overrides import Bool, Int, Number, Section, apply_overrides, section_from_dataclass, show, validate
 from mobilemllm.training.stages import ORDER
@@ -167,10 +167,8 @@ class Synthetic(Section):
     train_seed: Int = Field(0, ge=0)
     eval_seed: Int = Field(1, ge=0)
     hallucination_rate: Number = Field(0.3, ge=0, le=1)
-    caption_order: Literal[CAPTION_ORDERS] = "quadrant"
-    reading_docs: Bool = False
-    yes_no_lookups: Int = Field(0, ge=0)
     single_turn: Bool = False
+    question_wordings: Literal[QUESTION_WORDINGS] = "canonical"
 
 
 class Eval(Section):
