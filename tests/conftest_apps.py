@@ -63,3 +63,34 @@ def find_kotlinc() -> str | None:
         if cand.exists():
             return str(cand)
     return None
+
+
+ORG_JSON_JARS = ("/usr/share/java/com.android.json.jar",)  # Debian's libandroid-json-java: Android's own org.json
+KOTLIN_SOURCES = ("Manifest.kt", "BundleInputs.kt", "RunnerStats.kt", "BundleStore.kt", "ChatSession.kt")
+KOTLIN_TEST_SOURCES = ("ParityMain.kt", "PipeLlm.kt")
+
+
+def kotlin_classpath(jar: Path) -> str:
+    return ":".join([str(jar), *ORG_JSON_JARS])
+
+
+@pytest.fixture(scope="session")
+def kotlin_app_jar(tmp_path_factory) -> Path:
+    """android_demo's Android-free Kotlin (manifest, preprocessing, stats, bundle store, conversation) and its
+    JVM entry point, compiled once per session against Android's org.json; run with :func:`kotlin_classpath`."""
+    if "kotlin" not in _CACHE:
+        kotlinc = find_kotlinc()
+        need_tool("kotlinc", kotlinc is not None, "`npm install -g kotlin-compiler@2.4.20` (the npm registry's Kotlin "
+                  "compiler) or put kotlinc on PATH; a JDK 17+ is needed too")
+        need_tool("java", shutil.which("java") is not None, "install a JDK 17+ (Debian: openjdk-17-jdk-headless)")
+        need_tool("org.json", all(Path(j).is_file() for j in ORG_JSON_JARS),
+                  "apt-get install libandroid-json-java (Android's org.json for the JVM)")
+        root = Path(__file__).resolve().parents[1] / "android_demo/app/src"
+        sources = [root / "main/java/org/mobilemllm/demo" / n for n in KOTLIN_SOURCES] + \
+                  [root / "test/java/org/mobilemllm/demo" / n for n in KOTLIN_TEST_SOURCES]
+        jar = tmp_path_factory.mktemp("kotlin") / "app.jar"
+        out = subprocess.run([kotlinc, "-cp", ":".join(ORG_JSON_JARS), *map(str, sources), "-include-runtime",
+                              "-d", str(jar)], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        _CACHE["kotlin"] = jar
+    return _CACHE["kotlin"]

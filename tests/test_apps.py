@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_apps import app_bundle, find_kotlinc, need_tool  # noqa: F401  (fixture)
+from conftest_apps import app_bundle, kotlin_app_jar, kotlin_classpath, need_tool  # noqa: F401  (fixtures)
 
 from mobilemllm.bundle import app_inputs as ai
 from mobilemllm.cli import main
@@ -271,19 +271,8 @@ def test_exported_bundle_app_inputs_equal_training(app_bundle, shapes_image):
 
 
 @pytest.fixture(scope="module")
-def kotlin_jar(tmp_path_factory) -> Path:
-    kotlinc = find_kotlinc()
-    need_tool("kotlinc", kotlinc is not None, "`npm install -g kotlin-compiler@2.4.20` (the npm registry's Kotlin "
-              "compiler) or put kotlinc on PATH; a JDK 17+ is needed too")
-    need_tool("java", shutil.which("java") is not None, "install a JDK 17+ (Debian: openjdk-17-jdk-headless)")
-    jar = tmp_path_factory.mktemp("kotlin") / "parity.jar"
-    sources = [KOTLIN_DIR / "MiniJson.kt", MANIFEST_KT, KOTLIN_DIR / "BundleInputs.kt", KOTLIN_DIR / "RunnerStats.kt",
-               KOTLIN_DIR / "BundleStore.kt",
-               ROOT / "android_demo/app/src/test/java/org/mobilemllm/demo/ParityMain.kt"]
-    out = subprocess.run([kotlinc, *map(str, sources), "-include-runtime", "-d", str(jar)], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return jar
+def kotlin_jar(kotlin_app_jar) -> Path:
+    return kotlin_app_jar
 
 
 @pytest.mark.slow
@@ -307,7 +296,7 @@ def test_kotlin_port_gives_the_same_image_and_prompt(app_bundle, kotlin_jar, tmp
         rgb = tmp_path / f"{i}.rgb"
         rgb.write_bytes(struct.pack(">ii", pixels.shape[1], pixels.shape[0]) + pixels.tobytes())
         out = tmp_path / f"out{i}"
-        run = subprocess.run(["java", "-cp", str(kotlin_jar), "org.mobilemllm.demo.ParityMainKt",
+        run = subprocess.run(["java", "-cp", kotlin_classpath(kotlin_jar), "org.mobilemllm.demo.ParityMainKt",
                               str(app_bundle / "manifest.json"), str(rgb), q, str(out)],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -329,7 +318,7 @@ def test_kotlin_port_gives_the_same_image_and_prompt(app_bundle, kotlin_jar, tmp
 
 
 def run_kotlin(jar: Path, *args) -> str:
-    run = subprocess.run(["java", "-cp", str(jar), "org.mobilemllm.demo.ParityMainKt", *map(str, args)],
+    run = subprocess.run(["java", "-cp", kotlin_classpath(jar), "org.mobilemllm.demo.ParityMainKt", *map(str, args)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
@@ -401,7 +390,7 @@ def test_kotlin_bundle_store_explains_bad_bundles(app_bundle, kotlin_jar, tmp_pa
 
     lines = opened("good")
     assert lines[0] == "bundles: future,good,truncated"
-    assert lines[1] == f"ok: {root}/good/model.pte {root}/good/tokenizer"
+    assert lines[1] == f"ok: {root}/good/model.pte {root}/good/tokenizer/tokenizer.json"  # LlmModule wants a file
     assert "model.pte is 100 bytes" in opened("truncated")[1] and "Push it again" in opened("truncated")[1]
     assert "version 2; this app reads version 1" in opened("future")[1]
     assert "mobilemllm push --bundle DIR --target android" in opened("empty")[1]

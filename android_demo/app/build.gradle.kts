@@ -41,4 +41,6 @@ dependencies {
     implementation("androidx.appcompat:appcompat:1.7.0")
     implementation("androidx.activity:activity-ktx:1.9.3")
     testImplementation("junit:junit:4.13.2")
+    // android.jar's org.json is a stub in local JVM tests; the real one (Android's API) for src/test.
+    testImplementation("org.json:json:20240303")
 }

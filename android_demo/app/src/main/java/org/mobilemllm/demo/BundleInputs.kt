@@ -152,6 +152,20 @@ object BundleInputs {
         }
     }
 
+    /**
+     * The decoder's power-of-two down-sampling for a [width] x [height] picture: as coarse as possible while
+     * the long side (the padded square's side) keeps at least 4x the pixels the largest resize target has,
+     * so a 12-megapixel photo is not decoded at full size but the bicubic resize still sees a sharp image.
+     * [pre] null (no bundle yet): keep up to 4096 pixels on the long side.
+     */
+    fun sampleSize(width: Int, height: Int, pre: Preprocessing?): Int {
+        val target = if (pre == null) 1024 else pre.imageSize * if (pre.hires == "tiles") Math.max(pre.tileGrid[0], pre.tileGrid[1]) else 1
+        val longSide = Math.max(width, height)
+        var n = 1
+        while (longSide / (n * 2) >= 4 * target) n *= 2
+        return n
+    }
+
     /** BOS tokens the runner prefills as tokens (num_bos): 1 only when BOS is not in the first text. */
     fun bosTokens(m: BundleManifest): Int = if (m.addBos && !m.bosInFirstText) 1 else 0
 }

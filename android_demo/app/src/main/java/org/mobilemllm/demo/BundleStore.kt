@@ -8,8 +8,9 @@ object BundleStore {
 
     class Bundle(val dir: File, val manifest: BundleManifest) {
         val programPath: String get() = File(dir, manifest.programFile).path
-        // The tokenizer *folder* (tokenizer.json inside), as mobilemllm's Python runner passes it.
-        val tokenizerPath: String get() = File(dir, manifest.tokenizerDir).path
+        // The tokenizer *file*: LlmModule's constructor refuses any path that is not a readable file
+        // (ExecuTorchRuntime.validateFilePath), a folder included.
+        val tokenizerPath: String get() = File(dir, manifest.tokenizerFile).path
     }
 
     /** Folder names that hold a manifest.json (a push still in progress is in <name>.partial, skipped). */

@@ -16,18 +16,23 @@ import android.widget.TextView
 import androidx.activity.result.PickVisualMediaRequest
 import androidx.activity.result.contract.ActivityResultContracts
 import androidx.appcompat.app.AppCompatActivity
+import androidx.core.content.FileProvider
+import java.io.File
 import java.util.Locale
 import java.util.concurrent.Executors
 
 /**
- * Pick a bundle, pick or take a picture, ask; the answer streams in with time to first token and
- * decode tokens/s. Every failure (no bundle, wrong manifest version, out of memory, runner error) is
- * shown in the red error line instead of crashing. The UI is built in code to keep the demo small.
+ * Pick a bundle, pick or take a picture, ask, and ask again: follow-up questions continue the same
+ * conversation (the runner keeps its KV cache); a new picture or *New chat* starts a new one. Answers
+ * stream in with time to first token and decode tokens/s. Every failure (no bundle, wrong manifest version,
+ * a full context, out of memory, runner error) is shown in the red error line instead of crashing. The UI
+ * is built in code to keep the demo small.
  */
 class MainActivity : AppCompatActivity() {
     private val worker = Executors.newSingleThreadExecutor()  // model work, one call at a time
-    private var session: RunnerSession? = null
-    private var image: BundleInputs.Rgb? = null
+    private var runner: RunnerSession? = null
+    private var chat: ChatSession? = null
+    private var picture: BundleInputs.Rgb? = null
     private var busy = false
 
     private lateinit var bundles: Spinner
@@ -35,15 +40,19 @@ class MainActivity : AppCompatActivity() {
     private lateinit var preview: ImageView
     private lateinit var question: EditText
     private lateinit var ask: Button
-    private lateinit var answer: TextView
+    private lateinit var transcript: TextView
     private lateinit var stats: TextView
     private lateinit var error: TextView
 
+    // The camera app writes the full-resolution photo to this file (TakePicturePreview would give a thumbnail).
+    private val photoFile by lazy { File(cacheDir, "photos/photo.jpg").apply { parentFile?.mkdirs() } }
+    private val photoUri: Uri by lazy { FileProvider.getUriForFile(this, "$packageName.photos", photoFile) }
+
     private val pickImage = registerForActivityResult(ActivityResultContracts.PickVisualMedia()) { uri ->
-        uri?.let { setImage { decode(it) } }
+        uri?.let { setImage(it) }
     }
-    private val takePhoto = registerForActivityResult(ActivityResultContracts.TakePicturePreview()) { bmp ->
-        bmp?.let { setImage { it } }
+    private val takePhoto = registerForActivityResult(ActivityResultContracts.TakePicture()) { saved ->
+        if (saved) setImage(photoUri)
     }
 
     override fun onCreate(savedInstanceState: Bundle?) {
@@ -53,22 +62,23 @@ class MainActivity : AppCompatActivity() {
         bundles = Spinner(this)
         info = TextView(this)
         val pick = Button(this).apply { text = "Pick image"; setOnClickListener { pickImage.launch(PickVisualMediaRequest(ActivityResultContracts.PickVisualMedia.ImageOnly)) } }
-        val photo = Button(this).apply { text = "Take photo"; setOnClickListener { takePhoto.launch(null) } }
-        val row = LinearLayout(this).apply { addView(pick); addView(photo) }
+        val photo = Button(this).apply { text = "Take photo"; setOnClickListener { takePhoto.launch(photoUri) } }
+        val newChat = Button(this).apply { text = "New chat"; setOnClickListener { onNewChat() } }
+        val row = LinearLayout(this).apply { addView(pick); addView(photo); addView(newChat) }
         preview = ImageView(this).apply { adjustViewBounds = true; maxHeight = (240 * resources.displayMetrics.density).toInt() }
+        transcript = TextView(this).apply { textSize = 17f; setTextIsSelectable(true) }
         question = EditText(this).apply { hint = "Ask about the image"; setSingleLine() }
         ask = Button(this).apply { text = "Ask"; setOnClickListener { onAsk() } }
-        answer = TextView(this).apply { textSize = 17f; setTextIsSelectable(true) }
         stats = TextView(this)
         error = TextView(this).apply { setTextColor(0xFFB42318.toInt()); visibility = View.GONE }
-        listOf(bundles, info, row, preview, question, ask, answer, stats, error).forEach { col.addView(it) }
+        listOf(bundles, info, row, preview, transcript, question, ask, stats, error).forEach { col.addView(it) }
         setContentView(ScrollView(this).apply { addView(col) })
         refreshBundles()
     }
 
     override fun onDestroy() {
-        session?.stop()
-        worker.execute { session?.close(); session = null }
+        runner?.stop()
+        worker.execute { runner?.close(); runner = null; chat = null }
         worker.shutdown()
         super.onDestroy()
     }
@@ -98,19 +108,22 @@ class MainActivity : AppCompatActivity() {
         info.text = "loading $name…"
         ask.isEnabled = false
         worker.execute {
-            val old = session
-            session = null
+            val old = runner
+            runner = null
+            chat = null
             old?.close()
             val result = runCatching {
-                val bundle = BundleStore.open(name)
-                RunnerSession(bundle, 0f).also { it.load() }
+                val r = RunnerSession(BundleStore.open(name), 0f).also { it.load() }
+                r to ChatSession(r.bundle.manifest, r, MAX_NEW_TOKENS).also { c -> picture?.let { c.setImage(it) } }
             }
             runOnUiThread {
-                result.onSuccess { s ->
-                    session = s
-                    val m = s.bundle.manifest
+                result.onSuccess { (r, c) ->
+                    runner = r
+                    chat = c
+                    transcript.text = ""
+                    val m = r.bundle.manifest
                     info.text = "${m.modelName} · ${m.target} · ${m.preprocessing.imageSize}px → ${m.numVisualTokens} " +
-                        "visual tokens · ${m.quantization.values.distinct().joinToString("/")}" +
+                        "visual tokens · ${m.maxContextLen}-token context · ${m.quantization.values.distinct().joinToString("/")}" +
                         if (!m.parityPassed) " · parity FAILED at export" else ""
                     ask.isEnabled = true
                 }.onFailure { showError(describe(it, "cannot load $name")); info.text = "" }
@@ -118,45 +131,60 @@ class MainActivity : AppCompatActivity() {
         }
     }
 
-    private fun decode(uri: Uri): Bitmap =
-        ImageDecoder.decodeBitmap(ImageDecoder.createSource(contentResolver, uri)) { decoder, _, _ ->
+    /** Decoded at a power-of-two fraction of its size, as large as the bundle's preprocessing can use. */
+    private fun decode(uri: Uri, pre: Preprocessing?): Bitmap =
+        ImageDecoder.decodeBitmap(ImageDecoder.createSource(contentResolver, uri)) { decoder, info, _ ->
             decoder.allocator = ImageDecoder.ALLOCATOR_SOFTWARE  // getPixels needs a software bitmap
+            decoder.setTargetSampleSize(BundleInputs.sampleSize(info.size.width, info.size.height, pre))
         }
 
-    private fun setImage(load: () -> Bitmap) {
+    private fun setImage(uri: Uri) {
         showError(null)
+        val pre = chat?.manifest?.preprocessing
         worker.execute {
             val result = runCatching {
-                val bmp = load().copy(Bitmap.Config.ARGB_8888, false)
-                bmp to toRgb(bmp)
+                val bmp = decode(uri, pre).copy(Bitmap.Config.ARGB_8888, false)
+                val rgb = toRgb(bmp)
+                chat?.setImage(rgb)  // a new picture starts a new conversation
+                bmp to rgb
             }
             runOnUiThread {
-                result.onSuccess { (bmp, rgb) -> image = rgb; preview.setImageBitmap(bmp) }
+                result.onSuccess { (bmp, rgb) -> picture = rgb; preview.setImageBitmap(bmp); transcript.text = "" }
                     .onFailure { showError(describe(it, "cannot read that image")) }
             }
         }
     }
 
+    private fun onNewChat() {
+        if (busy) return
+        showError(null)
+        transcript.text = ""
+        stats.text = ""
+        worker.execute { chat?.newChat() }
+    }
+
     private fun onAsk() {
-        val s = session ?: return showError("pick a bundle first")
-        val img = image ?: return showError("pick or take a picture first")
+        val c = chat ?: return showError("pick a bundle first")
+        if (busy) { runner?.stop(); return }
+        if (picture == null) return showError("pick or take a picture first")
         val q = question.text.toString()
         if (q.isBlank()) return showError("type a question about the image")
-        if (busy) { s.stop(); return }
         showError(null)
         busy = true
         ask.text = "Stop"
-        answer.text = ""
         stats.text = ""
+        question.setText("")
+        transcript.append((if (transcript.text.isEmpty()) "" else "\n\n") + "You: ${q.trim()}\nModel: ")
         worker.execute {
-            val result = runCatching { s.answer(img, q, MAX_NEW_TOKENS) { piece -> runOnUiThread { answer.append(piece) } } }
+            val result = runCatching { c.ask(q) { piece -> runOnUiThread { transcript.append(piece) } } }
             runOnUiThread {
                 busy = false
                 ask.text = "Ask"
-                result.onSuccess { st ->
-                    stats.text = String.format(Locale.US, "time to first token %d ms · decode %s tok/s · %s prompt + %s generated tokens",
+                result.onSuccess { a ->
+                    val st = a.stats
+                    stats.text = String.format(Locale.US, "time to first token %d ms · decode %s tok/s · %d of %d context tokens used",
                         st.ttftMs, st.decodeTokensPerS?.let { String.format(Locale.US, "%.1f", it) } ?: "–",
-                        st.promptTokens ?: "?", st.generatedTokens ?: "?")
+                        a.used, c.manifest.maxContextLen)
                 }.onFailure { showError(describe(it, "generation failed")) }
             }
         }
@@ -181,7 +209,7 @@ class MainActivity : AppCompatActivity() {
         }
 
         fun describe(e: Throwable, what: String): String = when (e) {
-            is ManifestError -> e.message ?: what
+            is ManifestError, is ContextFullError -> e.message ?: what
             is OutOfMemoryError -> "$what: not enough memory on this phone for this model (try a smaller or " +
                 "int4-quantized bundle, or close other apps)"
             else -> "$what: ${e.message ?: e.javaClass.simpleName}"

@@ -1,5 +1,9 @@
 package org.mobilemllm.demo
 
+import org.json.JSONArray
+import org.json.JSONException
+import org.json.JSONObject
+
 // =====================================================================================================
 // Manifest.kt: the ONLY file that reads manifest.json fields. Every read is a full dotted path from the
 // manifest root ("prompt.segments[].text"; "[]" = each array item, "*" = each map value) passed to
@@ -12,15 +16,18 @@ const val SUPPORTED_SCHEMA_VERSION = 1L
 
 class ManifestError(message: String) : Exception(message)
 
-/** A JSON value plus its schema path, so each read can be checked against where it is made. */
+/**
+ * A JSON value (org.json's: JSONObject, JSONArray, String, Number, Boolean; JSONObject.NULL is absent) plus
+ * its schema path, so each read can be checked against where it is made.
+ */
 class Node(val value: Any?, val path: String) {
     private fun child(fullPath: String): Any? {
         val prefix = if (path.isEmpty()) "" else "$path."
         require(fullPath.startsWith(prefix) && '.' !in fullPath.substring(prefix.length)) {
             "manifest read '$fullPath' made on node '$path'"  // a programming error, caught by the JVM test
         }
-        val map = value as? Map<*, *> ?: throw ManifestError("manifest: '$path' is not an object")
-        return map[fullPath.substring(prefix.length)]
+        val obj = value as? JSONObject ?: throw ManifestError("manifest: '$path' is not an object")
+        return obj.opt(fullPath.substring(prefix.length)).takeUnless { it == JSONObject.NULL }
     }
 
     fun req(fullPath: String): Node =
@@ -31,19 +38,33 @@ class Node(val value: Any?, val path: String) {
     fun str(): String = value as? String ?: throw ManifestError("manifest: '$path' is not a string")
     fun bool(): Boolean = value as? Boolean ?: throw ManifestError("manifest: '$path' is not true/false")
     fun long(): Long = when (val v = value) {
+        is Int -> v.toLong()
         is Long -> v
-        is Double -> if (v == Math.floor(v)) v.toLong() else throw ManifestError("manifest: '$path' is not an integer")
+        is Number -> v.toDouble().let { d ->
+            if (d == Math.floor(d) && !d.isInfinite()) d.toLong() else throw ManifestError("manifest: '$path' is not an integer")
+        }
         else -> throw ManifestError("manifest: '$path' is not a number")
     }
     fun int(): Int = long().toInt()
     fun double(): Double = (value as? Number)?.toDouble() ?: throw ManifestError("manifest: '$path' is not a number")
-    fun items(): List<Node> = (value as? List<*> ?: throw ManifestError("manifest: '$path' is not a list"))
-        .map { Node(it, "$path[]") }
-    fun entries(): List<Pair<String, Node>> = (value as? Map<*, *> ?: throw ManifestError("manifest: '$path' is not an object"))
-        .map { (k, v) -> k.toString() to Node(v, "$path.*") }
+    fun items(): List<Node> {
+        val a = value as? JSONArray ?: throw ManifestError("manifest: '$path' is not a list")
+        return (0 until a.length()).map { Node(a.opt(it).takeUnless { v -> v == JSONObject.NULL }, "$path[]") }
+    }
+    fun entries(): List<Pair<String, Node>> {
+        val o = value as? JSONObject ?: throw ManifestError("manifest: '$path' is not an object")
+        return o.keys().asSequence().toList().sorted().map { k -> k to Node(o.opt(k), "$path.*") }
+    }
 }
 
 data class Segment(val isImage: Boolean, val text: String)
+
+/** prompt.follow_up: how a later turn continues the conversation (training's multi-turn layout). */
+data class FollowUp(
+    val answer: String,          // an earlier answer when the conversation is prefilled again ("{answer}")
+    val endOfTurn: String,       // the end-of-turn token's text: it ends every answer in the cache
+    val segments: List<String>,  // the next turn's text, "{question}" filled in
+)
 
 data class Preprocessing(
     val imageSize: Int,
@@ -66,6 +87,7 @@ data class BundleManifest(
     val programFile: String,
     val fileSizes: Map<String, Long>,
     val tokenizerDir: String,
+    val tokenizerFile: String,   // what LlmModule loads: a readable file (it refuses folders)
     val bosId: Long?,
     val eosIds: List<Long>,
     val template: String,
@@ -73,6 +95,7 @@ data class BundleManifest(
     val bosInFirstText: Boolean,
     val segments: List<Segment>,
     val numVisualTokens: Int,
+    val followUp: FollowUp?,     // null: the template has no chat turns (each question is a new conversation)
     val preprocessing: Preprocessing,
     val maxSeqLen: Int,
     val maxContextLen: Int,
@@ -83,8 +106,8 @@ data class BundleManifest(
     companion object {
         fun parse(text: String): BundleManifest {
             val root = try {
-                Node(MiniJson.parse(text), "")
-            } catch (e: MiniJson.ParseError) {
+                Node(JSONObject(text), "")
+            } catch (e: JSONException) {
                 throw ManifestError("manifest.json is not valid JSON: ${e.message}")
             }
             val version = root.req("schema_version").long()
@@ -113,6 +136,9 @@ data class BundleManifest(
                 programFile = program,
                 fileSizes = files.associate { (name, f) -> name to f.req("files.*.size").long() },
                 tokenizerDir = tok.req("tokenizer.dir").str(),
+                tokenizerFile = files.firstOrNull { (name, f) ->
+                    f.opt("files.*.role")?.str() == "tokenizer" && name.endsWith("/tokenizer.json")
+                }?.first ?: throw ManifestError("manifest.json lists no tokenizer.json (files.*.role = tokenizer)"),
                 bosId = tok.opt("tokenizer.bos_id")?.long(),
                 eosIds = tok.req("tokenizer.eos_ids").items().map { it.long() },
                 template = prompt.req("prompt.template").str(),
@@ -126,6 +152,13 @@ data class BundleManifest(
                     }
                 },
                 numVisualTokens = prompt.req("prompt.num_visual_tokens").int(),
+                followUp = prompt.opt("prompt.follow_up")?.let { fu ->
+                    FollowUp(
+                        answer = fu.req("prompt.follow_up.answer").str(),
+                        endOfTurn = fu.req("prompt.follow_up.end_of_turn").str(),
+                        segments = fu.req("prompt.follow_up.segments").items().map { it.req("prompt.follow_up.segments[].text").str() },
+                    )
+                },
                 preprocessing = Preprocessing(
                     imageSize = pre.req("preprocessing.image_size").int(),
                     aspect = pre.req("preprocessing.aspect").str(),

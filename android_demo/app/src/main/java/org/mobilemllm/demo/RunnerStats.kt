@@ -1,5 +1,7 @@
 package org.mobilemllm.demo
 
+import org.json.JSONObject
+
 /** The numbers the app shows after an answer. */
 data class AnswerStats(
     val ttftMs: Long,                // app clock: first prefill call -> first streamed piece (image + prompt)
@@ -16,8 +18,8 @@ data class AnswerStats(
  */
 object RunnerStats {
     fun parse(json: String?, ttftMs: Long): AnswerStats {
-        val s = (json?.let { runCatching { MiniJson.parse(it) }.getOrNull() } as? Map<*, *>) ?: emptyMap<String, Any?>()
-        fun num(key: String): Double? = (s[key] as? Number)?.toDouble()
+        val s = json?.let { runCatching { JSONObject(it) }.getOrNull() } ?: JSONObject()
+        fun num(key: String): Double? = (s.opt(key) as? Number)?.toDouble()
         val scale = num("SCALING_FACTOR_UNITS_PER_SECOND") ?: 1000.0
         val generated = num("generated_tokens")
         val decodeUnits = (num("inference_end_ms") ?: 0.0) - (num("prompt_eval_end_ms") ?: 0.0)

@@ -12,6 +12,8 @@ import java.nio.ByteBuffer
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt manifest.json image.rgb "question" OUT
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --stats stats.json   (prints the app's numbers)
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --open ROOT NAME     (lists bundles, opens one)
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --chat ROOT WORKDIR  (ChatSession over PipeLlm)
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --pieces PIECES.json END_OF_TURN  (AnswerText)
  */
 fun main(args: Array<String>) {
     if (args.size == 2 && args[0] == "--stats") {  // ExecuTorch stats JSON -> what the app shows
@@ -29,6 +31,19 @@ fun main(args: Array<String>) {
         } catch (e: ManifestError) {
             println("error: ${e.message}")
         }
+        return
+    }
+    if (args.size == 3 && args[0] == "--pieces") {  // AnswerText over a JSON list of pieces; END_OF_TURN text
+        val shown = org.json.JSONArray()
+        val a = AnswerText(args[2]) { shown.put(it) }
+        val pieces = org.json.JSONArray(File(args[1]).readText(Charsets.UTF_8))
+        for (i in 0 until pieces.length()) a.add(pieces.getString(i))
+        println(org.json.JSONObject().put("text", a.text).put("shown", shown).put("endedAtEndOfTurn", a.endedAtEndOfTurn)
+            .put("pieces", a.pieces).toString())
+        return
+    }
+    if (args.size == 3 && args[0] == "--chat") {  // the app's conversation logic on a stand-in LlmModule
+        chat(File(args[1]), File(args[2]))
         return
     }
     require(args.size == 4) { "usage: ParityMain MANIFEST RGB QUESTION OUT | --stats STATS.json | --open ROOT NAME" }
@@ -63,4 +78,54 @@ private fun quote(s: String): String {
         }
     }
     return sb.append('"').toString()
+}
+
+/**
+ * Commands on stdin, one JSON object a line: {"open": NAME} opens ROOT/NAME as MainActivity does
+ * (BundleStore.open, then RunnerSession's LlmModule arguments); {"image": RGB_FILE}; {"ask": Q,
+ * "max_new_tokens": N}; {"new_chat": true}. PipeLlm's calls and this function's results
+ * ({"event": "answer" | "error" | "plan", ...}) go to stdout.
+ */
+fun chat(root: File, work: File) {
+    val input = System.`in`.bufferedReader()
+    val out = System.out
+    var session: ChatSession? = null
+    var llm: PipeLlm? = null
+    var picture: BundleInputs.Rgb? = null
+    fun event(o: org.json.JSONObject) { out.println(o.put("event", o.optString("event")).toString()); out.flush() }
+    while (true) {
+        val line = input.readLine() ?: return
+        val cmd = org.json.JSONObject(line)
+        try {
+            when {
+                cmd.has("open") -> {
+                    val b = BundleStore.open(cmd.getString("open"), root)
+                    llm = PipeLlm(2, b.programPath, b.tokenizerPath, 0f, emptyList(), BundleInputs.bosTokens(b.manifest), 0,
+                        input, out, work)  // the arguments RunnerSession gives LlmModule (MODEL_TYPE_MULTIMODAL = 2)
+                    session = ChatSession(b.manifest, llm, cmd.getInt("max_new_tokens"))
+                    picture?.let { session.setImage(it) }
+                    event(org.json.JSONObject().put("event", "opened"))
+                }
+                cmd.has("image") -> {
+                    val raw = File(cmd.getString("image")).readBytes()
+                    val head = ByteBuffer.wrap(raw, 0, 8)
+                    picture = BundleInputs.Rgb(head.int, head.int, raw.copyOfRange(8, raw.size))
+                    picture?.let { session?.setImage(it) }
+                    event(org.json.JSONObject().put("event", "image"))
+                }
+                cmd.has("new_chat") -> { session!!.newChat(); event(org.json.JSONObject().put("event", "new_chat")) }
+                cmd.has("ask") -> {
+                    val s = session!!
+                    val plan = s.plan(cmd.getString("ask"))
+                    event(org.json.JSONObject().put("event", "plan").put("calls", org.json.JSONArray(plan.map { org.json.JSONArray(listOf(it.kind, it.text)) })))
+                    val shown = StringBuilder()
+                    val a = s.ask(cmd.getString("ask")) { shown.append(it) }
+                    event(org.json.JSONObject().put("event", "answer").put("text", a.text).put("shown", shown.toString())
+                        .put("endedAtEndOfTurn", a.endedAtEndOfTurn).put("used", a.used))
+                }
+            }
+        } catch (e: Exception) {
+            event(org.json.JSONObject().put("event", "error").put("kind", e.javaClass.simpleName).put("message", e.message ?: ""))
+        }
+    }
 }
