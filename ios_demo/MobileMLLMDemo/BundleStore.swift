@@ -1,5 +1,6 @@
-// Bundles live in the app's Documents/bundles/<name>/ (copied in with the Files importer, or dropped in
-// with Finder's file sharing). A folder is a bundle when it has a manifest.json.
+// Bundles live in the app's Documents folder: Documents/<name>/ (dropped in with Finder's file sharing, or
+// the Files app) and Documents/bundles/<name>/ (copied in by the + button's importer). A folder is a bundle
+// when it has a manifest.json; a bundle is named by its path under Documents ("tiny-ios", "bundles/tiny-ios").
 import Foundation
 
 struct LoadedBundle {
@@ -10,14 +11,21 @@ struct LoadedBundle {
 }
 
 enum BundleStore {
-    static var root: URL {
-        FileManager.default.urls(for: .documentDirectory, in: .userDomainMask)[0].appendingPathComponent("bundles")
-    }
+    static var documents: URL { FileManager.default.urls(for: .documentDirectory, in: .userDomainMask)[0] }
+    /// Where the importer copies bundles.
+    static var root: URL { documents.appendingPathComponent("bundles") }
 
-    static func list() -> [String] {
+    /// Bundles in Documents/ and Documents/bundles/, as paths under Documents, sorted.
+    static func list(in top: URL = BundleStore.documents) -> [String] {
         let fm = FileManager.default
-        let names = (try? fm.contentsOfDirectory(atPath: root.path)) ?? []
-        return names.filter { fm.fileExists(atPath: root.appendingPathComponent($0).appendingPathComponent("manifest.json").path) }.sorted()
+        func bundles(_ folder: String) -> [String] {
+            let dir = folder.isEmpty ? top : top.appendingPathComponent(folder)
+            let names = (try? fm.contentsOfDirectory(atPath: dir.path)) ?? []
+            return names.filter { !$0.hasPrefix(".") }
+                .filter { fm.fileExists(atPath: dir.appendingPathComponent($0).appendingPathComponent("manifest.json").path) }
+                .map { folder.isEmpty ? $0 : "\(folder)/\($0)" }
+        }
+        return (bundles("") + bundles("bundles")).sorted()
     }
 
     /// Copy a picked bundle folder into the app (security-scoped URL from the Files importer).
@@ -35,14 +43,14 @@ enum BundleStore {
         try fm.copyItem(at: src, to: tmp)  // copy, then swap in: never a half-copied bundle
         try? fm.removeItem(at: dest)
         try fm.moveItem(at: tmp, to: dest)
-        return dest.lastPathComponent
+        return "bundles/\(dest.lastPathComponent)"
     }
 
     static func open(_ name: String) throws -> LoadedBundle {
-        let dir = root.appendingPathComponent(name)
+        let dir = documents.appendingPathComponent(name)
         let data: Data
         do { data = try Data(contentsOf: dir.appendingPathComponent("manifest.json")) } catch {
-            throw ManifestError("no bundle at \(dir.path): import one with the + button")
+            throw ManifestError("no bundle at \(dir.path): import one with the + button, or drop the folder into MobileMLLM's Documents in Finder")
         }
         let manifest = try BundleManifest.parse(data)
         var problems: [String] = []

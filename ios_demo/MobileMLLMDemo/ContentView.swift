@@ -1,5 +1,6 @@
-// Pick a bundle, pick or take a picture, ask; the answer streams in with time to first token and decode
-// tokens/s. Every failure (no bundle, wrong manifest version, out of memory, runner error) is shown in
+// Pick a bundle, pick or take a picture, ask, and ask again: follow-up questions continue the conversation
+// (the runner keeps its KV cache); a new picture or "New chat" starts a new one. Answers stream in with time
+// to first token and decode tokens/s. Every failure (no bundle, wrong manifest version, out of memory, runner error) is shown in
 // red instead of crashing.
 import PhotosUI
 import SwiftUI
@@ -10,14 +11,16 @@ final class DemoModel: ObservableObject {
     @Published var bundles: [String] = BundleStore.list()
     @Published var selected: String?
     @Published var info = ""
-    @Published var image: UIImage?
+    @Published var image: UIImage? { didSet { imageVersion += 1; transcript = "" } }  // a new picture: a new chat
     @Published var question = ""
-    @Published var answer = ""
+    @Published var transcript = ""
     @Published var stats = ""
     @Published var error: String?
     @Published var busy = false
     @Published var ready = false
     private var engine: Engine?
+    private var imageVersion = 0
+    private var engineImageVersion = -1  // the picture the engine's conversation is about
     private let maxNewTokens = 128
 
     func refresh() { bundles = BundleStore.list() }
@@ -36,6 +39,8 @@ final class DemoModel: ObservableObject {
         info = "loading \(name)…"
         ready = false
         engine = nil
+        engineImageVersion = -1
+        transcript = ""
         Task.detached(priority: .userInitiated) {
             do {
                 let bundle = try BundleStore.open(name)
@@ -43,12 +48,22 @@ final class DemoModel: ObservableObject {
                     ? try await CoreMLEngine(bundle) : try ExecuTorchEngine(bundle)
                 let m = bundle.manifest
                 let text = "\(m.modelName) · \(m.format)/\(m.target) · \(m.preprocessing.imageSize)px → " +
-                    "\(m.numVisualTokens) visual tokens" + (m.parityPassed ? "" : " · parity FAILED at export")
+                    "\(m.numVisualTokens) visual tokens · \(m.maxContextLen)-token context" +
+                    (m.parityPassed ? "" : " · parity FAILED at export")
                 await MainActor.run { self.engine = engine; self.info = text; self.ready = true }
             } catch {
                 await MainActor.run { self.error = "cannot load \(name): \(error.localizedDescription)"; self.info = "" }
             }
         }
+    }
+
+    /// "New chat": the same picture, a new conversation.
+    func newChat() {
+        guard !busy else { return }
+        engine?.chat.newChat()
+        transcript = ""
+        stats = ""
+        error = nil
     }
 
     func ask() {
@@ -57,24 +72,31 @@ final class DemoModel: ObservableObject {
         guard let image else { error = "pick or take a picture first"; return }
         guard !question.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty else { error = "type a question"; return }
         error = nil
-        answer = ""
         stats = ""
         busy = true
-        let q = question, n = maxNewTokens
+        let q = question, n = maxNewTokens, version = imageVersion, newImage = imageVersion != engineImageVersion
+        question = ""
+        transcript += (transcript.isEmpty ? "" : "\n\n") + "You: \(q.trimmingCharacters(in: .whitespacesAndNewlines))\nModel: "
         Task.detached(priority: .userInitiated) {
             do {
-                let rgb = try ImageDecoding.rgb(image)
-                let st = try engine.answer(rgb, q, maxNewTokens: n, temperature: 0) { piece in
-                    Task { @MainActor in self.answer += piece }
+                if newImage { engine.setImage(try ImageDecoding.rgb(image)) }
+                await MainActor.run { self.engineImageVersion = version }
+                let st = try engine.answer(q, maxNewTokens: n, temperature: 0) { piece in
+                    Task { @MainActor in self.transcript += piece }
                 }
                 let rate = st.decodeTokensPerS.map { String(format: "%.1f", $0) } ?? "–"
+                let used = engine.chat.used
                 await MainActor.run {
-                    self.stats = String(format: "time to first token %.0f ms · decode %@ tok/s · %d tokens",
-                                        st.ttftMs, rate, st.generated)
+                    self.stats = String(format: "time to first token %.0f ms · decode %@ tok/s · %d tokens · at most %d context tokens used",
+                                        st.ttftMs, rate, st.generated, used)
                     self.busy = false
                 }
             } catch {
-                await MainActor.run { self.error = "generation failed: \(error.localizedDescription)"; self.busy = false }
+                await MainActor.run {
+                    self.error = error is ContextFullError || error is ManifestError
+                        ? error.localizedDescription : "generation failed: \(error.localizedDescription)"
+                    self.busy = false
+                }
             }
         }
     }
@@ -91,7 +113,7 @@ struct ContentView: View {
             Form {
                 Section("Bundle") {
                     if model.bundles.isEmpty {
-                        Text("No bundles yet: tap + and pick a folder written by `mobilemllm export --target ios`.")
+                        Text("No bundles yet: tap + and pick a folder written by `mobilemllm export --target ios`, or drop one into MobileMLLM's Documents in Finder.")
                     }
                     Picker("Bundle", selection: Binding(get: { model.selected }, set: { if let n = $0 { model.open(n) } })) {
                         ForEach(model.bundles, id: \.self) { Text($0).tag(Optional($0)) }
@@ -110,15 +132,21 @@ struct ContentView: View {
                     }
                 }
                 Section("Ask") {
+                    if !model.transcript.isEmpty { Text(model.transcript).textSelection(.enabled) }
                     TextField("What colour is the shape?", text: $model.question)
-                    Button(model.busy ? "Stop" : "Ask") { model.ask() }.disabled(!model.ready)
-                    if !model.answer.isEmpty { Text(model.answer).textSelection(.enabled) }
+                    HStack {
+                        Button(model.busy ? "Stop" : "Ask") { model.ask() }.disabled(!model.ready)
+                        Spacer()
+                        Button("New chat") { model.newChat() }.disabled(model.busy || model.transcript.isEmpty)
+                    }
                     if !model.stats.isEmpty { Text(model.stats).font(.footnote.monospacedDigit()) }
                 }
                 if let error = model.error {
                     Section { Text(error).foregroundStyle(.red) }
                 }
             }
+            .refreshable { model.refresh() }  // bundles dropped into Documents/ with Finder
+            .onAppear { model.refresh() }
             .navigationTitle("MobileMLLM")
             .toolbar { Button { importing = true } label: { Image(systemName: "plus") } }
             .fileImporter(isPresented: $importing, allowedContentTypes: [.folder]) { model.importBundle($0) }

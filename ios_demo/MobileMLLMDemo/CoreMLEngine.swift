@@ -2,7 +2,8 @@
 // vision.mlpackage (pixels (V,3,S,S) float 0...255 -> image embeddings), embed.mlpackage (ids -> embeddings)
 // and a stateful decoder.mlpackage (inputs_embeds + additive causal_mask -> last logits; the KV cache is
 // a Core ML state, iOS 18). Text is tokenized with swift-transformers' Tokenizers from tokenizer.json.
-// Greedy or temperature sampling, stopping at the manifest's eos_ids.
+// Greedy or temperature sampling, stopping at the manifest's eos_ids; the decoder state is kept between the
+// turns of a conversation (ChatSession), as ExecuTorch's runner keeps its KV cache.
 import CoreML
 import Foundation
 import Tokenizers
@@ -13,11 +14,16 @@ final class CoreMLEngine: Engine {
     private let embed: MLModel
     private let decoder: MLModel
     private let tokenizer: Tokenizer
+    let chat: ChatSession
+    private var views: [BundleInputs.Rgb]?
+    private var state: MLState?  // the decoder's KV cache: kept between the turns of one conversation
+    private var past = 0
     private var stopped = false
     static let maskMin: Float = -1e4  // the exporter's additive mask value (finite in fp16)
 
     init(_ bundle: LoadedBundle) async throws {
         self.bundle = bundle
+        chat = ChatSession(bundle.manifest)
         let config = MLModelConfiguration()
         config.computeUnits = .all
         func load(_ part: String) async throws -> MLModel {
@@ -76,47 +82,61 @@ final class CoreMLEngine: Engine {
         return p.count - 1
     }
 
-    func answer(_ image: BundleInputs.Rgb, _ question: String, maxNewTokens: Int, temperature: Double,
+    func setImage(_ rgb: BundleInputs.Rgb) {
+        views = BundleInputs.imageViews(rgb, bundle.manifest.preprocessing)
+        chat.newChat()
+    }
+
+    func answer(_ question: String, maxNewTokens: Int, temperature: Double,
                 onText: @escaping (String) -> Void) throws -> AnswerStats {
         stopped = false
         let m = bundle.manifest
+        guard let views else { throw ManifestError("pick or take a picture first") }
+        let calls = try chat.plan(question)
+        chat.begin()
         var clock = StreamClock()
-        let views = BundleInputs.imageViews(image, m.preprocessing)
-        let s = m.preprocessing.imageSize
-        let px = try floatArray("vision_encoder", 0, [views.count, 3, s, s])
-        for (i, v) in BundleInputs.viewsNCHW(views).enumerated() { px[i] = NSNumber(value: Float(v)) }
         var parts: [MLMultiArray] = []
-        if BundleInputs.bosTokens(m) == 1, let bos = m.bosId { parts.append(try embedIds([bos])) }
-        for seg in BundleInputs.promptSegments(m, question) {
-            if seg.isImage {
+        for call in calls {
+            switch call {
+            case .reset:
+                state = decoder.makeState()
+                past = 0
+            case .bos(let n):
+                if n > 0, let bos = m.bosId { parts.append(try embedIds([Int](repeating: bos, count: n))) }
+            case .image:
+                let s = m.preprocessing.imageSize
+                let px = try floatArray("vision_encoder", 0, [views.count, 3, s, s])
+                for (i, v) in BundleInputs.viewsNCHW(views).enumerated() { px[i] = NSNumber(value: Float(v)) }
                 parts.append(try run(vision, "vision_encoder", [graph("vision_encoder").inputs[0]: px]))
-            } else {
-                parts.append(try embedIds(tokenizer.encode(text: seg.text, addSpecialTokens: false)))
+            case .text(let t):
+                parts.append(try embedIds(tokenizer.encode(text: t, addSpecialTokens: false)))
             }
         }
+        guard let state else { throw ManifestError("no conversation to continue: ask again") }
         let prompt = MLMultiArray(concatenating: parts, axis: 1, dataType: .float32)
-        let promptLen = prompt.shape[1].intValue
-        guard promptLen < m.maxContextLen else {
-            throw ManifestError("the prompt is \(promptLen) tokens; this bundle's context is \(m.maxContextLen)")
-        }
-        let state = decoder.makeState()
-        var logits = try decode(prompt, past: 0, state: state)
-        var past = promptLen
+        var logits = try decode(prompt, past: past, state: state)
+        past += prompt.shape[1].intValue
         var tokens: [Int] = []
         var emitted = ""
+        var text = AnswerText(endOfTurn: m.followUp?.endOfTurn)
         while tokens.count < maxNewTokens && past < m.maxContextLen && !stopped {
             let token = pick(logits, temperature)
-            if m.eosIds.contains(token) { break }
+            if m.eosIds.contains(token) {  // not fed: the cache holds the answer, as ExecuTorch's runner leaves it
+                if let eot = m.followUp?.endOfTurn { _ = text.add(eot) }
+                break
+            }
             tokens.append(token)
-            let text = tokenizer.decode(tokens: tokens)
-            if !text.hasSuffix("\u{FFFD}") && text.count > emitted.count {  // wait for a whole character
+            let decoded = tokenizer.decode(tokens: tokens)
+            if !decoded.hasSuffix("\u{FFFD}") && decoded.count > emitted.count {  // wait for a whole character
                 clock.piece()
-                onText(String(text.dropFirst(emitted.count)))
-                emitted = text
+                let shown = text.add(String(decoded.dropFirst(emitted.count)))
+                if !shown.isEmpty { onText(shown) }
+                emitted = decoded
             }
             logits = try decode(try embedIds([token]), past: past, state: state)
             past += 1
         }
+        chat.finish(question, calls, text)
         return clock.stats
     }
 }

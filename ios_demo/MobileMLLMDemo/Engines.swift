@@ -1,5 +1,6 @@
 // The two ways the app runs a bundle: ExecuTorch's MultimodalRunner (format "executorch", the same C++
 // runner as android_demo and `mobilemllm generate --bundle`) and Core ML packages (format "coreml").
+// Both hold one conversation (ChatSession): follow-ups continue it, a new image or "New chat" starts anew.
 import Foundation
 
 /// The numbers the app shows after an answer (app clock: the Swift runner API reports no stats).
@@ -10,8 +11,12 @@ struct AnswerStats {
 }
 
 protocol Engine: AnyObject {
-    /// Streams pieces of the answer to `onText`; returns when done, stopped or at `maxNewTokens`.
-    func answer(_ image: BundleInputs.Rgb, _ question: String, maxNewTokens: Int, temperature: Double,
+    var chat: ChatSession { get }
+    /// A new picture: preprocessed now; the next question starts a new conversation.
+    func setImage(_ image: BundleInputs.Rgb)
+    /// Streams pieces of the answer to `onText`; returns when done, stopped or at `maxNewTokens`. Throws
+    /// ContextFullError (nothing ran) when the turn may not fit the model's context.
+    func answer(_ question: String, maxNewTokens: Int, temperature: Double,
                 onText: @escaping (String) -> Void) throws -> AnswerStats
     func stop()
 }

@@ -73,6 +73,13 @@ struct Segment: Equatable {
     let text: String
 }
 
+/// prompt.follow_up: how a later turn continues the conversation (training's multi-turn layout).
+struct FollowUp {
+    let answer: String        // an earlier answer when the conversation is prefilled again ("{answer}")
+    let endOfTurn: String     // the end-of-turn token's text: it ends every answer in the cache
+    let segments: [String]    // the next turn's text, "{question}" filled in
+}
+
 struct Preprocessing {
     let imageSize: Int
     let aspect: String          // "pad" | "resize"
@@ -104,13 +111,16 @@ struct BundleManifest {
     let graphs: [String: GraphEntry]  // coreml
     let fileSizes: [String: Int]
     let tokenizerDir: String
+    let tokenizerFile: String      // tokenizer.json: what ExecuTorchLLM's MultimodalRunner loads ("path to the tokenizer data")
     let bosId: Int?
     let eosIds: [Int]
     let template: String
     let addBos: Bool
     let bosInFirstText: Bool
+    let bosText: String?
     let segments: [Segment]
     let numVisualTokens: Int
+    let followUp: FollowUp?        // nil: the template has no chat turns
     let preprocessing: Preprocessing
     let maxSeqLen: Int
     let maxContextLen: Int
@@ -144,6 +154,9 @@ struct BundleManifest {
                     outputs: try entry.req("graphs.*.outputs").items().map { try $0.req("graphs.*.outputs[].name").str() })
             }
         }
+        guard let tokenizerFile = try files.first(where: {
+            try $0.1.opt("files.*.role")?.str() == "tokenizer" && $0.0.hasSuffix("/tokenizer.json")
+        })?.0 else { throw ManifestError("manifest.json lists no tokenizer.json (files.*.role = tokenizer)") }
         let tok = try root.req("tokenizer")
         let prompt = try root.req("prompt")
         let pre = try root.req("preprocessing")
@@ -158,11 +171,13 @@ struct BundleManifest {
             graphs: graphs,
             fileSizes: Dictionary(uniqueKeysWithValues: try files.map { ($0.0, try $0.1.req("files.*.size").int()) }),
             tokenizerDir: try tok.req("tokenizer.dir").str(),
+            tokenizerFile: tokenizerFile,
             bosId: try tok.opt("tokenizer.bos_id")?.int(),
             eosIds: try tok.req("tokenizer.eos_ids").items().map { try $0.int() },
             template: try prompt.req("prompt.template").str(),
             addBos: try prompt.req("prompt.add_bos").bool(),
             bosInFirstText: try prompt.opt("prompt.bos_in_first_text")?.bool() ?? false,
+            bosText: try prompt.opt("prompt.bos_text")?.str(),
             segments: try prompt.req("prompt.segments").items().map { seg in
                 switch try seg.req("prompt.segments[].type").str() {
                 case "image": return Segment(isImage: true, text: "")
@@ -171,6 +186,11 @@ struct BundleManifest {
                 }
             },
             numVisualTokens: try prompt.req("prompt.num_visual_tokens").int(),
+            followUp: try prompt.opt("prompt.follow_up").map { fu in
+                FollowUp(answer: try fu.req("prompt.follow_up.answer").str(),
+                         endOfTurn: try fu.req("prompt.follow_up.end_of_turn").str(),
+                         segments: try fu.req("prompt.follow_up.segments").items().map { try $0.req("prompt.follow_up.segments[].text").str() })
+            },
             preprocessing: Preprocessing(
                 imageSize: try pre.req("preprocessing.image_size").int(),
                 aspect: try pre.req("preprocessing.aspect").str(),
