@@ -211,5 +211,8 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
     t = Trainer(clip, ContrastiveObjective(), pairs, lambda s: collate_pairs(s, pad), vision_cfg,
                 run_dir / "vision", progress=progress, desc="foundations: contrastive vision")
     summary["vision"] = t.fit(resume=resume, resume_changed=resume_changed)
+    from mobilemllm.training.caption_scorer import save_contrastive
+
+    save_contrastive(clip, run_dir / "vision")  # the text tower too: `mobilemllm data filter` scores pairs with it
     model.set_trainable(vision=True, connector=True, llm=True)
     return summary
