@@ -289,22 +289,25 @@ def test_pytorch_backend(tiny_checkpoint):
 def et_bundle(tmp_path_factory, tiny_checkpoint):
     """The tiny checkpoint exported for Android (XNNPACK, fp32) by the project's own exporter."""
     pytest.importorskip("executorch")
-    from mobilemllm.export.executorch import export_executorch
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.models.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(tiny_checkpoint)
     out = tmp_path_factory.mktemp("bench") / "tiny-et"
-    return export_executorch(model, tok, {"name": "android", "backend": "xnnpack"}, out, log=lambda s: None)
+    recipe = {"name": "android", "format": "executorch", "backend": "xnnpack"}
+    return export_bundle(model, recipe, out, tokenizer=tok, log=lambda s: None)
 
 
 @pytest.fixture(scope="session")
 def onnx_bundle(tmp_path_factory, tiny_checkpoint):
     pytest.importorskip("onnxruntime")
-    from mobilemllm.export.onnx import build_bundle, parse_quantization
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.models.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(tiny_checkpoint)
-    return build_bundle(model, tok, tmp_path_factory.mktemp("bench") / "tiny-onnx", parse_quantization("fp32"))
+    recipe = {"name": "onnx", "format": "onnx", "quantization": "fp32"}
+    return export_bundle(model, recipe, tmp_path_factory.mktemp("bench") / "tiny-onnx", tokenizer=tok,
+                         log=lambda s: None)
 
 
 @pytest.mark.slow
@@ -407,14 +410,14 @@ def test_quantized_bundle_benches_in_a_fresh_process(tiny_checkpoint, tmp_path):
     import subprocess
     import sys
 
-    from mobilemllm.export.executorch import export_executorch
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.models.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(tiny_checkpoint)
-    recipe = {"name": "android", "backend": "xnnpack",
+    recipe = {"name": "android", "format": "executorch", "backend": "xnnpack",
               "quantization": {"text_decoder": {"scheme": "8da4w", "group_size": 32},
                                "token_embedding": {"scheme": "embedding4", "group_size": 32}}}
-    bundle = export_executorch(model, tok, recipe, tmp_path / "q", force=True, log=lambda s: None)
+    bundle = export_bundle(model, recipe, tmp_path / "q", tokenizer=tok, force=True, log=lambda s: None)
     args = [sys.executable, "-m", "mobilemllm", *bench_args(tmp_path, "--bundle", str(bundle), "--backend",
                                                             "executorch", "--backend", "executorch-methods")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)

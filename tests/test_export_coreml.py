@@ -250,8 +250,7 @@ def test_compression_recipes(fp16_decoder, scheme, op, count, tmp_path):
 @pytest.mark.slow
 def test_predictions_match_eager_on_macos(coreml_bundle, tiny_checkpoint, tiny_tokenizer):
     from mobilemllm.export.coreml import PACKAGE_FILES, coreml_teacher_forced
-    from mobilemllm.export.onnx import eager_reference, parity_image
-    from mobilemllm.export.parity import logit_cosine
+    from mobilemllm.export.parity import eager_reference, logit_cosine, parity_image
     from mobilemllm.inference import prompt_ids
     from mobilemllm.models.checkpoint import load_checkpoint
 
@@ -272,23 +271,26 @@ def test_predictions_match_eager_on_macos(coreml_bundle, tiny_checkpoint, tiny_t
     ({"compresion": "int4"}, "unknown key.*compresion"),
 ])
 def test_bad_recipe_fails_before_work(recipe, message, tmp_path):
-    from mobilemllm.export.coreml import export_coreml
+    from mobilemllm.export.pipeline import export_bundle
 
-    with pytest.raises(ConfigError, match=message):
-        export_coreml(None, None, {"name": "coreml", **recipe}, tmp_path / "b")
+    with pytest.raises(ConfigError, match=message):  # no model needed: checked before it loads
+        export_bundle(None, {"name": "coreml", "format": "coreml", **recipe}, tmp_path / "b")
     assert not list(tmp_path.iterdir())
 
 
 def test_coreml_recipe_file_is_valid():
     import yaml
 
-    from mobilemllm.export.coreml import preflight
+    from mobilemllm.export.pipeline import preflight
+    from mobilemllm.quantization import resolve
 
     path = Path(__file__).resolve().parents[1] / "export" / "coreml.yaml"
     assert path.read_text().startswith("# mobilemllm export")
     recipe = yaml.safe_load(path.read_text())
     assert recipe["format"] == "coreml"
-    assert preflight(recipe) == ("int4", 32)
+    assert preflight(recipe).name == "coreml"
+    plan = resolve(recipe)
+    assert (plan.summary(), plan.group_size("text_decoder")) == ("int4/int4/int4", 32)
 
 
 def test_missing_package(tmp_path):

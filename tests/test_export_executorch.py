@@ -231,7 +231,7 @@ def fp32_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 @pytest.mark.slow
 def test_android_bundle_manifest_and_program(android_bundle):
     from mobilemllm.bundle import load_manifest
-    from mobilemllm.export.executorch import load_program
+    from mobilemllm.export.executorch_parity import load_program
 
     m = load_manifest(android_bundle)
     assert m["format"] == "executorch" and m["target"] == "android"
@@ -355,7 +355,7 @@ def test_reexport_overwrites_and_failed_parity_writes_nothing(tiny_checkpoint, t
                       "parity: {greedy_tokens: 4, max_rel_diff: 1.0e-30}\n")
     out = tmp_path / "bundle"
     assert main(["export", "--model", str(tiny_checkpoint), "--recipe", str(strict), "--out", str(out)]) == 2
-    assert "parity failed" in capsys.readouterr().err
+    assert "ExecuTorch export failed parity against eager" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
     _export(tiny_checkpoint, out, "--recipe", str(strict), "--force")
     m = load_manifest(out)
@@ -382,7 +382,7 @@ def test_ios_target_builds_and_runs(tiny_checkpoint, tmp_path):
 def test_ios_coreml_target_lowers_but_cannot_run_here(tiny_checkpoint, tmp_path, capsys, shapes_image):
     from mobilemllm.data.images import load_image
     from mobilemllm.bundle import load_manifest
-    from mobilemllm.export.executorch import load_program  # noqa: F401
+    from mobilemllm.export.executorch_parity import load_program  # noqa: F401
     from mobilemllm.runtime import run_bundle
 
     out = _export(tiny_checkpoint, tmp_path / "coreml", "--target", "ios-coreml", "--max-context-len", "64")

@@ -32,11 +32,11 @@ def confident_model(seed: int = 0):
 
 
 def _export(model, tokenizer, out: Path, quantization, parity=None, **kw) -> Path:
-    from mobilemllm.export.onnx import export_onnx
+    from mobilemllm.export.pipeline import export_bundle
 
     recipe = {"name": "onnx", "format": "onnx", "quantization": quantization,
               "parity": {"greedy_tokens": 12, **(parity or {})}}
-    return export_onnx(model, tokenizer, recipe, out, log=lambda s: None, **kw)
+    return export_bundle(model, recipe, out, tokenizer=tokenizer, log=lambda s: None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def model():
 @pytest.fixture(scope="module")
 def fp32_graphs(tmp_path_factory, model):
     """The model's three fp32 graphs, exported once; every bundle below quantizes a copy."""
-    from mobilemllm.export.onnx import export_graphs
+    from mobilemllm.export.onnx_graphs import export_graphs
 
     return export_graphs(model, tmp_path_factory.mktemp("graphs"))
 
@@ -96,7 +96,7 @@ def test_bundle_layout_and_graph_signatures(bundles, model):
 def test_fp32_graphs_match_eager_step_by_step(bundles, model, tiny_tokenizer):
     """Each graph against the eager part it came from, and chunked prefill == one-shot prefill."""
     from mobilemllm.data.images import preprocess, to_uint8_views
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.inference import prompt_ids
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
@@ -127,7 +127,7 @@ def test_fp32_graphs_match_eager_step_by_step(bundles, model, tiny_tokenizer):
 
 def test_fp32_parity_and_greedy_identical(bundles, model, tiny_tokenizer):
     from mobilemllm.data.tokenizer import eos_ids
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.inference import answer
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
@@ -152,7 +152,7 @@ def test_fp32_parity_and_greedy_identical(bundles, model, tiny_tokenizer):
 @pytest.mark.parametrize("scheme, ops, gate", [("int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.99),
                                                ("int4", {"MatMulNBits"}, 0.90)])
 def test_quantized_bundles(bundles, scheme, ops, gate):
-    from mobilemllm.export.onnx import count_ops
+    from mobilemllm.export.onnx_graphs import count_ops
 
     b = bundles[scheme]
     man = _manifest(b)
@@ -173,7 +173,7 @@ def test_quantized_bundles(bundles, scheme, ops, gate):
 
 
 def test_int4_block_128(tmp_path, fp32_graphs):
-    from mobilemllm.export.onnx import OnnxQuantization, quantize_graph
+    from mobilemllm.export.onnx_quantize import OnnxQuantization, quantize_graph
 
     out = tmp_path / "d128.onnx"
     quantize_graph(fp32_graphs["text_decoder"], out, "int4", OnnxQuantization(text_decoder="int4", block_size=128))
@@ -188,7 +188,7 @@ def test_int4_block_128(tmp_path, fp32_graphs):
 @pytest.mark.slow
 def test_generate_cli_runs_onnx_bundle(bundles, model, tiny_tokenizer, tmp_path, capsys):
     from mobilemllm.cli import main
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.inference import answer
 
     img = parity_image(model.config.vision, seed=11).resize((48, 40))  # not square: pad + resize as eager
@@ -225,7 +225,7 @@ def test_export_cli_shipped_recipe_then_generate(tiny_checkpoint, tiny_config, t
     """`mobilemllm export --target onnx` (export/onnx.yaml) of a checkpoint, then `generate --bundle`: the
     streamed text is what the runner produces (the int4 bundle is held to parity bounds, not to eager text)."""
     from mobilemllm.cli import main
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
     out = tmp_path / "bundle"
@@ -245,7 +245,7 @@ def test_export_cli_shipped_recipe_then_generate(tiny_checkpoint, tiny_config, t
 
 
 def test_run_bundle_dispatches_to_onnx(bundles, model):
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.runtime import run_bundle
 
     pieces = []
@@ -258,12 +258,15 @@ def test_run_bundle_dispatches_to_onnx(bundles, model):
 def test_onnx_recipe_file_is_valid():
     import yaml
 
-    from mobilemllm.export.onnx import preflight
+    from mobilemllm.export.onnx_quantize import OnnxQuantization
+    from mobilemllm.export.pipeline import preflight
+    from mobilemllm.quantization import resolve
 
     path = Path(__file__).resolve().parents[1] / "export" / "onnx.yaml"
     recipe = yaml.safe_load(path.read_text())
     assert path.read_text().startswith("# mobilemllm export")
-    q = preflight(recipe)
+    assert preflight(recipe).name == "onnx"
+    q = OnnxQuantization.from_plan(resolve(recipe))
     assert recipe["format"] == "onnx" and q.text_decoder == "int4" and q.block_size == 32
     assert q.vision_encoder == q.token_embedding == "int8"
 
@@ -276,19 +279,19 @@ def test_onnx_recipe_file_is_valid():
     ({"decoder": "int8"}, "unknown quantization part 'decoder'"),
 ])
 def test_bad_recipe_fails_before_work(quantization, message, tmp_path):
-    from mobilemllm.export.onnx import export_onnx
+    from mobilemllm.export.pipeline import export_bundle
 
-    with pytest.raises(ConfigError, match=message) as e:
-        export_onnx(None, None, {"name": "onnx", "quantization": quantization}, tmp_path / "b")  # no model needed
+    with pytest.raises(ConfigError, match=message) as e:  # no model needed: checked before it loads
+        export_bundle(None, {"name": "onnx", "format": "onnx", "quantization": quantization}, tmp_path / "b")
     assert "valid" in str(e.value) or "must" in str(e.value) or "cannot" in str(e.value)
     assert not (tmp_path / "b").exists()
 
 
 def test_unknown_recipe_key():
-    from mobilemllm.export.onnx import preflight
+    from mobilemllm.export.pipeline import preflight
 
     with pytest.raises(ConfigError, match="unknown key.*quantisation"):
-        preflight({"name": "onnx", "quantisation": "int4"})
+        preflight({"name": "onnx", "format": "onnx", "quantisation": "int4"})
 
 
 def test_refuses_to_overwrite_a_non_bundle_folder(tmp_path, model, tiny_tokenizer):
@@ -323,7 +326,7 @@ def test_missing_graph_without_manifest_check(bundles, tmp_path, tiny_config, ti
 
 
 def test_oversized_prompt(bundles, model):
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
     r = OnnxRunner.from_bundle(bundles["int8"])
@@ -333,7 +336,7 @@ def test_oversized_prompt(bundles, model):
 
 def test_oversized_prompt_cli_one_line(bundles, model, tmp_path, capsys):
     from mobilemllm.cli import main
-    from mobilemllm.export.onnx import parity_image
+    from mobilemllm.export.parity import parity_image
 
     path = tmp_path / "img.png"
     parity_image(model.config.vision).save(path)
@@ -366,13 +369,16 @@ def test_parity_failure_blocks_the_bundle(tmp_path, model, tiny_tokenizer, fp32_
 @pytest.mark.parametrize("scheme", ["fp32", "int4"])
 def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_graphs):
     pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install 'onnxruntime-genai==0.18.*')")
-    from mobilemllm.export.onnx import count_ops, export_onnx, parity_image
+    from mobilemllm.export.onnx_graphs import count_ops
+    from mobilemllm.export.parity import parity_image
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.inference import answer
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
     recipe = {"name": "onnx-genai", "format": "onnx", "decoder": "genai", "quantization": scheme,
               "parity": {"greedy_tokens": 12}}
-    b = export_onnx(model, tiny_tokenizer, recipe, tmp_path / "b", log=lambda s: None, fp32_graphs=fp32_graphs)
+    b = export_bundle(model, recipe, tmp_path / "b", tokenizer=tiny_tokenizer, log=lambda s: None,
+                      fp32_graphs=fp32_graphs)
     ops = count_ops(b / "decoder.onnx")
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= set(ops)  # fused, unlike torch.onnx
     assert ("MatMulNBits" in ops) == (scheme == "int4")
@@ -406,27 +412,28 @@ def test_genai_builder_decoder(scheme, tmp_path, model, tiny_tokenizer, fp32_gra
 
 
 def test_unknown_decoder_builder():
-    from mobilemllm.export.onnx import preflight
+    from mobilemllm.export.pipeline import preflight
 
     with pytest.raises(ConfigError, match="decoder must be one of auto, torch, genai"):
-        preflight({"name": "onnx", "decoder": "optimum"})
+        preflight({"name": "onnx", "format": "onnx", "decoder": "optimum"})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])
 def test_external_data_for_large_graphs(scheme, tmp_path, monkeypatch, model, tiny_tokenizer):
     """Graphs over protobuf's 2 GB limit are written with external data; shrink the limit to check the path."""
-    import mobilemllm.export.onnx as onnx_export
+    import mobilemllm.export.onnx_graphs as onnx_graphs
+    from mobilemllm.export.parity import parity_image
     from mobilemllm.runtime.onnx_runner import OnnxRunner
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 10_000)
     b = _export(model, tiny_tokenizer, tmp_path / "b", scheme)
     man = _manifest(b)
     assert man["parity"]["passed"]
     data = {name for name in man["files"] if name.endswith(".onnx.data")}
     assert "decoder.onnx.data" in data and man["files"]["decoder.onnx.data"]["role"] == "weights"
     assert (b / "decoder.onnx.data").stat().st_size > 0
-    res = OnnxRunner.from_bundle(b).generate(onnx_export.parity_image(model.config.vision), "Hi?", max_new_tokens=4)
+    res = OnnxRunner.from_bundle(b).generate(parity_image(model.config.vision), "Hi?", max_new_tokens=4)
     assert len(res.tokens) == 4
 
 

@@ -94,7 +94,7 @@ def test_soc_and_compile_specs():
 
 # ---- preflight ------------------------------------------------------------------------------------
 def test_preflight_errors(tmp_path, monkeypatch):
-    from mobilemllm.export.executorch import preflight
+    from mobilemllm.export.pipeline import preflight
     from mobilemllm.export.recipes import load_recipe
 
     rec = load_recipe("android-qnn")
@@ -112,7 +112,7 @@ def test_preflight_errors(tmp_path, monkeypatch):
     lib = tmp_path / "lib" / "x86_64-linux-clang" / "libQnnHtp.so"
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"")
-    assert preflight(rec) is None
+    assert preflight(rec).name == "executorch"
     with pytest.raises(ConfigError, match="soc_model"):
         preflight({**rec, "soc_model": "SM0000"})
 
@@ -260,27 +260,26 @@ def test_qnn_export_runs_up_to_the_lowering(tmp_path, monkeypatch):
     """The whole android-qnn export (QNN modules, PT2E quantization, torch.export of every method) runs
     here; the lowering then stops with BackendUnavailable, and no bundle is written."""
     from mobilemllm.data.tokenizer import tiny_tokenizer
-    from mobilemllm.export import executorch as E
+    from mobilemllm.export.executorch_backends import Qnn
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.export.recipes import load_recipe
 
     seen = {}
+    real_lower = Qnn.lower
 
-    def fake_lower(programs, constants, recipe):
+    def spy_lower(self, programs, constants, recipe):
         seen["programs"], seen["constants"] = programs, constants
-        from mobilemllm.export.qnn import lower_qnn
+        return real_lower(self, programs, constants, recipe)
 
-        return lower_qnn(programs, constants, recipe)
-
-    monkeypatch.setattr(E, "preflight", lambda recipe: None)  # no SDK here: go past the check
-    monkeypatch.setattr(E, "lower", lambda programs, constants, backend, recipe: fake_lower(programs, constants,
-                                                                                           recipe))
+    monkeypatch.setattr(Qnn, "require", lambda self, recipe: None)  # no SDK here: go past the check
+    monkeypatch.setattr(Qnn, "lower", spy_lower)
     model = make_tiny_model(seed=0)
     tok = tiny_tokenizer(vocab_size=model.config.llm.vocab_size, seed=0, num_images=60)
     rec = {**load_recipe("android-qnn"), "max_context_len": 64, "calibration_steps": 2}
     logs = []
     with pytest.raises(BackendUnavailable, match="QNN_SDK_ROOT is not set"):
-        E.export_executorch(model, tok, rec, tmp_path / "b", log=logs.append)
-    assert not (tmp_path / "b").exists()
+        export_bundle(model, rec, tmp_path / "b", tokenizer=tok, log=logs.append)
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
     assert any("QNN PT2E quantization: vision 8a8w, decoder 16a4w (SoC SM8650, prefill length 64)" in x
                for x in logs)
     progs, consts = seen["programs"], seen["constants"]
@@ -302,7 +301,9 @@ def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_
 
     from mobilemllm.data.images import normalize, to_uint8_views
     from mobilemllm.export import executorch as E
+    from mobilemllm.export import manifest_sections as S
     from mobilemllm.export import qnn as Q
+    from mobilemllm.export.parity import scene_image
     from mobilemllm.inference import prompt_ids
     from mobilemllm.runtime.executorch_runner import _inputs, _quiet_stdout, image_tensor, load_kernels
     from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir, token_bytes
@@ -313,7 +314,7 @@ def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_
     rec = {"backend": "qnn", "max_context_len": 96, "max_seq_len": 32}
     ctx, seq = E.context_lengths(model, rec)
     assert (ctx, seq) == (96, 32)
-    views = torch.from_numpy(to_uint8_views(E._parity_image(cfg), cfg.vision))
+    views = torch.from_numpy(to_uint8_views(scene_image(cfg), cfg.vision))
     ids = prompt_ids(cfg, tiny_tok, question)
     with torch.no_grad():
         eager = model.generate(torch.tensor([ids]), normalize(views, cfg.vision).unsqueeze(0),
@@ -324,18 +325,22 @@ def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_
     load_kernels()
     pieces_dir = decode_only_tokenizer_dir(tiny_tok, f"qnn-runner-test-{len(tiny_tok)}")
     for variant in ("float", "16a16w"):
-        vision, embed, decoder = E.build_modules(model, ctx, backend="qnn", max_seq_len=seq)
+        modules = E.build_modules(model, ctx, backend="qnn", max_seq_len=seq)
+        decoder = modules["text_decoder"]
         assert isinstance(decoder, Q.QnnRunnerDecoder) and decoder.prefill_len == seq
         if variant != "float":
-            decoder = Q.quantize_decoder(model, tiny_tok, decoder, variant, None, steps=4)
-        programs = E.export_programs(model, (vision, embed, decoder), seq)
+            modules["text_decoder"] = Q.quantize_decoder(model, tiny_tok, decoder, variant, None, steps=4)
+        programs = E.export_programs(model, modules, seq)
         constants = E.constant_methods(model, tiny_tok, ctx, seq)
         et = E.lower(programs, constants, "portable", rec)
         summary = E.delegation_summary(et)
         assert all(s["delegate_calls"] == 0 for s in summary.values())
         pte = tmp_path / f"{variant}.pte"
         pte.write_bytes(et.buffer)
-        manifest = E._manifest(model, tiny_tok, rec, {}, summary, constants, None)
+        sections = E.manifest_sections(cfg, rec, summary, constants)
+        manifest = {**sections, "tokenizer": S.tokenizer_section(tiny_tok, cfg.llm.vocab_size),
+                    "prompt": S.prompt_section(cfg, tiny_tok),
+                    "preprocessing": {**S.preprocessing_section(cfg.vision), **sections["preprocessing"]}}
         got, stats = [], {}
         decode = PieceDecoder(lambda b: None)
         with _quiet_stdout():

@@ -36,33 +36,16 @@ def export(
                                help="Write the bundle even if parity fails (marked as forced in the manifest)."),
 ) -> None:
     """Export a model for a phone: quantize, lower, check parity against eager, write the bundle."""
-    import importlib
-
     from mobilemllm.errors import UserError
-    from mobilemllm.bundle import check_out_dir
+    from mobilemllm.export.pipeline import export_bundle
     from mobilemllm.export.recipes import load_recipe
 
     if (target is None) == (recipe is None):
         raise UserError("give exactly one of --target NAME or --recipe FILE")
     rec = load_recipe(target=target, path=recipe)  # unknown target: fails here, before any weights load
-    fmt = rec["format"]
     _apply_overrides(rec, decoder_quant, embedding_quant, vision_quant, group_size, max_context_len, kv_cache)
-    module = importlib.import_module(f"mobilemllm.export.{fmt}")
-    builder = getattr(module, f"export_{fmt}")
-    if hasattr(module, "preflight"):
-        module.preflight(rec)  # the recipe with the options above checked, e.g. QNN without its SDK: before loading
-    check_out_dir(out)
-
-    from mobilemllm.api import load
-
-    m, tok = load(model)
-    if tok is None:
-        from mobilemllm.export.synthetic_tokenizer import synthetic_tokenizer
-
-        tok = synthetic_tokenizer(m.config.llm.vocab_size)
-        typer.echo(f"note: {model} has no tokenizer; using a synthetic {m.config.llm.vocab_size}-token tokenizer "
-                   "(fine for benchmarks of random weights, not for real text)", err=True)
-    builder(m, tok, rec, out, source=str(model), force=force, log=lambda s: typer.echo(s, err=True))
+    # the pipeline checks the recipe (and the backend) before it loads the model
+    export_bundle(model, rec, out, force=force, log=lambda s: typer.echo(s, err=True))
 
 
 def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, vision: str | None,

@@ -34,12 +34,13 @@ def export_child(model: str, target: str, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"export failed: {' '.join(cmd)}")
     rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024
     return {"export_s": round(wall, 1), "export_peak_rss_gb": round(rss_gb, 2),
-            "log": [l for l in proc.stderr.splitlines() if l.startswith(("parity", "lowered", "wrote", "quantization"))]}
+            "log": [l for l in proc.stderr.splitlines()
+                    if l.startswith(("parity", "lowered", "ExecuTorch bundle", "quantization"))]}
 
 
 def decoder_speed(pte: Path, hidden: int, prompt: int = 128, new: int = 128, repeats: int = 2) -> dict:
     """text_decoder alone: prefill ``prompt`` embeddings, then ``new`` single-token steps (embedding + decoder)."""
-    from mobilemllm.export.executorch import load_program
+    from mobilemllm.export.executorch_parity import load_program
 
     program = load_program(pte)
     emb = program.load_method("token_embedding")

@@ -1,4 +1,4 @@
-"""Core ML export: ``vision.mlpackage``, ``embed.mlpackage`` and a stateful ``decoder.mlpackage``.
+"""The Core ML format: ``vision.mlpackage``, ``embed.mlpackage`` and a stateful ``decoder.mlpackage``.
 
 - ``vision.mlpackage``: pixels (V, 3, S, S) float32 in 0..255 (the app's RGB bytes, unnormalised) ->
   image embeddings (1, V*T, D); scaling and mean/std happen inside.
@@ -14,6 +14,8 @@ and ``palettize4`` (4-bit k-means look-up tables, per grouped channel).
 **Core ML cannot run a prediction on Linux** (coremltools ships no runtime there). On Linux the export
 converts, compresses and checks each package's spec, and the manifest records the numerical parity as
 skipped with that reason; on macOS the same export also predicts and compares logits with eager.
+
+:class:`CoreMLFormat` is the plug-in the export pipeline runs: convert each package, then compress it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
 from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
+from mobilemllm.export.plugin import ExportFormat, Job
 
 PACKAGE_FILES = {"vision_encoder": "vision.mlpackage", "token_embedding": "embed.mlpackage",
                  "text_decoder": "decoder.mlpackage"}
@@ -83,35 +86,47 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
     return ml
 
 
-def convert_vision(model):
-    cfg = model.config.vision
-    pixels = torch.rand(cfg.num_views, 3, cfg.image_size, cfg.image_size) * 255.0
-    return _convert(VisionEncoder(model.float(), stacked=False), (pixels,), None, ["pixel_values"], "image_embeds",
-                    fp32_inputs=("pixel_values",))
+def package_modules(model) -> dict[str, torch.nn.Module]:
+    """The export-ready module of each package, sharing ``model``'s (float) weights. The decoder's cache holds
+    max_position_embeddings + 1 tokens (the flexible dimensions stay below its size)."""
+    from mobilemllm.export.coreml_decoder import CoreMLDecoder
+
+    model = model.float()
+    ctx = model.config.llm.max_position_embeddings
+    return {"vision_encoder": VisionEncoder(model, stacked=False),
+            "token_embedding": TokenEmbedding(model.llm.get_input_embeddings(), clamp_negative=True),
+            "text_decoder": CoreMLDecoder(model.llm, model.config.llm, max_context=ctx + 1)}
 
 
-def convert_embed(model):
+def convert_part(part: str, module: torch.nn.Module, config):
+    """One package's module -> a Core ML model (fp16, iOS 18), with its example inputs and flexible shapes."""
     from torch.export import Dim
 
-    n = Dim("sequence_length", min=1, max=model.config.llm.max_position_embeddings)
-    ids = torch.tensor([[1, 5, 7, 2, 3]], dtype=torch.int32)
-    embed = TokenEmbedding(model.float().llm.get_input_embeddings(), clamp_negative=True)
-    return _convert(embed, (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds", int_inputs=("input_ids",))
+    from mobilemllm.export.coreml_decoder import causal_mask
+
+    ctx = config.llm.max_position_embeddings
+    if part == "vision_encoder":
+        v = config.vision
+        pixels = torch.rand(v.num_views, 3, v.image_size, v.image_size) * 255.0
+        return _convert(module, (pixels,), None, ["pixel_values"], "image_embeds", fp32_inputs=("pixel_values",))
+    n = Dim("sequence_length", min=1, max=ctx)
+    if part == "token_embedding":
+        ids = torch.tensor([[1, 5, 7, 2, 3]], dtype=torch.int32)
+        return _convert(module, (ids,), {"input_ids": {1: n}}, ["input_ids"], "inputs_embeds",
+                        int_inputs=("input_ids",))
+    end = Dim("total_sequence_length", min=1, max=ctx)
+    args = (torch.randn(1, 5, config.llm.hidden_size), causal_mask(3, 5))
+    return _convert(module, args, {"inputs_embeds": {1: n}, "causal_mask": {2: n, 3: end}},
+                    ["inputs_embeds", "causal_mask"], "logits")
+
+
+def convert_vision(model):
+    return convert_part("vision_encoder", package_modules(model)["vision_encoder"], model.config)
 
 
 def convert_decoder(model):
-    """The stateful decoder; the cache holds max_position_embeddings tokens (Dims stay below its size)."""
-    from torch.export import Dim
-
-    from mobilemllm.export.coreml_decoder import CoreMLDecoder, causal_mask
-
-    ctx = model.config.llm.max_position_embeddings
-    dec = CoreMLDecoder(model.float().llm, model.config.llm, max_context=ctx + 1)
-    n = Dim("sequence_length", min=1, max=ctx)
-    end = Dim("total_sequence_length", min=1, max=ctx)
-    args = (torch.randn(1, 5, model.config.llm.hidden_size), causal_mask(3, 5))
-    return _convert(dec, args, {"inputs_embeds": {1: n}, "causal_mask": {2: n, 3: end}},
-                    ["inputs_embeds", "causal_mask"], "logits")
+    """The stateful decoder package of ``model`` (uncompressed)."""
+    return convert_part("text_decoder", package_modules(model)["text_decoder"], model.config)
 
 
 def compress(ml, scheme: str, block_size: int = 32):
@@ -225,31 +240,7 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-# ---- the recipe entry point (mobilemllm export) ---------------------------------------------------
-RECIPE_KEYS = ("name", "format", "description", "compression", "block_size", "parity")
-
-
-def preflight(recipe: dict[str, Any]) -> tuple[str, int]:
-    """Check a Core ML recipe before any weights load; returns (compression, block_size)."""
-    errors = []
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        errors.append(f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(RECIPE_KEYS)})")
-    scheme = recipe.get("compression", "fp16")
-    block = recipe.get("block_size", 32)
-    par = recipe.get("parity") or {}
-    if not isinstance(par, dict) or set(par) - {"greedy_tokens", "min_logit_cosine"}:
-        errors.append("parity takes only greedy_tokens, min_logit_cosine")
-    try:
-        check_compression(scheme, block)
-    except ConfigError as e:
-        errors.append(str(e))
-    if errors:
-        raise ConfigError(f"invalid Core ML recipe {recipe.get('name', '')!r}: " + "; ".join(errors))
-    _ct()
-    return scheme, block
-
-
+# ---- checks ------------------------------------------------------------------------------------------
 def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) -> list[dict[str, Any]]:
     """What can be checked without a Core ML runtime: deployment target, states, compression ops."""
     from mobilemllm.export import parity
@@ -269,96 +260,18 @@ def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) 
     return checks
 
 
-def export_coreml(model, tokenizer, recipe: dict[str, Any], out_dir: str | Path, *, source: str | None = None,
-                  force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Convert ``model`` to a Core ML bundle (three .mlpackage folders) at ``out_dir`` as ``recipe`` says."""
-    from mobilemllm import bundle as B
-    from mobilemllm.export import manifest_sections as S
-    from mobilemllm.export import parity
-
-    scheme, block = preflight(recipe)
-    if tokenizer is None:
-        raise UserError("a Core ML bundle needs a tokenizer; export from a checkpoint folder that has tokenizer.json")
-    B.check_out_dir(out_dir)
-    t_start = time.perf_counter()
-    model = model.float().eval()
-    cfg = model.config
-    if not can_predict():
-        log(f"note: {PREDICTION_NEEDS_MACOS}; on {platform.system()} the export converts, compresses and checks "
-            "each package's spec, but cannot compare its numbers with eager (run the export on a Mac for that)")
-    staging = B.new_bundle_dir(out_dir)
-    try:
-        packages = {}
-        for part, convert in (("vision_encoder", convert_vision), ("token_embedding", convert_embed),
-                              ("text_decoder", convert_decoder)):
-            t0 = time.perf_counter()
-            ml = compress(convert(model), scheme, block)
-            path = staging / PACKAGE_FILES[part]
-            ml.save(str(path))
-            packages[part] = ml
-            log(f"{PACKAGE_FILES[part]} written ({scheme}, {time.perf_counter() - t0:.1f} s)")
-        tokenizer.save_pretrained(staging / B.TOKENIZER_DIR)
-        specs = {part: package_spec(staging / name) for part, name in PACKAGE_FILES.items()}
-        checks = spec_checks(specs, scheme, cfg.llm.num_layers)
-        skipped = None
-        if can_predict():
-            checks += _prediction_checks(model, tokenizer, staging, scheme, recipe)
-        else:
-            skipped = f"{PREDICTION_NEEDS_MACOS}: numerical parity was not measured (exported on {platform.system()})"
-        result = parity.summarize(checks, forced=force, skipped_reason=skipped)
-        if not result["passed"] and not force:
-            raise UserError("Core ML export failed its checks: " + "; ".join(parity.failures(result))
-                            + ". Re-run with --force to write the bundle anyway")
-        ctx = cfg.llm.max_position_embeddings
-        graphs = {}
-        for part, spec in specs.items():
-            graphs[part] = {"file": PACKAGE_FILES[part], "inputs": spec["inputs"], "outputs": spec["outputs"]}
-            if spec["states"]:
-                graphs[part]["states"] = spec["states"]
-        qinfo = {part: {"scheme": scheme, "group_size": block if scheme == "int4" else None,
-                        "backend": "coremltools.optimize.coreml"} for part in PACKAGE_FILES}
-        manifest = {
-            "schema_version": B.SCHEMA_VERSION,
-            "format": "coreml",
-            "target": recipe.get("name", "coreml"),
-            "model": S.model_section(model, source),
-            "graphs": graphs,
-            "tokenizer": S.tokenizer_section(tokenizer, cfg.llm.vocab_size),
-            "prompt": S.prompt_section(cfg, tokenizer),
-            "preprocessing": S.preprocessing_section(cfg.vision, "float32", True),
-            "context": {"max_seq_len": ctx, "max_context_len": ctx},
-            "quantization": qinfo,
-            "parity": result,
-            "export": {"recipe": dict(recipe), "seconds": round(time.perf_counter() - t_start, 2),
-                       "versions": S.versions(), "backend": "coreml", "deployment_target": "iOS18/macOS15",
-                       "compute_precision": "float16",
-                       "decoder_call": "inputs_embeds (1, n, D) fp16 + additive causal_mask (1, 1, n, past+n) "
-                                       "fp16 (0 = attend, -1e4 = masked) -> logits of the last position; the "
-                                       "KV cache is the model's state (MLState)"},
-        }
-        roles = {name: "program" for name in PACKAGE_FILES.values()}
-        sizes = ", ".join(f"{name} {_dir_size(staging / name) / 1e6:.1f} MB" for name in PACKAGE_FILES.values())
-        out = B.finish_bundle(staging, out_dir, manifest, roles)
-        log(f"Core ML bundle ({scheme}) written to {out}: {sizes}"
-            + ("" if skipped is None else f"; {PREDICTION_NEEDS_MACOS}, so its numbers were not checked here"))
-        return out
-    except BaseException:
-        B.discard(staging)
-        raise
-
-
 def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dict[str, Any]) -> list[dict]:
     """macOS only: teacher-forced logits of the packages vs eager, cosine gated per scheme."""
     from mobilemllm.export import parity
-    from mobilemllm.export.onnx import PARITY_QUESTION, eager_reference, parity_image
+    from mobilemllm.export.onnx_parity import PARITY_QUESTION
     from mobilemllm.inference import prompt_ids
 
     ct = _ct()
     cfg = model.config
     n = int((recipe.get("parity") or {}).get("greedy_tokens", 8))
-    image = parity_image(cfg.vision)
+    image = parity.parity_image(cfg.vision)
     ids = prompt_ids(cfg, tokenizer, PARITY_QUESTION)
-    ref_logits, ref_tokens = eager_reference(model, ids, image, n)
+    ref_logits, ref_tokens = parity.eager_reference(model, ids, image, n)
     loaded = {part: ct.models.MLModel(str(staging / name)) for part, name in PACKAGE_FILES.items()}
     got = torch.from_numpy(coreml_teacher_forced(loaded, cfg, ids, image, ref_tokens))
     cos = parity.logit_cosine(got, ref_logits)
@@ -370,3 +283,78 @@ def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dic
     return [parity.check("logit_cosine", cos, gate, cos >= gate),
             parity.check("logits_max_rel_diff", parity.max_rel_diff(got, ref_logits)),
             parity.check(f"teacher_forced_greedy_agreement_{n}_tokens", parity.greedy_agreement(greedy, ref_tokens))]
+
+
+# ---- the format plug-in -----------------------------------------------------------------------------------
+RECIPE_KEYS = ("name", "format", "description", "compression", "block_size", "parity")
+
+
+class CoreMLFormat(ExportFormat):
+    """Three .mlpackage folders: converted from torch.export, then compressed with one scheme."""
+
+    name = "coreml"
+    label = "Core ML"
+    recipe_keys = RECIPE_KEYS
+    parity_keys = ("greedy_tokens", "min_logit_cosine")
+    image_dtype = "float32"
+    default_target = "coreml"
+
+    def require(self, recipe: dict[str, Any]) -> None:
+        _ct()
+
+    def prepare(self, job: Job) -> None:
+        if not can_predict():
+            job.log(f"note: {PREDICTION_NEEDS_MACOS}; on {platform.system()} the export converts, compresses and "
+                    "checks each package's spec, but cannot compare its numbers with eager (run the export on a "
+                    "Mac for that)")
+
+    def modules(self, job: Job) -> dict[str, Any]:
+        return package_modules(job.model)
+
+    def convert(self, job: Job, modules: dict[str, Any]) -> None:
+        job.state["ml"] = {}
+        for part, module in modules.items():
+            t0 = time.perf_counter()
+            job.state["ml"][part] = convert_part(part, module, job.model.config)
+            job.log(f"{PACKAGE_FILES[part]} converted ({time.perf_counter() - t0:.1f} s)")
+
+    def quantize_files(self, job: Job) -> None:
+        """Compress each converted package with the recipe's scheme and save it into the bundle."""
+        scheme, block = job.plan.scheme("text_decoder"), job.plan.group_size("text_decoder")
+        for part in PACKAGE_FILES:
+            t0 = time.perf_counter()
+            compress(job.state["ml"].pop(part), scheme, block).save(str(job.staging / PACKAGE_FILES[part]))
+            job.log(f"{PACKAGE_FILES[part]} written ({scheme}, {time.perf_counter() - t0:.1f} s)")
+        job.qinfo = {part: {"scheme": scheme, "group_size": block if job.plan.parts[part].info.grouped else None,
+                            "backend": "coremltools.optimize.coreml"} for part in PACKAGE_FILES}
+
+    def manifest(self, job: Job) -> dict[str, Any]:
+        job.state["specs"] = specs = {part: package_spec(job.staging / name) for part, name in PACKAGE_FILES.items()}
+        graphs = {}
+        for part, spec in specs.items():
+            graphs[part] = {"file": PACKAGE_FILES[part], "inputs": spec["inputs"], "outputs": spec["outputs"]}
+            if spec["states"]:
+                graphs[part]["states"] = spec["states"]
+        return {"graphs": graphs,
+                "export": {"backend": "coreml", "deployment_target": "iOS18/macOS15", "compute_precision": "float16",
+                           "decoder_call": "inputs_embeds (1, n, D) fp16 + additive causal_mask (1, 1, n, past+n) "
+                                           "fp16 (0 = attend, -1e4 = masked) -> logits of the last position; the "
+                                           "KV cache is the model's state (MLState)"}}
+
+    def parity(self, job: Job, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+        """The packages' specs everywhere; their logits against eager only on macOS."""
+        scheme = job.plan.scheme("text_decoder")
+        checks = spec_checks(job.state["specs"], scheme, job.model.config.llm.num_layers)
+        if not can_predict():
+            return checks, (f"{PREDICTION_NEEDS_MACOS}: numerical parity was not measured (exported on "
+                            f"{platform.system()})")
+        return checks + _prediction_checks(job.model, job.tokenizer, job.staging, scheme, job.recipe), None
+
+    def roles(self, job: Job) -> dict[str, str]:
+        return {name: "program" for name in PACKAGE_FILES.values()}
+
+    def files_summary(self, job: Job, out: Path) -> str:
+        return ", ".join(f"{name} {_dir_size(out / name) / 1e6:.1f} MB" for name in PACKAGE_FILES.values())
+
+    def quant_summary(self, job: Job) -> str:
+        return job.plan.scheme("text_decoder")

@@ -5,6 +5,9 @@
 - :func:`logit_cosine`: mean cosine similarity of the logit rows.
 - :func:`greedy_agreement`: fraction of positions where two greedy token sequences agree, counted up to
   the first divergence (after that the contexts differ and the comparison means nothing).
+
+And the references the exporters compare against: fixed test images (:func:`parity_image`,
+:func:`scene_image`) and the eager model's greedy tokens with their logits (:func:`eager_reference`).
 """
 
 from __future__ import annotations
@@ -69,3 +72,41 @@ def summarize(checks: list[dict[str, Any]], forced: bool = False, skipped_reason
 
 def failures(parity: dict[str, Any]) -> list[str]:
     return [f"{c['name']} = {c['value']} (needs {c['threshold']})" for c in parity["checks"] if c["passed"] is False]
+
+
+# ---- references -------------------------------------------------------------------------------------
+def parity_image(vision_cfg, seed: int = 0):
+    """A deterministic test image (smooth gradients plus noise) at the encoder's size (ONNX, Core ML)."""
+    import numpy as np
+    from PIL import Image
+
+    s = vision_cfg.image_size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
+    base = np.stack([xx, yy, 1 - xx * yy], -1) * 200
+    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img, "RGB")
+
+
+def scene_image(cfg):
+    """A fixed image of coloured shapes on a grey background (ExecuTorch, QNN calibration's first scene)."""
+    from PIL import Image, ImageDraw
+
+    s = max(cfg.vision.image_size, 32)
+    img = Image.new("RGB", (s, s), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    d.rectangle([s // 8, s // 8, s // 2, s // 2], fill=(220, 40, 40))
+    d.ellipse([s // 2, s // 2, 7 * s // 8, 7 * s // 8], fill=(40, 40, 220))
+    return img
+
+
+@torch.inference_mode()
+def eager_reference(model, ids: list[int], image, num_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """Eager greedy tokens after ``ids`` and the logits (num_tokens, V) that chose each of them."""
+    from mobilemllm.data.images import preprocess
+
+    pix = preprocess(image, model.config.vision).unsqueeze(0)
+    tokens = model.generate(torch.tensor([ids]), pix, max_new_tokens=num_tokens, eos_ids=())
+    full = torch.tensor([ids + tokens[:-1]])
+    logits = model(full, pix).logits[0, len(ids) - 1:].float()
+    return logits, tokens

@@ -85,19 +85,23 @@ def part_schemes(recipe: dict[str, Any]) -> dict[str, str]:
     return {part: plan.scheme(part) for part in QNN_PARTS}
 
 
-def check_recipe(recipe: dict[str, Any]) -> list[str]:
-    """Problems with a ``backend: qnn`` recipe (empty list: fine): its SoC and calibration, and its
-    quantization (QNN schemes, the CPU token embedding, the KV cache) as the registry checks it."""
+def check_backend(recipe: dict[str, Any]) -> list[str]:
+    """Problems with a ``backend: qnn`` recipe's own keys (empty list: fine): its SoC and calibration."""
     errors = []
     try:
         soc_chipset(recipe.get("soc_model"))
     except ConfigError as e:
         errors.append(str(e))
-    errors += Q.check({**recipe, "format": "executorch", "backend": "qnn"})
     calib = recipe.get("calibration_steps")
     if calib is not None and (not isinstance(calib, int) or calib < 0):
         errors.append(f"calibration_steps must be a non-negative integer, got {calib!r}")
     return errors
+
+
+def check_recipe(recipe: dict[str, Any]) -> list[str]:
+    """Problems with a ``backend: qnn`` recipe: its own keys and its quantization (QNN schemes, the CPU token
+    embedding, the KV cache) as the registry checks it."""
+    return check_backend(recipe) + Q.check({**recipe, "format": "executorch", "backend": "qnn"})
 
 
 def compile_specs(recipe: dict[str, Any], fp16: bool = False) -> list:
@@ -383,32 +387,33 @@ def quantize_vision(model, vision: nn.Module, scheme: str, soc_model: str | None
 
 
 # ---- the export step and the lowering (lowering needs the SDK) -------------------------------------
-def quantize_modules(model, tokenizer, modules, recipe: dict[str, Any], max_seq_len: int,
-                     log=print) -> tuple[tuple, dict[str, Any]]:
-    """(vision, embedding, decoder) -> their QNN-ready versions and the manifest's quantization info: vision
-    and decoder PT2E-quantized with QnnQuantizer (recipe schemes, calibrated on the parity-style scenes and
-    prompts), the token embedding with torchao (CPU, ``embedding4`` by default)."""
+def quantize_modules(model, tokenizer, modules: dict[str, nn.Module], recipe: dict[str, Any], plan: Q.Plan,
+                     max_seq_len: int, log=print) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The methods' QNN-ready versions and the manifest's quantization info: vision and decoder PT2E-quantized
+    with QnnQuantizer (the plan's schemes, calibrated on the parity-style scenes and prompts), the token
+    embedding with torchao (CPU, ``embedding4`` in the shipped recipe)."""
     from mobilemllm.export.quantize import quantize_embeddings
 
-    vision, embed, decoder = modules
-    schemes = part_schemes(recipe)
+    schemes = {part: plan.scheme(part) for part in QNN_PARTS}
     soc = recipe.get("soc_model")
     steps = int(recipe.get("calibration_steps", 8))
     log(f"QNN PT2E quantization: vision {schemes['vision_encoder']}, decoder {schemes['text_decoder']} "
         f"(SoC {str(soc or DEFAULT_SOC).upper()}, prefill length {max_seq_len})")
-    vision_q = quantize_vision(model, vision, schemes["vision_encoder"], soc)
-    decoder_q = quantize_decoder(model, tokenizer, decoder, schemes["text_decoder"], soc, steps)
-    emb_spec = dict((recipe.get("quantization") or {}).get("token_embedding") or {})
+    out = {"vision_encoder": quantize_vision(model, modules["vision_encoder"], schemes["vision_encoder"], soc),
+           "token_embedding": modules["token_embedding"],
+           "text_decoder": quantize_decoder(model, tokenizer, modules["text_decoder"], schemes["text_decoder"], soc,
+                                            steps)}
     qinfo = {
         "vision_encoder": {"scheme": schemes["vision_encoder"], "method": "qnn_pt2e", "calibration_images": 4},
-        "token_embedding": quantize_embeddings(embed, emb_spec.get("scheme", "fp32"), emb_spec.get("group_size", 32)),
+        "token_embedding": quantize_embeddings(modules["token_embedding"], plan.scheme("token_embedding"),
+                                               plan.group_size("token_embedding")),
         "text_decoder": {"scheme": schemes["text_decoder"], "method": "qnn_pt2e", "calibration_prompts": 2,
                          "calibration_decode_steps": steps, "prefill_len": max_seq_len},
     }
     qinfo["token_embedding"]["backend"] = "xnnpack"
     for part in QNN_PARTS:
         qinfo[part]["backend"] = "qnn"
-    return (vision_q, embed, decoder_q), qinfo
+    return out, qinfo
 
 
 def lower_qnn(programs: dict[str, Any], constants: dict[str, Any], recipe: dict[str, Any]):

@@ -1,0 +1,15 @@
+"""The export format registry: a recipe's ``format`` -> the plug-in the pipeline runs.
+
+A new format (GGUF, say) is one module with an :class:`mobilemllm.export.plugin.ExportFormat` subclass,
+added here; its schemes go into the quantization registry (:mod:`mobilemllm.quantization`), and a runner
+for its bundles into ``mobilemllm/runtime/``.
+"""
+
+from __future__ import annotations
+
+from mobilemllm.export.coreml import CoreMLFormat
+from mobilemllm.export.executorch import ExecuTorchFormat
+from mobilemllm.export.onnx import OnnxFormat
+from mobilemllm.export.plugin import ExportFormat
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (ExecuTorchFormat(), OnnxFormat(), CoreMLFormat())}
