@@ -65,6 +65,7 @@ def test_converted_tokenizer_same_ids_in_python_and_cpp(source_tokenizer, tmp_pa
     tok.save_pretrained(tmp_path)
     cpp = cpp_tokenizer(tmp_path)
     again = load_tokenizer(tmp_path)  # what every later step loads
+    assert cpp_compatible(again) is again  # already in the C++ form: left alone
     bos = source_tokenizer.bos_token_id
     for text in TEXTS:
         ours = tok.encode(text, add_special_tokens=False)
