@@ -1,8 +1,8 @@
 """Fixtures for the runner, chat, serve and web-demo tests (imported by those test modules).
 
 ``onnx_chat``: the tiny test model with larger LLM weights (std 0.3, seed 1: greedy decoding gives varied
-tokens, and its first answer to "Describe the image." re-tokenizes to the same ids, so a follow-up reuses
-the cache),
+tokens, and its first 8 answer tokens to "Is there a red square?" about the test image re-tokenize to the
+same ids, so a follow-up reuses the cache),
 exported once per session as an fp32 ONNX bundle (about half a minute), with the eager model and tokenizer
 it came from and a test image. ONNX bundles run in the fast tier; ExecuTorch bundles come from
 ``conftest_apps.app_bundle`` (slow tier).
@@ -45,16 +45,22 @@ def confident_model(seed: int = 1, scale: float = 0.3):
 @pytest.fixture(scope="session")
 def onnx_chat(tmp_path_factory, tiny_tokenizer) -> ChatBundle:
     if "onnx" not in _CACHE:
-        from PIL import Image
+        from PIL import Image, ImageDraw
 
-        from mobilemllm.export.onnx import export_onnx, parity_image
+        from mobilemllm.cli import main
+        from mobilemllm.models.checkpoint import save_checkpoint
 
         root = tmp_path_factory.mktemp("onnx_chat")
         model = confident_model()
-        recipe = {"name": "onnx", "format": "onnx", "quantization": "fp32", "parity": {"greedy_tokens": 8}}
-        bundle = export_onnx(model, tiny_tokenizer, recipe, root / "tiny-onnx", log=lambda s: None)
+        checkpoint = save_checkpoint(model, tiny_tokenizer, root / "checkpoint")
+        bundle = root / "tiny-onnx"
+        code = main(["export", "--target", "onnx", "--model", str(checkpoint), "--out", str(bundle),
+                     "--decoder-quant", "fp32", "--embedding-quant", "fp32", "--vision-quant", "fp32"])
+        assert code == 0, f"mobilemllm export --target onnx failed with exit code {code}"
         image = root / "scene.png"
-        parity_image(model.config.vision, seed=7).save(image)
+        scene = Image.new("RGB", (32, 32), (20, 20, 20))
+        ImageDraw.Draw(scene).ellipse((6, 5, 24, 27), fill=(30, 200, 30))
+        scene.save(image)
         wide = root / "wide.png"
         Image.open(image).resize((48, 40)).save(wide)
         _CACHE["onnx"] = ChatBundle(bundle, model, tiny_tokenizer, image, wide)

@@ -18,7 +18,7 @@ from mobilemllm.errors import BackendUnavailable, UserError
 pytest.importorskip("onnxruntime")
 
 # Q1's first 8 greedy tokens re-tokenize to themselves (conftest_runner), so a follow-up continues the cache
-Q1, Q2, Q3 = "Describe the image.", "What colour is it?", "Where is the circle?"
+Q1, Q2, Q3 = "Is there a red square?", "What colour is it?", "Where is the circle?"
 
 
 @pytest.fixture(scope="module")

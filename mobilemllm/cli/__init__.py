@@ -12,7 +12,7 @@ import sys
 import typer
 
 from mobilemllm.cli import (bench, chat, data, demo, eval as eval_, export, generate, import_, info, push, quickstart,
-                            train, train_bench)
+                            serve, train, train_bench)
 
 # The command table, in the order `--help` lists them: command name -> typed function (or a Typer group).
 # Command modules are light: each imports its heavy dependencies (torch, ExecuTorch, ...) inside the
@@ -27,6 +27,7 @@ COMMANDS: dict[str, object] = {
     "export": export.export,
     "generate": generate.generate,
     "chat": chat.chat,
+    "serve": serve.serve,
     "bench": bench.bench,
     "push": push.push,
     "demo": demo.demo,

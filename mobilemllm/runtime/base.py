@@ -221,10 +221,12 @@ class Conversation:
 
         return conversation_ids(self.runner.manifest, self.runner.tokenizer, self.turns, question)
 
-    def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, **sampling: Any) -> RunResult:
+    def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, deadline: float | None = None,
+            **sampling: Any) -> RunResult:
         """Answer ``question`` after the turns so far; stream text to ``on_text``. Sampling keywords:
-        max_new_tokens, temperature, top_p, seed, stop."""
-        result = self.runner.answer(self, question, Sampling.of(**sampling), on_text)
+        max_new_tokens, temperature, top_p, seed, stop. At ``deadline`` (``time.monotonic()``) the answer
+        stops as if it had reached max_new_tokens."""
+        result = self.runner.answer(self, question, Sampling.of(**sampling), on_text, deadline)
         self.turns.append((question.strip(), result.text))
         return result
 
@@ -309,7 +311,7 @@ class Runner:
 
     # ---- one turn ------------------------------------------------------------------------------------
     def answer(self, conv: Conversation, question: str, sampling: Sampling,
-               on_text: Callable[[str], None] | None = None) -> RunResult:
+               on_text: Callable[[str], None] | None = None, deadline: float | None = None) -> RunResult:
         """The next answer of ``conv``: prefill what the cache lacks, sample, stream, time."""
         if not isinstance(question, str) or not question.strip():
             raise UserError("the question is empty; ask something about the image")
@@ -332,10 +334,10 @@ class Runner:
                 self._cache = None
                 self._reset_cache()
                 new = want
-            return self._turn(conv, want, new, max_new, sampling, on_text)
+            return self._turn(conv, want, new, max_new, sampling, on_text, deadline)
 
     def _turn(self, conv: Conversation, want: list[int], new: list[int], max_new: int, sampling: Sampling,
-              on_text) -> RunResult:
+              on_text, deadline: float | None) -> RunResult:
         from mobilemllm.runtime.metrics import wall_rates
 
         stream = TextStream(on_text, sampling.stop)
@@ -362,7 +364,8 @@ class Runner:
             except BaseException as e:  # on_text failed (a closed socket...): stop cleanly, raise it afterwards
                 failed.append(e)
                 return True
-            return self._stop.is_set() or len(answer) >= max_new
+            return self._stop.is_set() or len(answer) >= max_new or (deadline is not None
+                                                                      and time.monotonic() > deadline)
 
         self._stop.clear()
         self._cache = None  # unknown until the run completes
