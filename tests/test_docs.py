@@ -125,6 +125,8 @@ def test_cheap_readme_commands_run(tmp_path, monkeypatch, capsys):
 # Commands of the README's CLI tour that this walkthrough does not run, and where they are tested instead.
 NOT_RUN_HERE = {
     "demo": "serves until stopped; tests/test_demo_web.py drives the same server in headless Chromium",
+    "serve": "serves until stopped; tests/test_serve.py drives the same server with the openai client",
+    "chat": "reads questions from stdin; tests/test_chat.py runs it as a process with piped questions",
     "import": "needs a downloaded MobileVLM folder; tests/test_importers.py imports folders in the published layouts",
     "train-bench": "builds the 1.7B preset (a GPU job); tests/test_train_bench.py runs it on tiny",
 }
