@@ -505,6 +505,28 @@ def test_kotlin_answer_text_on_pieces(kotlin_chat_jar, tmp_path):
     assert res["pieces"] == len(pieces)
 
 
+@pytest.mark.slow
+def test_kotlin_photo_sample_size_keeps_what_the_resize_needs(chatty_bundle, kotlin_chat_jar):
+    """A 12-megapixel photo is decoded at a power-of-two fraction of its size that still gives the bicubic
+    resize at least 4x the pixels of its largest target (BundleInputs.sampleSize)."""
+    m = json.loads((chatty_bundle / "manifest.json").read_text())
+    s = m["preprocessing"]["image_size"]
+
+    def sample(w: int, h: int) -> int:
+        out = subprocess.run(["java", "-cp", kotlin_classpath(kotlin_chat_jar), "org.mobilemllm.demo.ParityMainKt",
+                              "--sample-size", str(chatty_bundle / "manifest.json"), str(w), str(h)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout)
+
+    for w, h in [(4000, 3000), (3000, 4000), (640, 480), (s, s), (1, 1), (9000, 100)]:
+        n = sample(w, h)
+        assert n >= 1 and n & (n - 1) == 0, n
+        assert max(w, h) // n >= min(4 * s, max(w, h)), (w, h, n)  # enough pixels left
+        assert max(w, h) // (2 * n) < 4 * s, (w, h, n)  # and not one more halving
+    assert sample(4000, 3000) > 1
+
+
 # ---- iOS: the spec's calls with ExecuTorchLLM's rules, replayed as its Objective-C layer runs them ---------
 def ios_inputs(manifest: dict, bundle: Path, image_path: Path, calls: list[tuple]):
     """MultimodalInput(text) / MultimodalInput(Image(data, width: S, height: V*S, channels: 3)) as

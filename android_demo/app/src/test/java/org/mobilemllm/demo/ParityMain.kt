@@ -14,6 +14,7 @@ import java.nio.ByteBuffer
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --open ROOT NAME     (lists bundles, opens one)
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --chat ROOT WORKDIR  (ChatSession over PipeLlm)
  *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --pieces PIECES.json END_OF_TURN  (AnswerText)
+ *   java -cp app.jar org.mobilemllm.demo.ParityMainKt --sample-size MANIFEST W H     (photo decoding)
  */
 fun main(args: Array<String>) {
     if (args.size == 2 && args[0] == "--stats") {  // ExecuTorch stats JSON -> what the app shows
@@ -40,6 +41,11 @@ fun main(args: Array<String>) {
         for (i in 0 until pieces.length()) a.add(pieces.getString(i))
         println(org.json.JSONObject().put("text", a.text).put("shown", shown).put("endedAtEndOfTurn", a.endedAtEndOfTurn)
             .put("pieces", a.pieces).toString())
+        return
+    }
+    if (args.size == 4 && args[0] == "--sample-size") {  // the decoder's down-sampling for a W x H picture
+        val pre = BundleManifest.parse(File(args[1]).readText()).preprocessing
+        println(BundleInputs.sampleSize(args[2].toInt(), args[3].toInt(), pre))
         return
     }
     if (args.size == 3 && args[0] == "--chat") {  // the app's conversation logic on a stand-in LlmModule
