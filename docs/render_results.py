@@ -81,6 +81,45 @@ def _tiny_training(files: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _tiny_alignment(files: dict[str, Any]) -> list[str]:
+    """DPO against PPO (and the instruct model both start from) on the held-out split of the tiny world."""
+    res = files["results"]
+    splits = ("random", "popular", "adversarial")
+    rows = ["| stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
+            "caption halluc. objects (CHAIR_i) | captions with one (CHAIR_s) | train s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def three(pope: dict[str, Any], key: str) -> str:
+        return " / ".join(f"{100 * pope[s][key]:.1f}" for s in splits) + " %"
+
+    for stage in ("instruct", "dpo", "ppo"):
+        entry = res["stages"].get(stage)
+        if not entry or not entry.get("eval"):
+            continue
+        ev = entry["eval"]
+        pope, cap = ev["pope"], ev["captions"]
+        rows.append(f"| {stage} | {_pct(ev['vqa']['accuracy'])} | {_pct(ev['paraphrase']['accuracy'])} | "
+                    f"{three(pope, 'accuracy')} | {three(pope, 'f1')} | {three(pope, 'yes_ratio')} | "
+                    f"{_pct(cap['object_rate'])} | {_pct(cap['caption_rate'])} | "
+                    f"{entry.get('train_wall_s') or 0:.0f} |")
+    rows += ["", "Paraphrase accuracy per question type (held-out wordings):", "",
+             "| stage | colour | kind | count | position | existence | POPE reworded |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in ("instruct", "dpo", "ppo"):
+        ev = (res["stages"].get(stage) or {}).get("eval")
+        if ev:
+            by = ev["paraphrase"]["by_type"]
+            rows.append(f"| {stage} | " + " | ".join(_pct(by.get(t)) for t in
+                                                      ("colour", "kind", "count", "position", "existence", "pope"))
+                        + " |")
+    rm = ((res["stages"].get("rm") or {}).get("eval") or {}).get("reward")
+    if rm:
+        rows += ["", f"Reward model (rm stage): {_pct(rm['pair_accuracy'])} of {rm['n']} held-out preference pairs "
+                     "ranked right."]
+    rows += ["", f"Whole pipeline: {res['total_wall_s']:.0f} s wall on {res['torch_threads']} thread(s)."]
+    return rows
+
+
 def _bench_table(report: dict[str, Any]) -> list[str]:
     """One row per case of a `mobilemllm bench --json` report (medians; × = decode speed-up over the
     report's reference case, eager PyTorch when it ran)."""
@@ -129,6 +168,10 @@ SPECS: dict[str, Spec] = {
     "tiny-training": Spec(
         "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (results: runs/quickstart/train/results.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0", _tiny_training),
+    "tiny-alignment": Spec(
+        "tiny_alignment", "mobilemllm train --recipe tiny --stage all --out runs/tiny num_threads=1  "
+        "(results: runs/tiny/results.json)",
+        "x86_64 VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
     "tiny-bench": Spec(
         "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (report: runs/quickstart/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",

@@ -131,7 +131,8 @@ def test_rm_stage_learns_reports_pair_accuracy_and_resumes_exactly(world, tmp_pa
     assert not (tmp_path / "cut" / "rm").exists()
     resumed = _run(recipe, tmp_path / "cut", ["rm"], world / "instruct", evaluate_stages=False)
     assert json.loads((tmp_path / "cut" / "rm" / "training_state.json").read_text())["train"]["resumed_from"] == 2
-    assert [r["loss"] for r in _metrics(tmp_path / "cut" / "logs" / "rm" / "metrics.jsonl")] == [r["loss"] for r in rows]
+    cut = _metrics(tmp_path / "cut" / "logs" / "rm" / "metrics.jsonl")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in rows]
     a, _ = load_reward_model(tmp_path / "full" / "rm")
     b, _ = load_reward_model(tmp_path / "cut" / "rm")
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):

@@ -27,7 +27,7 @@ def scorer_dir(tmp_path_factory):
     """A tiny tower trained contrastively on 256 caption pairs for ~2 minutes of CPU at most, saved as a
     foundations folder (checkpoint + contrastive.safetensors)."""
     from mobilemllm.data.dataset import ConversationDataset  # noqa: F401 (the data layer loads first)
-    from mobilemllm.training.caption_scorer import save_contrastive
+    from mobilemllm.training.foundations import save_contrastive
     from mobilemllm.training.foundations import CaptionPairs, ContrastiveModel, ContrastiveObjective, collate_pairs
     from mobilemllm.training.trainer import Trainer, TrainConfig
 

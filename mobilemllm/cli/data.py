@@ -33,13 +33,16 @@ def synth(
 
 @data_app.command("filter")
 def filter_cmd(
-    data: Path = typer.Option(..., "--data", "-d", help="LLaVA-format caption file (pretrain.json): <image> -> caption."),
+    data: Path = typer.Option(..., "--data", "-d",
+                              help="LLaVA-format caption file (pretrain.json): <image> -> caption."),
     scorer: Path = typer.Option(..., "--scorer", "-s", help="A foundations stage folder (runs/tiny/foundations) or a "
                                 "local transformers CLIP/SigLIP folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="The kept records' file (its report and histogram go beside it)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="The kept records' file (its report and histogram go beside it)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep pairs scoring at least this (cosine)."),
     top_fraction: Optional[float] = typer.Option(None, "--top-fraction", help="Keep this share of the best pairs."),
-    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Images (default: images/ beside --data)."),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder",
+                                                help="Images (default: images/ beside --data)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Pairs scored together."),
     allow_outside_images: bool = typer.Option(
         False, "--allow-outside-images/--no-allow-outside-images",

@@ -1,4 +1,5 @@
-"""`mobilemllm eval`: VQA exact match, POPE and caption hallucination of a checkpoint on LLaVA-format data."""
+"""`mobilemllm eval`: VQA exact match (canonical and held-out paraphrased questions), POPE and caption
+hallucination of a checkpoint on LLaVA-format data."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import typer
 
 def eval_cmd(
     model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint folder (repeat to compare several)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Folder with eval_questions.json, eval_pope_*.json, "
-                              "eval_captions.json and images/ (e.g. `mobilemllm data synth --seed 1 --out DIR`)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Folder with eval_questions.json, eval_paraphrase.json, "
+                              "eval_pope_*.json, eval_captions.json and images/ (e.g. `mobilemllm data synth "
+                              "--seed 1 --out DIR`)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N records per file."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Prompts decoded together."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),

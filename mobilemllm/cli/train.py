@@ -1,4 +1,4 @@
-"""`mobilemllm train`: run a training recipe's stages (foundations, pretrain, instruct, dpo).
+"""`mobilemllm train`: run a training recipe's stages (foundations, pretrain, instruct, dpo, rm, ppo).
 
 Single process, or under torchrun for DDP / FSDP2:
     mobilemllm train --recipe tiny --stage all --out runs/tiny
@@ -16,8 +16,8 @@ import typer
 def train(
     recipe: str = typer.Option("tiny", "--recipe", "-r", help="A shipped recipe name (tiny, mobilevlm-v2-1.7b) "
                                "or a path to a recipe .yaml file."),
-    stage: str = typer.Option("all", "--stage", "-s", help="foundations, pretrain, instruct, dpo, or all (the "
-                              "recipe's `stages` list in order)."),
+    stage: str = typer.Option("all", "--stage", "-s", help="foundations, pretrain, instruct, dpo, rm, ppo, or all "
+                              "(the recipe's `stages` list in order)."),
     out: Path = typer.Option(Path("runs/tiny"), "--out", "-o", help="Output folder: one checkpoint folder per "
                              "stage, logs/<stage>/metrics.jsonl, results.json."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides as key=value, e.g. "

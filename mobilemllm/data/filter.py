@@ -78,12 +78,13 @@ def histogram(scores: torch.Tensor, cut: float, path: Path) -> None:
     plt.close(fig)
 
 
-def filter_file(data: str | Path, scorer: Callable[[list, list[str]], torch.Tensor], out: str | Path, *, threshold: float | None = None,
+def filter_file(data: str | Path, scorer: Callable[[list, list[str]], torch.Tensor], out: str | Path, *,
+                threshold: float | None = None,
                 top_fraction: float | None = None, image_folder: str | Path | None = None, batch_size: int = 64,
                 allow_outside_images: bool = False) -> dict[str, Any]:
-    """Score ``data``'s pairs with ``scorer(images, captions) -> scores``, write the kept records to ``out`` (image names as they were: put ``out`` beside
-    the image folder, or pass it as the stage's ``image_folder``), ``<out stem>.report.json`` and
-    ``<out stem>.hist.png``. Returns the report."""
+    """Score ``data``'s pairs with ``scorer(images, captions) -> scores``, write the kept records to ``out``
+    (image names as they were: put ``out`` beside the image folder, or pass it as the stage's
+    ``image_folder``), ``<out stem>.report.json`` and ``<out stem>.hist.png``. Returns the report."""
     data, out = Path(data), Path(out)
     if not data.is_file():
         raise UserError(f"data file {data} does not exist")
@@ -98,7 +99,8 @@ def filter_file(data: str | Path, scorer: Callable[[list, list[str]], torch.Tens
     tmp.replace(out)
     hist = out.with_name(out.stem + ".hist.png")
     histogram(scores, cut, hist)
-    report = {"data": str(data), "scorer": getattr(scorer, "name", type(scorer).__name__), "out": str(out), "pairs": len(records),
+    report = {"data": str(data), "scorer": getattr(scorer, "name", type(scorer).__name__), "out": str(out),
+              "pairs": len(records),
               "kept": len(kept), "cut": cut, "threshold": threshold, "top_fraction": top_fraction,
               "score": {"min": float(scores.min()), "mean": float(scores.mean()), "max": float(scores.max())}
               if len(scores) else None, "histogram": str(hist),

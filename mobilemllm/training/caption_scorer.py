@@ -17,11 +17,12 @@ import torch
 
 from mobilemllm.errors import UserError
 
-CONTRASTIVE_NAME = "contrastive.safetensors"
+from mobilemllm.training.foundations import CONTRASTIVE_NAME
 
 
 class FoundationsScorer:
-    """The foundations stage's vision tower and text tower (:class:`~mobilemllm.training.foundations.ContrastiveModel`)."""
+    """The foundations stage's vision tower and text tower
+    (:class:`~mobilemllm.training.foundations.ContrastiveModel`)."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
@@ -99,14 +100,3 @@ def load_scorer(folder: str | Path) -> Callable[[list, list[str]], torch.Tensor]
         return TransformersScorer(folder)
     raise UserError(f"{folder} holds no caption scorer: neither {CONTRASTIVE_NAME} (a foundations stage folder "
                     f"of this project) nor a transformers CLIP/SigLIP config.json (model_type {kind!r})")
-
-
-def save_contrastive(model, folder: str | Path) -> None:
-    """The foundations stage's contrastive text tower and projections (the vision tower is in the checkpoint)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("vision.")}
-    tmp = folder / (CONTRASTIVE_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"image_features": model.image_features})
-    tmp.replace(folder / CONTRASTIVE_NAME)

@@ -180,6 +180,20 @@ def collate_pairs(items, pad_id: int = 0) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([p for p, _ in items]), "text_ids": ids, "attention_mask": mask}
 
 
+CONTRASTIVE_NAME = "contrastive.safetensors"
+
+
+def save_contrastive(model, folder: str | Path) -> None:
+    """The foundations stage's contrastive text tower and projections (the vision tower is in the checkpoint)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    tmp = folder / (CONTRASTIVE_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"image_features": model.image_features})
+    tmp.replace(folder / CONTRASTIVE_NAME)
+
+
 # ------------------------------------------------------------------------------------- driver
 def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Path, text_cfg: TrainConfig,
                       vision_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
@@ -211,8 +225,6 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
     t = Trainer(clip, ContrastiveObjective(), pairs, lambda s: collate_pairs(s, pad), vision_cfg,
                 run_dir / "vision", progress=progress, desc="foundations: contrastive vision")
     summary["vision"] = t.fit(resume=resume, resume_changed=resume_changed)
-    from mobilemllm.training.caption_scorer import save_contrastive
-
     save_contrastive(clip, run_dir / "vision")  # the text tower too: `mobilemllm data filter` scores pairs with it
     model.set_trainable(vision=True, connector=True, llm=True)
     return summary

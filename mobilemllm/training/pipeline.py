@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mobilemllm.errors import ConfigError, UserError
-from mobilemllm.training.caption_scorer import CONTRASTIVE_NAME
 from mobilemllm.training.distributed import barrier, dist_env
 from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
                                          stage_train_config)
@@ -358,8 +357,11 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     if env.is_main:
         save_checkpoint(model, tok, out_dir / stage, extra=state)
         _save_heads(stage, heads, out_dir / stage)
-        if stage == "foundations" and (run_dir / "vision" / CONTRASTIVE_NAME).is_file():
-            shutil.copyfile(run_dir / "vision" / CONTRASTIVE_NAME, out_dir / stage / CONTRASTIVE_NAME)
+        if stage == "foundations":  # the text tower beside the vision tower: `mobilemllm data filter` scores with them
+            from mobilemllm.training.foundations import CONTRASTIVE_NAME
+
+            if (run_dir / "vision" / CONTRASTIVE_NAME).is_file():
+                shutil.copyfile(run_dir / "vision" / CONTRASTIVE_NAME, out_dir / stage / CONTRASTIVE_NAME)
         shutil.rmtree(run_dir / "last", ignore_errors=True)
         for sub in ("text", "vision"):
             shutil.rmtree(run_dir / sub / "last", ignore_errors=True)
