@@ -526,14 +526,18 @@ def test_stage_without_previous_checkpoint_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
 def test_tiny_pipeline_runs_and_learns(tmp_path_factory):
-    """Foundations + pretrain + instruct + dpo on the CPU: every stage written, instruct learns, reruns reuse."""
+    """Foundations + pretrain + instruct + dpo + rm + ppo on the CPU: every stage written, instruct learns,
+    reruns reuse."""
     from _trained import trained_tiny
 
     t = trained_tiny(tmp_path_factory)
     res, table = t["results"], t["results"]["table"]
-    assert set(table) == {"pretrain", "instruct", "dpo"}
-    for stage in ("foundations", "pretrain", "instruct", "dpo"):
+    assert set(table) == {"pretrain", "instruct", "dpo", "rm", "ppo"}
+    for stage in ("foundations", "pretrain", "instruct", "dpo", "rm", "ppo"):
         assert (t["checkpoints"][stage] / "model.safetensors").exists()
+    assert (t["checkpoints"]["rm"] / "reward_head.safetensors").exists()
+    assert (t["checkpoints"]["foundations"] / "contrastive.safetensors").exists()
+    assert table["rm"]["rm_pair_accuracy"] is not None and table["ppo"]["paraphrase_accuracy"] is not None
     # what the pipeline reaches today: instruction tuning lifts accuracy far above pretrain-only
     assert table["instruct"]["vqa_accuracy"] >= table["pretrain"]["vqa_accuracy"] + 0.3, table
     # re-running reuses every finished stage and the cached evaluations
