@@ -1,0 +1,201 @@
+"""GGUF export (`mobilemllm export --target gguf`): the writers read back with the gguf package, what llama.cpp
+refuses, and the bundles run through llama.cpp itself (llama-cpp-python) against eager.
+
+Tests that run llama.cpp skip on a developer machine without llama-cpp-python and fail in CI, where
+``pip install -e '.[dev]'`` brings it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_config
+
+# Tiny towers llama.cpp's clip.cpp runs exactly: SigLIP (no class token; see docs/gguf.md for CLIP's) at 32 px
+# for mlp2x_gelu, and at the 24x24 patch grid clip.cpp's MobileVLM projectors are built for (48 px, 2 px patches).
+SIGLIP = {"kind": "siglip", "image_size": 32, "patch_size": 4, "image_mean": (0.5, 0.5, 0.5),
+          "image_std": (0.5, 0.5, 0.5)}
+GRID24 = {**SIGLIP, "image_size": 48, "patch_size": 2}
+
+
+def gguf_config(connector: str = "mlp2x_gelu", vision: dict | None = None, **overrides):
+    vision = vision if vision is not None else (GRID24 if connector in ("ldp", "ldpv2") else SIGLIP)
+    return make_tiny_config(vision=vision, connector={"kind": connector}, **overrides)
+
+
+def gguf_model(connector: str = "mlp2x_gelu", seed: int = 0, **overrides):
+    from mobilemllm.models.vlm import MobileVLM
+
+    torch.manual_seed(seed)
+    return MobileVLM(gguf_config(connector, **overrides)).eval()
+
+
+def _read(path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: t for t in reader.tensors}
+    return fields, tensors
+
+
+def _same(tensor, expected: np.ndarray) -> None:
+    """A GGUF tensor holds ``expected`` as its stored dtype (fp16 matrices, fp32 vectors) exactly."""
+    got = np.asarray(tensor.data)
+    want = expected.astype(got.dtype)
+    assert got.shape == want.shape, (tensor.name, got.shape, want.shape)
+    np.testing.assert_array_equal(got, want, err_msg=tensor.name)
+
+
+# ---- the writers, read back ----------------------------------------------------------------------------
+def test_text_gguf_round_trip(tmp_path, tiny_tokenizer):
+    """Every LLaMA tensor and hyperparameter reads back as written: q/k rows interleaved per head as llama.cpp's
+    rope needs, norms fp32, matrices fp16, the tied output left to token_embd; the vocabulary and ids are the
+    tokenizer's, padded to the embedding table with UNUSED rows."""
+    import gguf
+
+    from mobilemllm.export import manifest_sections as S
+    from mobilemllm.export.gguf.text import write_text_gguf
+    from mobilemllm.export.gguf.vocab import chat_template
+
+    model = gguf_model()
+    cfg = model.config.llm
+    prompt = S.prompt_section(model.config, tiny_tokenizer)
+    path = tmp_path / "model.gguf"
+    write_text_gguf(model, tiny_tokenizer, path, prompt, chat_template(prompt), "t")
+    fields, tensors = _read(path)
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == cfg.num_layers and fields["llama.embedding_length"] == cfg.hidden_size
+    assert fields["llama.attention.head_count"] == cfg.num_heads
+    assert fields["llama.rope.dimension_count"] == cfg.head_dim
+    assert fields["llama.context_length"] == cfg.max_position_embeddings
+
+    sd = model.llm.state_dict()
+    hd, half = cfg.head_dim, cfg.head_dim // 2
+    for i in range(cfg.num_layers):
+        q = sd[f"model.layers.{i}.self_attn.q_proj.weight"].numpy()
+        got_q = np.asarray(tensors[f"blk.{i}.attn_q.weight"].data).astype(np.float32)
+        for h in range(cfg.num_heads):  # row 2j of a head is transformers' row j, row 2j+1 its row half + j
+            np.testing.assert_array_equal(got_q[h * hd:(h + 1) * hd:2], q[h * hd:h * hd + half].astype(np.float16))
+            np.testing.assert_array_equal(got_q[h * hd + 1:(h + 1) * hd:2], q[h * hd + half:(h + 1) * hd]
+                                          .astype(np.float16))
+        _same(tensors[f"blk.{i}.attn_v.weight"], sd[f"model.layers.{i}.self_attn.v_proj.weight"].numpy())
+        _same(tensors[f"blk.{i}.ffn_down.weight"], sd[f"model.layers.{i}.mlp.down_proj.weight"].numpy())
+        _same(tensors[f"blk.{i}.attn_norm.weight"], sd[f"model.layers.{i}.input_layernorm.weight"].numpy())
+        assert tensors[f"blk.{i}.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    _same(tensors["token_embd.weight"], sd["model.embed_tokens.weight"].numpy())
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd
+    assert len(tensors) == 2 + 9 * cfg.num_layers
+
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(tokens) == cfg.vocab_size
+    vocab = tiny_tokenizer.get_vocab()
+    assert all(tokens[i] == text for text, i in vocab.items())
+    assert tokens[len(vocab):] == [f"[PAD{i}]" for i in range(len(vocab), cfg.vocab_size)]
+    assert fields["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.token_type"][tiny_tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+    assert len(fields["tokenizer.ggml.merges"]) > 0 and fields["tokenizer.ggml.add_bos_token"] is True
+    assert "<__media__>" in fields["tokenizer.chat_template"]
+
+
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "ldp", "ldpv2"])
+def test_mmproj_round_trip(tmp_path, connector):
+    """Every tower and connector tensor reads back under the name clip.cpp loads, with the keys it reads."""
+    import gguf
+
+    from mobilemllm.export.gguf.mmproj import write_mmproj_gguf
+
+    model = gguf_model(connector)
+    v = model.config.vision
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj_gguf(model, path, "t")
+    fields, tensors = _read(path)
+    assert fields["general.architecture"] == "clip" and fields["clip.has_vision_encoder"] is True
+    assert fields["clip.projector_type"] == {"mlp2x_gelu": "mlp", "ldp": "ldp", "ldpv2": "ldpv2"}[connector]
+    assert fields["clip.vision.image_size"] == v.image_size and fields["clip.vision.patch_size"] == v.patch_size
+    assert fields["clip.vision.block_count"] == v.num_layers
+    assert fields["clip.vision.projection_dim"] == model.config.llm.hidden_size
+    assert fields["clip.vision.feature_layer"] == [v.num_layers]  # select_layer -1: the last layer's output
+    assert fields["clip.use_gelu"] is True  # SigLIP's tanh GELU (ggml_gelu)
+    np.testing.assert_allclose(fields["clip.vision.image_mean"], v.image_mean)
+
+    tower = {k.removeprefix("vision_model."): t for k, t in model.vision.model.state_dict().items()}
+    _same(tensors["v.patch_embd.weight"], tower["embeddings.patch_embedding.weight"].numpy())
+    _same(tensors["v.position_embd.weight"], tower["embeddings.position_embedding.weight"].numpy())
+    _same(tensors["v.blk.1.ffn_up.weight"], tower["encoder.layers.1.mlp.fc1.weight"].numpy())
+    _same(tensors["v.blk.1.ffn_down.weight"], tower["encoder.layers.1.mlp.fc2.weight"].numpy())
+    _same(tensors["v.blk.0.ln1.bias"], tower["encoder.layers.0.layer_norm1.bias"].numpy())
+    assert not any(n.startswith("v.post_ln") for n in tensors)  # the connector reads the state before it
+
+    conn = {k: t.numpy() for k, t in model.connector.state_dict().items()}
+    if connector == "mlp2x_gelu":
+        expected = {"mm.0.weight": conn["0.weight"], "mm.2.bias": conn["2.bias"]}
+    elif connector == "ldpv2":
+        expected = {"mm.model.mlp.0.weight": conn["mlp.mlp.0.weight"], "mm.model.mlp.2.bias": conn["mlp.mlp.2.bias"],
+                    "mm.model.peg.0.weight": conn["peg.peg.0.weight"][:, 0]}  # depthwise (C, 1, 3, 3) -> (C, 3, 3)
+    else:
+        expected = {"mm.model.mlp.1.weight": conn["mlp.1.weight"],
+                    "mm.model.mb_block.1.block.0.0.weight": conn["mb_block.1.block.0.0.weight"][:, 0],
+                    "mm.model.mb_block.2.block.1.fc1.weight": conn["mb_block.2.block.1.fc1.weight"][:, :, 0, 0],
+                    "mm.model.mb_block.2.block.2.0.weight": conn["mb_block.2.block.2.0.weight"][:, :, 0, 0],
+                    "mm.model.mb_block.2.block.2.1.bias": conn["mb_block.2.block.2.1.bias"]}
+    for name, want in expected.items():
+        _same(tensors[name], want)
+    n_tower = sum(1 for k in tower if not k.startswith("post_layernorm."))
+    assert len(tensors) == n_tower + len(conn)
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F16 for n, t in tensors.items()
+               if n.endswith(".weight") and len(t.shape) >= 2)
+
+
+def test_clip_tower_keeps_class_embedding(tmp_path):
+    """A CLIP tower's class embedding and its pre-norm are written where clip.cpp looks for them."""
+    from mobilemllm.export.gguf.mmproj import write_mmproj_gguf
+
+    model = gguf_model("mlp2x_gelu", vision={})  # the tiny preset's CLIP tower
+    write_mmproj_gguf(model, tmp_path / "mmproj.gguf", "t")
+    fields, tensors = _read(tmp_path / "mmproj.gguf")
+    tower = {k.removeprefix("vision_model."): t for k, t in model.vision.model.state_dict().items()}
+    _same(tensors["v.class_embd"], tower["embeddings.class_embedding"].numpy())
+    _same(tensors["v.pre_ln.weight"], tower["pre_layrnorm.weight"].numpy())
+    assert fields["clip.use_gelu"] is False  # CLIP's quick GELU
+
+
+def test_chat_template_renders_the_manifest_prompt(tiny_tokenizer):
+    """The GGUF's chat template gives the manifest's prompt for the first turn (image where mtmd's marker goes,
+    without the BOS text, which llama.cpp adds) and the training layout for a follow-up."""
+    import jinja2
+
+    from mobilemllm.export import manifest_sections as S
+    from mobilemllm.export.gguf.vocab import chat_template
+
+    cfg = gguf_config()
+    prompt = S.prompt_section(cfg, tiny_tokenizer)
+    tpl = jinja2.Environment().from_string(chat_template(prompt))
+    one = tpl.render(messages=[{"role": "user", "content": "<__media__>What colour is it?"}])
+    assert one == "A chat about an image. USER: <__media__>\nWhat colour is it? ASSISTANT:"
+    two = tpl.render(messages=[{"role": "user", "content": "What colour is it? <__media__>"},
+                               {"role": "assistant", "content": "Red."},
+                               {"role": "user", "content": "Where?"}])
+    assert two == one + " Red.</s> USER: Where? ASSISTANT:"
+
+
+# ---- what llama.cpp cannot run -------------------------------------------------------------------------
+@pytest.mark.parametrize("connector, words", [("patch_merger", "patch_merger connector"),
+                                              ("resampler", "resampler connector")])
+def test_unrunnable_connectors_are_named(connector, words):
+    from mobilemllm.export.gguf.support import problems
+
+    found = problems(gguf_config(connector, vision=SIGLIP))
+    assert len(found) == 1 and words in found[0] and "mlp2x_gelu, ldp, ldpv2" in found[0]
+
+
+def test_mobilevlm_projectors_need_the_24_grid():
+    from mobilemllm.export.gguf.support import problems
+
+    found = problems(gguf_config("ldpv2", vision=SIGLIP))  # 8x8 grid
+    assert len(found) == 1 and "24x24" in found[0] and "8x8" in found[0]
+    assert problems(gguf_config("ldpv2")) == [] and problems(gguf_config("ldp")) == []
