@@ -61,26 +61,6 @@ def _train_bench(files: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _tiny_training(files: dict[str, Any]) -> list[str]:
-    res = files["results"]
-    rows = ["| stage | VQA exact match | colour / kind / count / position / existence | POPE accuracy | "
-            "POPE false-positive rate | hallucinated objects in captions | captions with a hallucination | wall s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for stage, entry in res["stages"].items():
-        ev = entry.get("eval")
-        if not ev:
-            continue
-        vqa, pope, cap = ev["vqa"], ev["pope"], ev["captions"]
-        per = " / ".join(_pct(vqa["by_type"].get(t)) .replace(" %", "") for t in
-                         ("colour", "kind", "count", "position", "existence")) + " %"
-        rows.append(f"| {stage} | {_pct(vqa['accuracy'])} | {per} | {_pct(pope['accuracy'])} | "
-                    f"{_pct(pope['false_positive_rate'])} | {_pct(cap['hallucinated_objects'])} | "
-                    f"{_pct(cap['captions_with_hallucination'])} | {entry.get('wall_s', 0):.0f} |")
-    rows.append("")
-    rows.append(f"Whole pipeline: {res['total_wall_s']:.0f} s wall on {res['torch_threads']} threads.")
-    return rows
-
-
 def _tiny_alignment(files: dict[str, Any]) -> list[str]:
     """DPO against PPO (and the instruct model both start from) on the held-out split of the tiny world."""
     res = files["results"]
@@ -152,10 +132,6 @@ def _bench_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _tiny_bench(files: dict[str, Any]) -> list[str]:
-    return _bench_table(files["bench"])
-
-
 def _bench_preset(files: dict[str, Any]) -> list[str]:
     return _bench_table(files["bench"])
 
@@ -165,17 +141,9 @@ SPECS: dict[str, Spec] = {
         "train_bench_h100", "OUT=docs/results/train_bench_h100 bash benchmarks/gpu_train_bench.sh",
         "one NVIDIA H100 80GB, torch 2.11 + CUDA 13, bf16 autocast, MobileVLM V2 1.7B shapes (random weights), "
         "513-token samples", _train_bench),
-    "tiny-training": Spec(
-        "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (results: runs/quickstart/train/results.json)",
-        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0", _tiny_training),
-    "tiny-alignment": Spec(
-        "tiny_alignment", "mobilemllm train --recipe tiny --stage all --out runs/tiny num_threads=1  "
-        "(results: runs/tiny/results.json)",
-        "x86_64 VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
-    "tiny-bench": Spec(
-        "tiny_quickstart", "mobilemllm quickstart --out runs/quickstart  (report: runs/quickstart/bench.json)",
-        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",
-        _tiny_bench),
+    "tiny-pipeline": Spec(
+        "tiny_pipeline", "mobilemllm train --recipe tiny --stage all --out runs/tiny  (results: runs/tiny/results.json)",
+        "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",

@@ -11,6 +11,8 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,27 @@ def test_readme_cli_tour_runs_on_the_trained_tiny_model(trained, tmp_path, monke
         assert (tmp_path / "bundles" / bundle / "manifest.json").exists()
     quick = json.loads((tmp_path / "runs" / "quickstart" / "quickstart.json").read_text())
     assert all(quick[s]["done"] for s in ("train", "export-android", "export-onnx", "answer", "bench"))
+
+
+def test_result_tables_equal_their_raw_files():
+    """Every `<!-- results: NAME -->` block in README.md and docs/ is what docs/render_results.py renders
+    from docs/results/ (so a published number cannot drift from the file it came from)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "render_results.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    blocks = sum(p.read_text().count("<!-- results: ") for p in DOCS)
+    assert blocks >= 2, "the README and docs publish their tables through render_results.py"
+
+
+def test_render_check_catches_a_changed_number(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import render_results as R
+    finally:
+        sys.path.pop(0)
+    md = tmp_path / "x.md"
+    body = R._relink(R.render("train-bench-h100"), tmp_path / "x.md")
+    md.write_text(f"<!-- results: train-bench-h100 -->\n{body}<!-- /results -->\n")
+    assert R.process(md, check=True) == []
+    md.write_text(md.read_text().replace("15,450", "16,450"))
+    assert R.process(md, check=True) == ["train-bench-h100"]
