@@ -335,6 +335,8 @@ def _kv_cache_errors(recipe: dict[str, Any], key: str) -> list[str]:
 def _plan(recipe: dict[str, Any]) -> tuple[Plan | None, list[str]]:
     errors: list[str] = []
     key = support_key(recipe)
+    if key not in SUPPORT and key.startswith("executorch/"):  # an unknown backend (the format check says so):
+        key = "executorch/xnnpack"  # its schemes are still checked, against the default backend's table
     support = SUPPORT.get(key)
     if support is None:  # an unknown format or backend: the format check names the valid ones
         return None, errors

@@ -45,13 +45,14 @@ def _model(seed=0, scale=0.08):
 # ---- recipe, SoC, specs ---------------------------------------------------------------------------
 def test_recipe_loads_with_qnn_schemes_and_bad_ones_are_refused(tmp_path):
     from mobilemllm.export import qnn as Q
+    from mobilemllm.export.pipeline import check_recipe
     from mobilemllm.export.recipes import load_recipe
 
     rec = load_recipe("android-qnn")
     assert rec["backend"] == "qnn" and rec["soc_model"] == "SM8650"
     assert Q.part_schemes(rec) == {"text_decoder": "16a4w", "vision_encoder": "8a8w"}
     assert rec["quantization"]["token_embedding"]["scheme"] == "embedding4"
-    assert Q.check_recipe(rec) == []
+    assert check_recipe(rec)[1] == []
     bad = tmp_path / "bad.yaml"
     bad.write_text("format: executorch\nbackend: qnn\nquantization:\n  text_decoder: {scheme: 8da4w}\n")
     with pytest.raises(ConfigError, match="not a QNN scheme.*16a4w"):

@@ -30,7 +30,7 @@ import torch
 from mobilemllm.bundle.layout import PROGRAM_NAME
 from mobilemllm.errors import ConfigError
 from mobilemllm.export.executorch_backends import BACKENDS, METHODS, Backend
-from mobilemllm.export.executorch_parity import check_parity, load_program  # noqa: F401  (load_program: tests)
+from mobilemllm.export.executorch_parity import check_parity
 from mobilemllm.export.plugin import ExportFormat, Job
 
 REQUIRED_KERNELS = ["executorch/extension/llm/custom_ops (llama::custom_sdpa, llama::update_cache)",

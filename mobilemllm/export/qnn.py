@@ -98,12 +98,6 @@ def check_backend(recipe: dict[str, Any]) -> list[str]:
     return errors
 
 
-def check_recipe(recipe: dict[str, Any]) -> list[str]:
-    """Problems with a ``backend: qnn`` recipe: its own keys and its quantization (QNN schemes, the CPU token
-    embedding, the KV cache) as the registry checks it."""
-    return check_backend(recipe) + Q.check({**recipe, "format": "executorch", "backend": "qnn"})
-
-
 def compile_specs(recipe: dict[str, Any], fp16: bool = False) -> list:
     """HTP compile specs (ExecuTorch ``CompileSpec`` list) for the recipe's ``soc_model``: quantized precision,
     or fp16 for an unquantized method. Pure Python: needs no SDK."""

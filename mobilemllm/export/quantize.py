@@ -23,13 +23,6 @@ from mobilemllm.errors import ConfigError
 from mobilemllm import quantization as Q
 
 
-def check_scheme(part: str, spec: dict[str, Any]) -> None:
-    """One ExecuTorch part's torchao scheme, checked by the registry (:func:`mobilemllm.quantization.check`)."""
-    errors = Q.check({"format": "executorch", "backend": "xnnpack", "quantization": {part: spec}})
-    if errors:
-        raise ConfigError(errors[0])
-
-
 def _granularity(group_size: int | None):
     from torchao.quantization.granularity import PerAxis, PerGroup
 

@@ -2,8 +2,7 @@
 
 The folder ships inside the wheel as the package ``mobilemllm.export_recipes`` (see setup.py); in a
 source checkout it is read from the repository. A recipe names its ``format`` (executorch | onnx |
-coreml); the export command calls ``mobilemllm.export.<format>.export_<format>(model, tokenizer, recipe,
-out_dir, source=..., force=..., log=...)`` -- and ``preflight(recipe)`` first when that module has one.
+coreml); the export command hands it to ``mobilemllm.export.pipeline.export_bundle``.
 
 Each format's keys and their types are the schema classes below (pydantic, unknown keys refused); the
 values are then checked by the format's own rules (quantization schemes, backends, QNN SoCs). Every
@@ -106,29 +105,12 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
     fmt = recipe.get("format")
     if errors:  # keys and types first: the value checks below assume them
         raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
-    if fmt == "executorch":
-        from mobilemllm.export.executorch import BACKENDS
-        from mobilemllm.export.quantize import check_scheme
+    from mobilemllm.export.pipeline import check_recipe
 
-        if recipe.get("backend", "xnnpack") not in BACKENDS:
-            errors.append(f"backend {recipe.get('backend')!r} is not one of {', '.join(BACKENDS)}")
+    errors = check_recipe(recipe)[1]  # the format's rules and the quantization registry, as export's preflight
+    if fmt == "executorch":  # part: scheme -> part: {scheme: ...}
         quant = recipe.get("quantization") or {}
-        if recipe.get("backend") == "qnn":  # QNN's PT2E schemes (16a4w, 8a8w, ...) and soc_model
-            from mobilemllm.export.qnn import check_recipe
-
-            errors.extend(check_recipe(recipe))
-            recipe["quantization"] = {p: (s if isinstance(s, dict) else {"scheme": s}) for p, s in quant.items()}
-        else:
-            for part, spec in quant.items():
-                try:
-                    check_scheme(part, spec if isinstance(spec, dict) else {"scheme": spec})
-                except ConfigError as e:
-                    errors.append(str(e))
-            recipe["quantization"] = {p: (s if isinstance(s, dict) else {"scheme": s}) for p, s in quant.items()}
-        from mobilemllm.export.export_llama import KV_CACHE_DTYPES
-
-        if recipe.get("kv_cache") not in (None, *KV_CACHE_DTYPES):
-            errors.append(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {recipe.get('kv_cache')!r}")
+        recipe["quantization"] = {p: (s if isinstance(s, dict) else {"scheme": s}) for p, s in quant.items()}
     if errors:
         raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
     recipe.setdefault("name", Path(source).stem)
