@@ -26,6 +26,7 @@ from conftest_runner import onnx_chat  # noqa: F401  (fixture)
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 QUESTION = "What colour is the shape?"
+FOLLOW_UP = "Where is it?"
 MAX_UPLOAD_MB = 0.05  # small, so a "too large" file is cheap to make
 
 
@@ -199,6 +200,25 @@ def test_web_demo_in_headless_chromium(server, app_bundle, tmp_path):
         direct = run_bundle(app_bundle, Image.open(image).convert("RGB"), QUESTION, max_new_tokens=12,
                             temperature=0.0, report=False)
         assert answer == direct.text and answer.strip(), (answer, direct.text)
+
+        # a follow-up continues the conversation: the page keeps both turns, the answer is the runner's
+        # second turn; "New conversation" clears the history
+        from mobilemllm.runtime import open_runner
+
+        conv = open_runner(app_bundle).conversation(image)
+        conv.ask(QUESTION, max_new_tokens=12)
+        follow_up = conv.ask(FOLLOW_UP, max_new_tokens=12).text
+        driver.find_element(By.ID, "question").clear()
+        driver.find_element(By.ID, "question").send_keys(FOLLOW_UP)
+        driver.find_element(By.ID, "ask").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log .turn")) == 2
+                   and d.find_element(By.ID, "log").get_attribute("data-state") in ("done", "error"))
+        assert driver.find_element(By.ID, "log").get_attribute("data-state") == "done", error.text
+        answers = driver.execute_script("return [...document.querySelectorAll('#log .a')].map(a => a.textContent);")
+        assert answers == [direct.text, follow_up]
+        assert "generated tokens" in driver.find_element(By.ID, "stats").text
+        driver.find_element(By.ID, "new-chat").click()
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#log .turn"))
 
         # bad uploads: a clear message on the page, nothing uploaded
         driver.find_element(By.ID, "file").send_keys(str(not_image))

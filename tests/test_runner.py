@@ -33,7 +33,7 @@ def test_open_runner_dispatches_on_the_manifest_format(onnx_chat, tmp_path):
     from mobilemllm.runtime import RUNNERS, Runner, open_runner
     from mobilemllm.runtime.onnx_runner import OnnxBundleRunner
 
-    assert set(RUNNERS) == {"executorch", "onnx", "coreml"}
+    assert {"executorch", "onnx", "coreml"} <= set(RUNNERS)
     r = open_runner(onnx_chat.bundle, providers=["CPUExecutionProvider"], threads=1)
     assert isinstance(r, OnnxBundleRunner) and isinstance(r, Runner) and not r.loaded
     assert r.load().engine.providers == ["CPUExecutionProvider"] and "ONNX Runtime" in r.describe()
@@ -110,6 +110,27 @@ def test_follow_up_continues_the_cache_and_equals_eager_two_turn_generation(runn
     runner.reset()
     again = runner.conversation(onnx_chat.image, history=[(Q1, first.text)]).ask(Q2, max_new_tokens=10)
     assert again.tokens == second.tokens and again.prefilled_tokens == again.prompt_tokens
+
+
+def test_follow_ups_come_from_the_manifest(runner, onnx_chat):
+    """prompt.follow_up (what the apps read) gives the template's two-turn ids; a bundle without it falls
+    back to its template; a template without chat turns refuses follow-ups."""
+    from mobilemllm.runtime.conversation import conversation_ids
+
+    manifest, tok = runner.manifest, runner.tokenizer
+    assert manifest["prompt"]["follow_up"]["segments"]
+    turns = [(Q1, "a red square")]
+    ids = conversation_ids(manifest, tok, turns, Q2)
+    old = json.loads(json.dumps(manifest))
+    del old["prompt"]["follow_up"]
+    assert conversation_ids(old, tok, turns, Q2) == ids
+    edited = json.loads(json.dumps(manifest))
+    edited["prompt"]["follow_up"]["segments"][0]["text"] += " Briefly:"
+    assert conversation_ids(edited, tok, turns, Q2) != ids
+    edited["prompt"]["follow_up"] = None
+    with pytest.raises(UserError, match="has no chat turns"):
+        conversation_ids(edited, tok, turns, Q2)
+    assert conversation_ids(edited, tok, [], Q2) == conversation_ids(manifest, tok, [], Q2)
 
 
 def test_a_third_turn_equals_eager(runner, onnx_chat, tmp_path):
