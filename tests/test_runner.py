@@ -272,6 +272,26 @@ def test_a_damaged_bundle_is_refused_before_running(onnx_chat, tmp_path):
         open_runner(broken)
 
 
+def test_evaluate_bundle_equals_eager_evaluation(onnx_chat, tmp_path, capsys):
+    """`mobilemllm eval --bundle` answers through the runner: the same report as eager evaluation of the model
+    the fp32 bundle came from."""
+    from mobilemllm.cli import main
+    from mobilemllm.data.shapes import write_synthetic
+    from mobilemllm.evaluation import evaluate, evaluate_bundle
+
+    data = tmp_path / "eval"
+    write_synthetic(data, num_images=4, seed=1)
+    eager = evaluate(onnx_chat.model, onnx_chat.tokenizer, data, limit=4, caption_tokens=12)
+    got = evaluate_bundle(onnx_chat.bundle, data, limit=4, caption_tokens=12)
+    for report in (eager, got):
+        report.pop("eval_s")
+    assert got == eager and got["vqa"]["n"] == 4 and got["captions"]["examples"]
+    assert main(["eval", "--bundle", str(onnx_chat.bundle), "--data", str(data), "--limit", "2"]) == 0
+    assert '"vqa"' in capsys.readouterr().out
+    assert main(["eval", "--data", str(data)]) == 2
+    assert "give at least one --model" in capsys.readouterr().err
+
+
 # ---- ExecuTorch's MultimodalRunner (slow: an exported .pte) ------------------------------------------------
 @pytest.mark.slow
 def test_executorch_follow_up_equals_eager_two_turn_generation(app_bundle, tiny_checkpoint, shapes_image, tmp_path):

@@ -1,5 +1,5 @@
 """`mobilemllm eval`: VQA exact match (canonical and held-out paraphrased questions), POPE and caption
-hallucination of a checkpoint on LLaVA-format data."""
+hallucination of a checkpoint or an exported bundle on LLaVA-format data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import typer
 
 
 def eval_cmd(
-    model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint folder (repeat to compare several)."),
+    model: list[str] = typer.Option([], "--model", "-m", help="Checkpoint folder (repeat to compare several)."),
+    bundle: list[Path] = typer.Option([], "--bundle", "-b", help="An exported bundle (ExecuTorch or ONNX), answered "
+                                      "by its runner as on a phone (repeat to compare several)."),
     data: Path = typer.Option(..., "--data", "-d", help="Folder with eval_questions.json, eval_paraphrase.json, "
                               "eval_pope_*.json, eval_captions.json and images/ (e.g. `mobilemllm data synth "
                               "--seed 1 --out DIR`)."),
@@ -22,14 +24,23 @@ def eval_cmd(
         False, "--allow-outside-images/--no-allow-outside-images",
         help="Let records name images outside the data's images/ folder (absolute paths, '..', links out)."),
 ) -> None:
-    """Evaluate checkpoints: prints a table and the JSON report."""
+    """Evaluate checkpoints and bundles: prints a table and the JSON report."""
     from rich.console import Console
 
-    from mobilemllm.evaluation import evaluate, format_table
+    from mobilemllm.evaluation import evaluate, evaluate_bundle, format_table
     from mobilemllm.models.checkpoint import check_checkpoint_dir, load_checkpoint
 
+    if not model and not bundle:
+        from mobilemllm.errors import UserError
+
+        raise UserError("give at least one --model (checkpoint folder) or --bundle (exported bundle)")
     for m in model:
         check_checkpoint_dir(m)
+    if bundle:
+        from mobilemllm.bundle import load_manifest
+
+        for b in bundle:
+            load_manifest(b)  # a damaged bundle fails before any evaluation runs
     if not data.is_dir():
         from mobilemllm.errors import DataError
 
@@ -44,6 +55,8 @@ def eval_cmd(
             raise CheckpointError(f"{m} has no tokenizer files (tokenizer.json); it cannot be evaluated")
         reports[m] = evaluate(net, tok, data, limit=limit, batch_size=batch_size,
                               allow_outside_images=allow_outside_images)
+    for b in bundle:
+        reports[str(b)] = evaluate_bundle(b, data, limit=limit, allow_outside_images=allow_outside_images)
     text = json.dumps(reports if len(reports) > 1 else next(iter(reports.values())), indent=1)
     if out_json is not None:
         tmp = out_json.with_name(out_json.name + ".tmp")

@@ -85,21 +85,73 @@ class _Runner:
         return texts
 
 
-def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path | None = None,
-             limit: int | None = None, batch_size: int = 128, answer_tokens: int = 8, caption_tokens: int = 96,
-             log: Callable[[str], None] | None = None, allow_outside_images: bool = False) -> dict[str, Any]:
-    """Evaluate ``model`` on the evaluation files of ``data_dir``; returns a JSON-able report. Image names
-    must stay inside the image folder unless ``allow_outside_images`` (mobilemllm.data.dataset)."""
-    data_dir = Path(data_dir)
+class _BundleRunner:
+    """The same answers from an exported bundle, through its :class:`~mobilemllm.runtime.base.Runner`: one
+    question at a time, greedy, each a new conversation about its image (the runner the apps use)."""
+
+    KEEP_IMAGES = 64  # preprocessed images kept between questions
+
+    def __init__(self, runner, image_folder: Path, allow_outside_images: bool = False):
+        self.runner = runner
+        self.image_folder = image_folder
+        self.allow_outside_images = allow_outside_images
+        self.conversations: dict[str, Any] = {}
+
+    def conversation(self, name: str):
+        if name not in self.conversations:
+            if len(self.conversations) >= self.KEEP_IMAGES:
+                self.conversations.pop(next(iter(self.conversations)))
+            path = image_path(self.image_folder, name, "evaluation", allow_outside=self.allow_outside_images)
+            self.conversations[name] = self.runner.conversation(load_image(path))
+        return self.conversations[name]
+
+    def answers(self, items: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
+        from mobilemllm.runtime import Sampling
+
+        sampling = Sampling(max_new_tokens=max_new_tokens)
+        return [self.runner.answer(self.conversation(name), q, sampling).text for name, q in items]
+
+
+def _check_data(data_dir: Path) -> None:
     if not data_dir.is_dir():
         raise DataError(f"evaluation data folder {data_dir} does not exist; write one with "
                         "`mobilemllm data synth --seed 1 --num-images 200 --out DIR`")
     files = [QUESTIONS_FILE, PARAPHRASE_FILE, CAPTIONS_FILE] + [pope_file(s) for s in POPE_SPLITS]
     if not any((data_dir / f).exists() for f in files):
         raise DataError(f"{data_dir} has none of the evaluation files ({', '.join(files)})")
+
+
+def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path | None = None,
+             limit: int | None = None, batch_size: int = 128, answer_tokens: int = 8, caption_tokens: int = 96,
+             log: Callable[[str], None] | None = None, allow_outside_images: bool = False) -> dict[str, Any]:
+    """Evaluate ``model`` on the evaluation files of ``data_dir``; returns a JSON-able report. Image names
+    must stay inside the image folder unless ``allow_outside_images`` (mobilemllm.data.dataset)."""
+    data_dir = Path(data_dir)
+    _check_data(data_dir)
     model.eval()
     run = _Runner(model, tokenizer, Path(image_folder) if image_folder else data_dir / "images", batch_size,
                   allow_outside_images)
+    return _evaluate(run, data_dir, limit, answer_tokens, caption_tokens, log, allow_outside_images)
+
+
+def evaluate_bundle(bundle: str | Path, data_dir: str | Path, *, image_folder: str | Path | None = None,
+                    limit: int | None = None, answer_tokens: int = 8, caption_tokens: int = 96,
+                    log: Callable[[str], None] | None = None, allow_outside_images: bool = False,
+                    **runner_opts: Any) -> dict[str, Any]:
+    """:func:`evaluate` for an exported bundle (ExecuTorch or ONNX), answered by its runner.
+    ``runner_opts`` go to :func:`~mobilemllm.runtime.open_runner` (``providers``, ``threads``)."""
+    from mobilemllm.runtime import open_runner
+
+    data_dir = Path(data_dir)
+    _check_data(data_dir)
+    runner = open_runner(bundle, **runner_opts)
+    run = _BundleRunner(runner, Path(image_folder) if image_folder else data_dir / "images", allow_outside_images)
+    return _evaluate(run, data_dir, limit, answer_tokens, caption_tokens, log, allow_outside_images)
+
+
+def _evaluate(run, data_dir: Path, limit: int | None, answer_tokens: int, caption_tokens: int,
+              log: Callable[[str], None] | None, allow_outside_images: bool) -> dict[str, Any]:
+    """Every evaluation file of ``data_dir`` through ``run.answers`` (eager batches or a bundle's runner)."""
     report: dict[str, Any] = {"data": str(data_dir)}
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
@@ -140,7 +192,7 @@ def evaluate(model, tokenizer, data_dir: str | Path, *, image_folder: str | Path
     return report
 
 
-def _exact_match_report(run: _Runner, qs: list[dict[str, Any]], answer_tokens: int) -> dict[str, Any]:
+def _exact_match_report(run: _Runner | _BundleRunner, qs: list[dict[str, Any]], answer_tokens: int) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers, overall and per question type, with a few examples."""
     preds = run.answers([(q["image"], q["question"]) for q in qs], answer_tokens)
     by_type: dict[str, list[bool]] = {}
