@@ -9,6 +9,8 @@ program part to one quantizer (:data:`SUPPORT`):
 - ``fp16_compute``: ExecuTorch parts delegated to Core ML (ios-coreml): fp32 weights, Core ML computes in fp16.
 - ``onnxruntime``: ONNX graphs (``quantize_dynamic``, ``MatMulNBits``).
 - ``coremltools``: Core ML packages (one compression for all three).
+- ``llamacpp``: GGUF bundles: llama.cpp's own quantizer (``llama_model_quantize``) on the text model; the
+  mmproj (vision tower + connector) stays f16.
 
 Recipes write quantization in their format's shape (ExecuTorch: ``quantization: {part: {scheme,
 group_size}}``; ONNX: a scheme name or a mapping by part with ``block_size``; Core ML: ``compression``
@@ -79,6 +81,8 @@ QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (
               unknown="unknown ONNX quantization {scheme!r} for {part}; valid: {valid}"),
     Quantizer("coremltools", "Core ML", "coremltools.optimize.coreml", (16, 32, 64, 128), 32,
               {p: "fp16" for p in PARTS}, unknown="unknown Core ML compression {scheme!r}; valid: {valid}"),
+    Quantizer("llamacpp", "llama.cpp", "llama_cpp.llama_model_quantize", (), 32, {p: "f16" for p in PARTS},
+              unknown="unknown GGUF quantization {scheme!r}; valid: {valid}"),
 )}
 
 _SCHEMES = (
@@ -114,6 +118,15 @@ _SCHEMES = (
            grouped=True, parity_cosine=0.9, graph_op="constexpr_blockwise_shift_scale"),
     Scheme("palettize4", "coremltools", PARTS, 4, "4-bit palettization (k-means look-up table), per grouped "
            "channel", parity_cosine=0.9, graph_op="constexpr_lut_to_dense"),
+    # llama.cpp (GGUF): one file type for the text model (token embedding included); the mmproj stays f16
+    Scheme("f16", "llamacpp", PARTS, 16, "fp16 matrices, fp32 norms and biases", parity_cosine=0.9999),
+    *(Scheme(name, "llamacpp", ("token_embedding", "text_decoder"), bits, text, tool="llama_cpp.llama_model_quantize",
+             parity_cosine=cosine, part_note="llama.cpp quantizes the text model; the mmproj stays f16")
+      for name, bits, cosine, text in (
+          ("q8_0", 8, 0.999, "llama.cpp Q8_0: int8 weights in blocks of 32, one fp16 scale each"),
+          ("q4_0", 4, 0.95, "llama.cpp Q4_0: 4-bit weights in blocks of 32, one fp16 scale each"),
+          ("q4_k_m", 4, 0.95, "llama.cpp Q4_K_M: 4-bit K-quants in super-blocks of 256 (some tensors 6-bit; "
+                              "rows narrower than 256 fall back to 32-blocks)"))),
 )
 SCHEMES: dict[tuple[str, str], Scheme] = {(s.quantizer, s.name): s for s in _SCHEMES}
 
@@ -126,6 +139,7 @@ SUPPORT: dict[str, dict[str, str]] = {
     "executorch/qnn": {"vision_encoder": "qnn", "token_embedding": "torchao", "text_decoder": "qnn"},
     "onnx": {p: "onnxruntime" for p in PARTS},
     "coreml": {p: "coremltools" for p in PARTS},
+    "gguf": {p: "llamacpp" for p in PARTS},
 }
 # The ExecuTorch decoder's KV cache: fp32, or int8 per token (XNNPACK and portable only).
 KV_CACHE_DTYPES = ("fp32", "int8")
@@ -174,11 +188,12 @@ def weight_bits(name: str) -> int | None:
 def help_text(part: str) -> str:
     """``mobilemllm export --help``: the schemes of ``part`` per target kind."""
     rows = [("executorch", "torchao"), ("ios-coreml", "fp16_compute"), ("android-qnn", "qnn"),
-            ("onnx", "onnxruntime"), ("coreml: the compression of every package", "coremltools")]
+            ("onnx", "onnxruntime"), ("coreml: the compression of every package", "coremltools"),
+            ("gguf: the text model's llama.cpp type", "llamacpp")]
     out = []
     for label, q in rows:
         valid = names(q, part)
-        if valid and (q != "coremltools" or part == "text_decoder"):
+        if valid and (q not in ("coremltools", "llamacpp") or part == "text_decoder"):
             out.append(f"{label}: {' | '.join(valid)}")
     return "; ".join(out)
 
@@ -231,6 +246,8 @@ def _raw_parts(recipe: dict[str, Any], errors: list[str]) -> tuple[dict[str, dic
     spec = recipe.get("quantization")
     if fmt == "onnx":
         return _onnx_parts(spec, errors)
+    if fmt == "gguf" and (spec is None or isinstance(spec, str)):  # one llama.cpp type for the text model
+        return {p: {"scheme": spec or "f16"} for p in ("token_embedding", "text_decoder")}, {}
     if spec is None:
         return {}, {}
     if not isinstance(spec, dict):
@@ -387,6 +404,14 @@ def override(recipe: dict[str, Any], schemes: dict[str, str | None], group_size:
             recipe["compression"] = chosen["text_decoder"]
         if group_size is not None:
             recipe["block_size"] = group_size
+        return
+    if fmt == "gguf":
+        if set(chosen) - {"text_decoder"} or group_size is not None:
+            raise ConfigError("a GGUF recipe quantizes the text model with one llama.cpp type: use --decoder-quant "
+                              f"({' | '.join(names('llamacpp', 'text_decoder'))}); the mmproj stays f16 and llama.cpp "
+                              "fixes the block sizes")
+        if "text_decoder" in chosen:
+            recipe["quantization"] = chosen["text_decoder"]
         return
     if fmt == "onnx":
         spec = onnx_mapping(recipe.get("quantization"))

@@ -143,7 +143,7 @@ def test_every_export_recipe_validates():
     ("format: coreml\nblock_size: big\nparity: {max_rel_diff: 1.0}\n",
      ["block_size must be an integer, got 'big'", "parity: unknown key(s) max_rel_diff"]),
     ("name: x\n", ["format is required"]),
-    ("format: tflite\n", ["format must be one of executorch, onnx, coreml, got 'tflite'"]),
+    ("format: tflite\n", ["format must be one of executorch, onnx, coreml, gguf, got 'tflite'"]),
 ])
 def test_export_recipe_mistakes_are_one_line(tmp_path, text, fragments):
     from mobilemllm.export.recipes import load_recipe as load_export

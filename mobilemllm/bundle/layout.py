@@ -8,7 +8,7 @@ from __future__ import annotations
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-FORMATS = ("executorch", "onnx", "coreml")
+FORMATS = ("executorch", "onnx", "coreml", "gguf")
 QUESTION = "{question}"  # placeholder in the prompt's text segments
 
 # ExecuTorch bundles: one program with the methods MultimodalRunner calls.

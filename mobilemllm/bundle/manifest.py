@@ -130,8 +130,8 @@ def check_confined(bundle_dir: str | Path, manifest: Mapping[str, Any]) -> None:
 def check_format_files(manifest: Mapping[str, Any], source: str = "manifest") -> None:
     """The model files the manifest's ``format`` needs are among its ``files``.
 
-    executorch: the program (model.pte) and a ``methods`` table; onnx: every graph's ``.onnx`` file;
-    coreml: every graph's ``.mlpackage`` folder (files under it).
+    executorch: the program (model.pte) and a ``methods`` table; onnx: every graph's ``.onnx`` file; gguf:
+    its ``.gguf`` files (text model, mmproj); coreml: every graph's ``.mlpackage`` folder (files under it).
     """
     fmt, files = manifest["format"], manifest["files"]
     problems = []
@@ -144,12 +144,12 @@ def check_format_files(manifest: Mapping[str, Any], source: str = "manifest") ->
         graphs = manifest.get("graphs") or {}
         if not graphs:
             problems.append("no 'graphs' table")
-        suffix = ".onnx" if fmt == "onnx" else ".mlpackage"
+        suffix = {"onnx": ".onnx", "gguf": ".gguf"}.get(fmt, ".mlpackage")
         for part, entry in sorted(graphs.items()):
             name = entry.get("file")
             if not isinstance(name, str) or not name.endswith(suffix):
                 problems.append(f"graph {part} has no {suffix} file")
-            elif fmt == "onnx" and name not in files:
+            elif fmt in ("onnx", "gguf") and name not in files:
                 problems.append(f"graph {part}'s {name} is not in files")
             elif fmt == "coreml" and not any(rel.startswith(name + "/") for rel in files):
                 problems.append(f"graph {part}'s {name} has no files")

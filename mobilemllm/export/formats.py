@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from mobilemllm.export.coreml import CoreMLFormat
 from mobilemllm.export.executorch import ExecuTorchFormat
+from mobilemllm.export.gguf.format import GgufFormat
 from mobilemllm.export.onnx import OnnxFormat
 from mobilemllm.export.plugin import ExportFormat
 
-FORMATS: dict[str, ExportFormat] = {f.name: f for f in (ExecuTorchFormat(), OnnxFormat(), CoreMLFormat())}
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (ExecuTorchFormat(), OnnxFormat(), CoreMLFormat(),
+                                                        GgufFormat())}

@@ -20,7 +20,7 @@ from pydantic import Field
 from mobilemllm.errors import ConfigError
 from mobilemllm.overrides import Int, Number, Section, error_messages
 
-FORMATS = ("executorch", "onnx", "coreml")
+FORMATS = ("executorch", "onnx", "coreml", "gguf")
 
 
 class Parity(Section):
@@ -64,8 +64,12 @@ class CoreMLRecipe(ExportRecipe):
     parity: CoreMLParity | None = None
 
 
+class GgufRecipe(ExportRecipe):
+    quantization: str | dict[str, Any] | None = None  # f16 | q8_0 | q4_0 | q4_k_m (mobilemllm.export.gguf)
+
+
 SCHEMAS: dict[str, type[ExportRecipe]] = {"executorch": ExecuTorchRecipe, "onnx": OnnxRecipe,
-                                          "coreml": CoreMLRecipe}
+                                          "coreml": CoreMLRecipe, "gguf": GgufRecipe}
 QNN_ONLY = ("soc_model", "calibration_steps")
 
 

@@ -36,6 +36,7 @@ RUNNERS: dict[str, str] = {
     "executorch": "mobilemllm.runtime.executorch_runner:ExecuTorchRunner",
     "onnx": "mobilemllm.runtime.onnx_runner:OnnxBundleRunner",
     "coreml": "mobilemllm.runtime.base:CoreMLUnavailable",
+    "gguf": "mobilemllm.runtime.llamacpp_runner:LlamaCppRunner",
 }
 MAX_STOP_STRINGS = 8
 
