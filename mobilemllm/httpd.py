@@ -249,8 +249,8 @@ class LocalServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address, handler, *, max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_S,
-                 verbose: bool = False):
+    def __init__(self, address, handler, *, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT_S, verbose: bool = False):
         super().__init__(address, handler)
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout

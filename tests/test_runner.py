@@ -161,7 +161,7 @@ def test_a_full_context_is_one_clear_error(runner, onnx_chat):
 
     conv = runner.conversation(onnx_chat.image)
     first = conv.ask(Q1, max_new_tokens=4)
-    with pytest.raises(ContextFull, match=r"the conversation is \d+ tokens .* context is 256; start a new conversation"):
+    with pytest.raises(ContextFull, match=r"conversation is \d+ tokens .* context is 256; start a new conversation"):
         conv.ask("describe the shapes " * 80, max_new_tokens=4)
     assert conv.turns == [(Q1, first.text)]  # the refused turn left the conversation as it was
     # an answer that would run past the context stops at it: finish_reason "length", never garbage
@@ -222,7 +222,8 @@ def test_text_stream_holds_back_what_may_change():
 
     out: list[str] = []
     s = TextStream(out.append, stop=["END"])
-    for decoded in [" The", " The red ", " The red E", " The red \ufffd", " The red é", " The red é EN", " The red é ENDx"]:
+    steps = [" The", " The red ", " The red E", " The red \ufffd", " The red é", " The red é EN", " The red é ENDx"]
+    for decoded in steps:
         if s.update(decoded):
             break
     assert "".join(out) == s.finish(" The red é ENDx") == "The red é"

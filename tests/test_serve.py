@@ -95,7 +95,8 @@ def test_streaming_in_openai_chunks(client, url, onnx_chat):
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     # on the wire: server-sent events ending with data: [DONE]
-    req = urllib.request.Request(url + "v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+    req = urllib.request.Request(url + "v1/chat/completions", method="POST",
+                                 headers={"Content-Type": "application/json"},
                                  data=json.dumps({"model": MODEL, "messages": messages, "stream": True}).encode())
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -182,8 +183,8 @@ def test_bad_json_is_an_error_object(url, body, message):
 
 
 def test_browser_pages_elsewhere_are_refused(url, onnx_chat):
-    req = urllib.request.Request(url + "v1/chat/completions", method="POST",
-                                 data=json.dumps({"model": MODEL, "messages": first_turn(data_url(onnx_chat.image))}).encode(),
+    body = {"model": MODEL, "messages": first_turn(data_url(onnx_chat.image))}
+    req = urllib.request.Request(url + "v1/chat/completions", method="POST", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", "Origin": "https://evil.example"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mobilemllm.errors import BackendUnavailable, CheckpointError, UserError
-from mobilemllm.runtime.base import Runner, Sampling
+from mobilemllm.runtime.base import Runner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 

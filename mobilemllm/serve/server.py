@@ -9,8 +9,8 @@
 
 One answer is generated at a time; up to ``max_queue`` more requests wait (each at most ``queue_timeout``
 seconds, then 503) and further ones get 429 at once. An answer still running ``request_timeout`` seconds
-after its request arrived stops with ``finish_reason: "length"``. Errors are OpenAI error objects; request handling (timeouts, body limits,
-Host and Origin checks) is :mod:`mobilemllm.httpd`'s.
+after its request arrived stops with ``finish_reason: "length"``. Errors are OpenAI error objects; request
+handling (timeouts, body limits, Host and Origin checks) is :mod:`mobilemllm.httpd`'s.
 """
 
 from __future__ import annotations
