@@ -146,7 +146,9 @@ SPECS: dict[str, Spec] = {
         "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
-        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU; torch 2.13.0, executorch 1.5.1, onnxruntime 1.32",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (load average ~4: "
+        "absolute numbers are pessimistic, compare within the table); torch 2.13.0, executorch 1.5.1, "
+        "onnxruntime 1.32",
         _bench_preset),
 }
 
