@@ -228,10 +228,6 @@ class Plan:
     def group_size(self, part: str) -> int | None:
         return self.parts[part].group_size
 
-    @property
-    def all_float(self) -> bool:
-        return all(p.info.weight_bits >= 16 for p in self.parts.values())
-
     def summary(self) -> str:
         """``vision/embedding/decoder`` scheme names, e.g. ``int8/int8/int4``."""
         return "/".join(self.parts[p].scheme for p in PARTS)
@@ -323,6 +319,8 @@ def _part_plan(part: str, quantizer: str, raw: dict, block: Any, errors: list[st
     q = QUANTIZERS[quantizer]
     name = str(raw.get("scheme") or q.defaults.get(part, "fp32"))
     gs = raw.get("group_size", block if block is not None else q.default_group_size)
+    if gs is None and q.group_sizes == EVEN:  # group_size: null -> per channel, as 0
+        gs = 0
     problem = _group_error(q, part, gs) if q.group_sizes else None
     if problem:
         errors.append(problem)

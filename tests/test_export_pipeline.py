@@ -95,6 +95,6 @@ def test_recipe_checked_before_the_model_loads(toy, tmp_path, monkeypatch):
     for part in ("unknown key(s) extra", "parity takes only min_logit_cosine", "refuses the name bad",
                  "token_embedding cannot be int4"):
         assert part in msg  # every problem, on one line
-    with pytest.raises(ConfigError, match="unknown export format 'gguf'; valid: executorch, onnx, coreml, toy"):
-        export_bundle("tiny", {"format": "gguf"}, tmp_path / "b")
+    with pytest.raises(ConfigError, match="unknown export format 'tflite'; valid: executorch, onnx, coreml.*toy"):
+        export_bundle("tiny", {"format": "tflite"}, tmp_path / "b")
     assert not list(tmp_path.iterdir()) and toy.calls == []
