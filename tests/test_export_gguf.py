@@ -199,3 +199,227 @@ def test_mobilevlm_projectors_need_the_24_grid():
     found = problems(gguf_config("ldpv2", vision=SIGLIP))  # 8x8 grid
     assert len(found) == 1 and "24x24" in found[0] and "8x8" in found[0]
     assert problems(gguf_config("ldpv2")) == [] and problems(gguf_config("ldp")) == []
+
+
+def test_unrunnable_model_is_refused_before_anything_is_written(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """export (API and CLI) stops in one line naming what llama.cpp runs; no bundle folder appears."""
+    from mobilemllm.cli import main
+    from mobilemllm.errors import ConfigError
+    from mobilemllm.export.formats import FORMATS
+
+    monkeypatch.setattr(FORMATS["gguf"], "require", lambda recipe: None)  # whether llama.cpp is installed
+    with pytest.raises(ConfigError) as e:
+        export(gguf_model("patch_merger"), tiny_tokenizer, tmp_path / "b")
+    msg = str(e.value)
+    assert "\n" not in msg and "patch_merger connector" in msg and "mlp2x_gelu, ldp, ldpv2" in msg
+    assert not (tmp_path / "b").exists()
+    assert main(["export", "--target", "gguf", "--model", "tiny", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export to GGUF" in err and "24x24 patch grid" in err and not (tmp_path / "c").exists()
+
+
+def test_missing_llama_cpp_is_one_line(tmp_path, monkeypatch, capsys):
+    """Without llama-cpp-python, export stops before loading weights and the runner says what to install."""
+    import sys
+
+    from mobilemllm.cli import main
+    from mobilemllm.errors import BackendUnavailable
+    from mobilemllm.runtime.llamacpp_runner import import_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    assert main(["export", "--target", "gguf", "--model", "tiny", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama-cpp-python" in err[0] and "pip install 'mobilemllm[gguf]'" in err[0]
+    with pytest.raises(BackendUnavailable, match=r"pip install 'mobilemllm\[gguf\]'"):
+        import_llama_cpp()
+
+
+def test_recipe_and_command_line_choices():
+    from mobilemllm import quantization as Q
+    from mobilemllm.errors import ConfigError
+    from mobilemllm.export.recipes import load_recipe
+
+    rec = load_recipe("gguf")
+    assert Q.resolve(rec).summary() == "f16/q4_k_m/q4_k_m" and Q.check(rec) == []
+    Q.override(rec, {"text_decoder": "q8_0", "token_embedding": None, "vision_encoder": None})
+    assert rec["quantization"] == "q8_0" and Q.resolve(rec).summary() == "f16/q8_0/q8_0"
+    with pytest.raises(ConfigError, match="--decoder-quant .f16 . q8_0 . q4_0 . q4_k_m.; the mmproj stays f16"):
+        Q.override(rec, {"vision_encoder": "q8_0"})
+    with pytest.raises(ConfigError, match="fixes the block sizes"):
+        Q.override(rec, {}, group_size=64)
+    assert Q.check({"format": "gguf", "quantization": "q5_k"}) == \
+        ["unknown GGUF quantization 'q5_k'; valid: f16, q8_0, q4_0, q4_k_m"]
+
+
+# ---- through llama.cpp ---------------------------------------------------------------------------------
+def need_llama_cpp() -> None:
+    """Skip without llama-cpp-python on a developer machine; fail in CI, whose dev extra installs it."""
+    import importlib.util
+
+    from conftest_apps import need_tool
+
+    need_tool("llama-cpp-python", importlib.util.find_spec("llama_cpp") is not None, "pip install 'mobilemllm[gguf]'")
+
+
+def export(model, tokenizer, out, scheme: str = "f16", log=None, force: bool = False):
+    from mobilemllm.export.pipeline import export_bundle
+    from mobilemllm.export.recipes import load_recipe
+
+    recipe = load_recipe("gguf")
+    recipe["quantization"] = scheme
+    return export_bundle(model, recipe, out, tokenizer=tokenizer, log=log or (lambda s: None), force=force)
+
+
+def _checks(manifest) -> dict:
+    return {c["name"]: c for c in manifest["parity"]["checks"]}
+
+
+_BUNDLES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def f16_bundle(tmp_path_factory, tiny_tokenizer):
+    """(model, bundle folder) of a random-weight SigLIP + mlp2x_gelu model exported f16. Read-only."""
+    need_llama_cpp()
+    if "f16" not in _BUNDLES:
+        model = gguf_model("mlp2x_gelu")
+        _BUNDLES["f16"] = (model, export(model, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "f16"))
+    return _BUNDLES["f16"]
+
+
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "ldp", "ldpv2"])
+def test_f16_bundle_matches_eager_through_llama_cpp(tmp_path, tiny_tokenizer, connector):
+    """clip.cpp's image embeddings equal eager's within fp16 rounding for each projector it runs, and llama.cpp
+    answers with eager's greedy tokens; the manifest records both."""
+    need_llama_cpp()
+    from mobilemllm.bundle import load_manifest
+    from mobilemllm.data.images import preprocess
+    from mobilemllm.export import parity as P
+    from mobilemllm.inference import answer
+    from mobilemllm.runtime import open_runner
+    from mobilemllm.runtime.base import bundle_views
+
+    model = gguf_model(connector)
+    out = export(model, tiny_tokenizer, tmp_path / "b")
+    manifest = load_manifest(out)
+    checks = _checks(manifest)
+    assert manifest["format"] == "gguf" and manifest["parity"]["passed"]
+    assert checks["greedy_agreement_16"]["value"] == 1.0 and checks["image_embedding_max_rel_diff"]["value"] < 5e-3
+    assert manifest["graphs"]["vision_encoder"]["projector_type"] == {"mlp2x_gelu": "mlp"}.get(connector, connector)
+
+    runner = open_runner(out).load()
+    image = P.parity_image(model.config.vision)
+    got = runner.engine.encode_views(bundle_views(manifest, image))
+    with torch.inference_mode():
+        want = model.encode_images(preprocess(image, model.config.vision).unsqueeze(0))[0]
+    assert got.shape == tuple(want.shape) and P.max_rel_diff(got, want) < 5e-3 and P.logit_cosine(got, want) > 0.9999
+    for question in ("What is in the image?", "What colour is the shape?"):
+        ours = answer(model, tiny_tokenizer, image, question, max_new_tokens=12)
+        theirs = runner.generate(image, question, max_new_tokens=12)
+        assert theirs.tokens == ours.tokens and theirs.text == ours.text
+    runner.close()
+
+
+def test_quantized_bundles_record_llama_cpp_types_and_agreement(tmp_path, tiny_tokenizer, f16_bundle):
+    """q8_0 / q4_0 / q4_k_m come from llama.cpp's quantizer: the manifest names the types the file holds and the
+    logit cosine against eager (gated by the scheme) with the greedy agreement (reported)."""
+    from mobilemllm import quantization as Q
+    from mobilemllm.bundle import load_manifest
+
+    model, f16 = f16_bundle
+    f16_size = (f16 / "model.gguf").stat().st_size
+    # llama.cpp keeps the tied output projection (token_embd) at Q8_0 or above, and K-quants fall back to 32-blocks
+    # for rows narrower than 256 (all of this model's)
+    for scheme, types in (("q8_0", {"Q8_0"}), ("q4_0", {"Q4_0", "Q8_0"}), ("q4_k_m", {"Q4_K", "Q5_0", "Q6_K", "Q8_0"})):
+        out = export(model, tiny_tokenizer, tmp_path / scheme, scheme)
+        manifest = load_manifest(out)
+        q = manifest["quantization"]["text_decoder"]
+        assert q["scheme"] == scheme and q["backend"] == "llama.cpp llama_model_quantize"
+        assert set(q["tensor_types"]) - {"F32"} <= types and set(q["tensor_types"]) & types, q
+        assert manifest["quantization"]["vision_encoder"]["scheme"] == "f16"
+        assert manifest["quantization"]["token_embedding"]["tensor_type"] in types
+        checks = _checks(manifest)
+        assert checks["logit_cosine"]["threshold"] == Q.scheme("llamacpp", scheme).parity_cosine
+        assert checks["logit_cosine"]["passed"] and checks["greedy_agreement_16"]["passed"] is None
+        assert (out / "model.gguf").stat().st_size < f16_size
+
+
+def test_clip_tower_fails_parity_and_names_the_llama_cpp_issue(tmp_path, tiny_tokenizer):
+    """This llama.cpp's clip.cpp misplaces a CLIP tower's class token: the export says so and writes nothing,
+    unless --force, which writes the bundle marked as failing."""
+    need_llama_cpp()
+    from mobilemllm.bundle import load_manifest
+    from mobilemllm.errors import UserError
+
+    model = gguf_model("mlp2x_gelu", vision={})
+    lines: list[str] = []
+    with pytest.raises(UserError, match="failed parity against eager: image_embedding_max_rel_diff"):
+        export(model, tiny_tokenizer, tmp_path / "b", log=lines.append)
+    assert any("ggml-org/llama.cpp#25814" in line and "SigLIP" in line for line in lines)
+    assert not (tmp_path / "b").exists()
+    manifest = load_manifest(export(model, tiny_tokenizer, tmp_path / "b", force=True))
+    assert manifest["parity"]["forced"] and not manifest["parity"]["passed"]
+
+
+def test_damaged_gguf_is_one_line(tmp_path, f16_bundle):
+    need_llama_cpp()
+    import shutil
+
+    from mobilemllm.bundle import BundleError
+    from mobilemllm.errors import CheckpointError
+    from mobilemllm.runtime import open_runner
+    from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
+
+    _, bundle = f16_bundle
+    mmproj = bundle / "mmproj.gguf"
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CheckpointError, match="is not a GGUF file") as e:
+        LlamaCppEngine(tmp_path / "junk.gguf", mmproj, 64)
+    assert "\n" not in str(e.value)
+    data = (bundle / "model.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="llama.cpp cannot load the text model") as e:
+        LlamaCppEngine(tmp_path / "cut.gguf", mmproj, 64)
+    assert "\n" not in str(e.value)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.gguf", "r+b") as f:
+        f.seek(len(data) - 8)
+        f.write(b"\xff" * 8)
+    with pytest.raises(BundleError, match="model.gguf"):
+        open_runner(copy)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_llama_cpp_tokenizes_like_the_bundle_tokenizer(tmp_path, tiny_tokenizer, kind):
+    """llama.cpp's tokenizer, reading only the GGUF's metadata, gives our ids: the tiny byte-level BPE (gpt2) and
+    a sentencepiece-style BPE with byte fallback, as MobileLLaMA's is imported (llama)."""
+    need_llama_cpp()
+    from mobilemllm.data.shapes import corpus_lines
+    from mobilemllm.export import manifest_sections as S
+    from mobilemllm.export.gguf.text import write_text_gguf
+    from mobilemllm.runtime.llamacpp_runner import import_llama_cpp
+
+    if kind == "llama":
+        from test_importers import write_spm_tokenizer
+
+        from mobilemllm.models.importers.tokenizer import load_source_tokenizer
+
+        write_spm_tokenizer(tmp_path)
+        tokenizer = load_source_tokenizer(tmp_path, "mobilevlm")
+    else:
+        tokenizer = tiny_tokenizer
+    model = gguf_model()
+    prompt = S.prompt_section(model.config, tokenizer)
+    write_text_gguf(model, tokenizer, tmp_path / "m.gguf", prompt, None, "t")
+    llama_cpp, _ = import_llama_cpp()
+    vocab = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    lines = list(corpus_lines(num_images=100, seed=1))
+    words = sorted({w for line in lines for w in line.split()})
+    rng = np.random.default_rng(0)  # run-together words: where the merge order decides the ids
+    texts = [s["text"] for s in prompt["segments"] if s["type"] == "text"] + lines
+    texts += ["What colour is the shape? ASSISTANT:", "naïve café, 12 + 30 = 42\n", "yesAand", "notrianglebottom"]
+    texts += ["".join(rng.choice(words, 3)) for _ in range(300)]
+    for text in texts:
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == \
+            tokenizer.encode(text, add_special_tokens=False), text

@@ -72,6 +72,7 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[float], l
     n_tok = max(by_id) + 1 if by_id else 0
     if n_tok > vocab_size:
         raise ConfigError(f"the tokenizer has {n_tok} tokens but the model's embedding table {vocab_size} rows")
+    _check_bytes(kind, set(by_id.values()))
     scores = _scores(spec, by_id, vocab_size) if kind == "llama" else [0.0] * vocab_size
     unk = spec["model"].get("unk_token")
     tokens, types = [], []
@@ -90,6 +91,20 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[float], l
             tokens.append(text)
             types.append(gguf.TokenType.NORMAL)
     return tokens, scores, [int(t) for t in types], kind
+
+
+def _check_bytes(kind: str, texts: set[str]) -> None:
+    """llama.cpp looks up a token for every byte (the newline at least) when it loads a vocabulary and aborts the
+    process if one is missing: refuse such a tokenizer here, in one line."""
+    if kind == "llama":
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in texts]
+    else:
+        from tokenizers import pre_tokenizers
+
+        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in texts]
+    if missing:
+        raise ConfigError(f"the tokenizer has no token for {len(missing)} of the 256 bytes (e.g. {missing[0]!r}); "
+                          "llama.cpp needs one for every byte, so it cannot be written to GGUF")
 
 
 def _scores(spec: dict[str, Any], by_id: dict[int, str], vocab_size: int) -> list[float]:
