@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mobilemllm.bundle.layout import QUESTION
 from mobilemllm.errors import UserError
 
 PRECISION_BITS = 22  # fixed-point fraction bits of the 8-bit resampler (32 - 8 - 2)
 BICUBIC_SUPPORT = 2.0
-QUESTION = "{question}"
 
 
 # ---- image ---------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mobilemllm.bundle.layout import FORMATS  # the bundle formats are the recipe formats
 from mobilemllm.errors import ConfigError
 from mobilemllm.overrides import Int, Number, Section, error_messages
 
-FORMATS = ("executorch", "onnx", "coreml", "gguf")
 
 
 class Parity(Section):
