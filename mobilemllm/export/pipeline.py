@@ -85,7 +85,11 @@ def _load(model, tokenizer, source: str | None, log: Callable[[str], None]):
     if not isinstance(model, (str, Path)):
         if tokenizer is None:
             raise UserError("the model has no tokenizer; export a checkpoint folder that contains tokenizer.json")
-        return model, tokenizer, source
+        # a tokenizer handed in directly (not loaded from a folder, where this already happens) is rewritten
+        # where ExecuTorch's C++ tokenizer cannot read it as it is (sentencepiece-style Metaspace)
+        from mobilemllm.data.cpp_tokenizer import cpp_compatible
+
+        return model, cpp_compatible(tokenizer), source
     from mobilemllm import api
 
     loaded, tokenizer = api.load(model)
