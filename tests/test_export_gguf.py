@@ -423,3 +423,58 @@ def test_llama_cpp_tokenizes_like_the_bundle_tokenizer(tmp_path, tiny_tokenizer,
     for text in texts:
         assert vocab.tokenize(text.encode(), add_bos=False, special=True) == \
             tokenizer.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.slow
+def test_trained_model_answers_like_eager_through_llama_cpp(tmp_path, tiny_tokenizer):
+    """A tiny-like model (SigLIP tower, MobileVLM v2's ldpv2 on a 24x24 grid) trained briefly on the shapes world,
+    exported with `mobilemllm export --target gguf` (f16), answers every question with eager's text through
+    llama.cpp, and a follow-up continues llama.cpp's KV cache with eager's answer to the whole conversation."""
+    need_llama_cpp()
+    from mobilemllm.cli import main
+    from mobilemllm.data.dataset import ConversationDataset, collate
+    from mobilemllm.data.images import load_image, preprocess
+    from mobilemllm.data.shapes import write_synthetic
+    from mobilemllm.data.tokenizer import eos_ids
+    from mobilemllm.inference import answer
+    from mobilemllm.models.checkpoint import save_checkpoint
+    from mobilemllm.runtime import open_runner
+    from mobilemllm.runtime.conversation import conversation_ids
+    from mobilemllm.training.losses import LMObjective
+    from mobilemllm.training.trainer import Trainer, TrainConfig
+
+    tok = tiny_tokenizer
+    write_synthetic(tmp_path / "data", num_images=24, seed=0, image_size=48, single_turn=True)
+    model = gguf_model("ldpv2")
+    data = ConversationDataset(tmp_path / "data" / "instruct.json", None, tok, model.config)
+    cfg = TrainConfig(lr=3e-3, global_batch=8, micro_batch=8, max_steps=300, warmup_ratio=0.05)
+    Trainer(model, LMObjective(), data, lambda s: collate(s, tok.pad_token_id), cfg, tmp_path / "run",
+            progress=False).fit(resume=False)
+    model.eval()
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    out = tmp_path / "bundle"
+    assert main(["export", "--target", "gguf", "--model", str(tmp_path / "ckpt"), "--out", str(out),
+                 "--decoder-quant", "f16"]) == 0
+
+    runner = open_runner(out)
+    images = sorted((tmp_path / "data" / "images").glob("*.png"))[:3]  # 48 px: the encoder's size
+    questions = ["What colour is the shape in the top left?", "How many shapes are there?",
+                 "What shape is in the bottom right?", "Describe the image."]
+    texts = set()
+    for path in images:
+        for q in questions:
+            ours = answer(model, tok, path, q, max_new_tokens=16)
+            theirs = runner.generate(path, q, max_new_tokens=16)
+            assert (theirs.text, theirs.tokens) == (ours.text, ours.tokens), (path.name, q)
+            texts.add(ours.text)
+    assert len(texts) >= 4, texts  # trained: different answers to different questions
+
+    chat = runner.conversation(images[0])
+    first = chat.ask(questions[0], max_new_tokens=16)
+    second = chat.ask(questions[1], max_new_tokens=16)
+    assert second.reused_tokens > 0
+    ids = conversation_ids(runner.manifest, tok, [(questions[0], first.text)], questions[1])
+    pix = preprocess(load_image(images[0]), model.config.vision).unsqueeze(0)
+    eager = model.generate(torch.tensor([ids]), pix, max_new_tokens=16, eos_ids=eos_ids(tok))
+    assert second.tokens == eager
+    runner.close()
