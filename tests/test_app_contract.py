@@ -152,14 +152,14 @@ def test_follow_up_texts_tokenize_to_training_two_turn_ids(template, tiny_tokeni
     from conftest import make_tiny_config
 
     from mobilemllm.export.manifest_sections import prompt_section
-    from mobilemllm.runtime.conversation import follow_up_ids
+    from mobilemllm.runtime.conversation import template_follow_up_ids
 
     cfg = make_tiny_config(template=template)
     manifest = {"prompt": prompt_section(cfg, tiny_tokenizer), "tokenizer": {"bos_id": tiny_tokenizer.bos_token_id}}
     fu = manifest["prompt"]["follow_up"]
     assert fu["end_of_turn"] == tiny_tokenizer.eos_token
     for answer, q in [("It is red.", "Where is it?"), ("  two  ", "é ü ✓ 形 🙂"), ("a\nb", "<s>odd</s>")]:
-        want = follow_up_ids(template, tiny_tokenizer, answer, q)
+        want = template_follow_up_ids(template, tiny_tokenizer, answer, q)
         answer_ids = tiny_tokenizer.encode(fu["answer"].replace("{answer}", answer.strip()), add_special_tokens=False)
         assert want[:len(answer_ids)] == answer_ids
         # continuing the cache (it holds the answer tokens): the end-of-turn text and the next turn
@@ -408,7 +408,7 @@ def test_android_conversation_replayed_through_multimodal_runner(chatty_bundle, 
                                                                  tmp_path, capsys):
     from mobilemllm.data.tokenizer import load_tokenizer
     from mobilemllm.runtime import open_runner
-    from mobilemllm.runtime.conversation import follow_up_ids
+    from mobilemllm.runtime.conversation import template_follow_up_ids
 
     manifest = json.loads((chatty_bundle / "manifest.json").read_text())
     images = sorted((shapes_data / "images").glob("*.png"))
@@ -447,7 +447,7 @@ def test_android_conversation_replayed_through_multimodal_runner(chatty_bundle, 
         tok = load_tokenizer(chatty_bundle / "tokenizer")
         texts = [follow[0]["prompt"], follow[1]["prompt"]]
         sent = [i for t in texts for i in tok.encode(t, add_special_tokens=False)]
-        training = follow_up_ids(manifest["prompt"]["template"], tok, first["text"], Q2)
+        training = template_follow_up_ids(manifest["prompt"]["template"], tok, first["text"], Q2)
         answer_ids = tok.encode(" " + first["text"], add_special_tokens=False)
         assert training == answer_ids + sent  # the cache holds the answer's tokens; the rest is what the app sends
         runner = open_runner(chatty_bundle)
