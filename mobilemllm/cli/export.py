@@ -15,7 +15,7 @@ def export(
                                                          "stage), or a preset name (random weights)."),
     target: Optional[str] = typer.Option(None, "--target", "-t",
                                          help="android | ios | ios-coreml | android-qnn | portable | onnx | coreml "
-                                              "(the recipes in the export/ folder)."),
+                                              "| gguf (the recipes in the export/ folder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically if it is a bundle)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe YAML file instead of a shipped target."),
     decoder_quant: Optional[str] = typer.Option(None, help=f"Override the text decoder's scheme "
