@@ -234,3 +234,11 @@ def test_byte_fallback_checkpoint_exports_to_portable_and_streams_as_eager(force
 @pytest.mark.slow
 def test_byte_fallback_checkpoint_exports_to_onnx_and_streams_as_eager(forced_checkpoint, tmp_path, shapes_image):
     _export_and_compare(forced_checkpoint, tmp_path / "onnx", "onnx", shapes_image)
+
+
+@pytest.mark.slow
+def test_byte_fallback_checkpoint_exports_to_android_and_streams_as_eager(forced_checkpoint, tmp_path,
+                                                                         shapes_image):
+    """The shipped android recipe (8da4w decoder, 4-bit embedding): the forced byte-piece answer survives
+    quantization, and the bundle streams it as eager does."""
+    _export_and_compare(forced_checkpoint, tmp_path / "android", "android", shapes_image)
