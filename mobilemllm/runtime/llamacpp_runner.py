@@ -76,7 +76,9 @@ class LlamaCppEngine:
         model_path, mmproj_path = Path(model_path), Path(mmproj_path)
         check_gguf(model_path, "text model")
         check_gguf(mmproj_path, "mmproj")
-        self.threads = int(threads or min(4, os.cpu_count() or 1))
+        # llama-cpp-python's own default: half the logical CPUs. ggml's OpenMP threads spin while they wait, so
+        # one per core (not per hyper-thread, nor one more than the cores) keeps them from stalling each other.
+        self.threads = int(threads or max(1, (os.cpu_count() or 2) // 2))
         self.n_ctx = int(n_ctx)
         self.model = self.ctx = self.mtmd = None
         llama = self.llama
@@ -241,7 +243,7 @@ def bundle_files(manifest: dict[str, Any]) -> tuple[str, str]:
 class LlamaCppRunner(Runner):
     """A GGUF bundle through llama.cpp: clip.cpp encodes the image, llama.cpp decodes; the KV cache is kept
     between turns. Sampling honours temperature, top_p and seed (numpy's generator, the rule eager generation
-    uses). Option: ``threads`` (llama.cpp's threads, default up to 4)."""
+    uses). Option: ``threads`` (llama.cpp's threads; default half the logical CPUs, as llama-cpp-python's)."""
 
     format = "gguf"
     options = ("threads",)
