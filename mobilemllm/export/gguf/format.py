@@ -75,6 +75,13 @@ class GgufFormat(ExportFormat):
             raise BackendUnavailable(f"--target gguf needs {' and '.join(missing)} (llama.cpp's GGUF writer, "
                                      f"quantizer and runtime): {INSTALL}")
 
+    def check_model(self, config) -> list[str]:
+        """What llama.cpp cannot run in this model config, one line each: enough to refuse a model before its
+        weights load (connector, patch grid, views); :meth:`prepare` adds what needs the loaded model."""
+        from mobilemllm.export.gguf.support import problems
+
+        return problems(config)
+
     # ---- export --------------------------------------------------------------------------------------
     def prepare(self, job: Job) -> None:
         """Refuse, in one line, a model llama.cpp cannot run, before anything is written."""
