@@ -37,3 +37,14 @@ def load(name_or_path: str | Path, **overrides):
 
         tokenizer = tiny_tokenizer(cfg.llm.vocab_size)
     return MobileVLM(cfg).eval(), tokenizer
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder, a training run's last stage or a preset, without its weights
+    (so a choice the model cannot take is refused before anything heavy loads)."""
+    from mobilemllm.models.checkpoint import CONFIG_NAME, check_checkpoint_dir, read_config
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return read_config(check_checkpoint_dir(path) / CONFIG_NAME)
+    return ModelConfig.from_preset(str(name_or_path))

@@ -57,6 +57,7 @@ def export_bundle(model, recipe: dict[str, Any], out: str | Path, *, tokenizer=N
     ``options`` go to the format (ONNX: ``fp32_graphs`` reuses graphs from ``export_graphs``)."""
     fmt = preflight(recipe)
     B.check_out_dir(out)
+    _check_model(fmt, model)
     model, tokenizer, source = _load(model, tokenizer, source, log)
     job = Job(model=model.float().eval(), tokenizer=tokenizer, recipe=recipe, plan=Q.resolve(recipe), log=log,
               force=force, source=source, options=options)
@@ -78,6 +79,20 @@ def export_bundle(model, recipe: dict[str, Any], out: str | Path, *, tokenizer=N
         raise
     _report(fmt, job, written, manifest["parity"])
     return written
+
+
+def _check_model(fmt: ExportFormat, model) -> None:
+    """A format that cannot run some model configs (gguf: llama.cpp's projectors) refuses them here, from
+    the config alone, before the weights load."""
+    check = getattr(fmt, "check_model", None)
+    if check is None:
+        return
+    from mobilemllm import api
+
+    config = model.config if not isinstance(model, (str, Path)) else api.load_config(model)
+    problems = check(config)
+    if problems:
+        raise ConfigError(f"cannot export to {fmt.name.upper()}: " + "; ".join(problems))
 
 
 def _load(model, tokenizer, source: str | None, log: Callable[[str], None]):
