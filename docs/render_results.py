@@ -96,7 +96,10 @@ def _tiny_alignment(files: dict[str, Any]) -> list[str]:
     if rm:
         rows += ["", f"Reward model (rm stage): {_pct(rm['pair_accuracy'])} of {rm['n']} held-out preference pairs "
                      "ranked right."]
-    rows += ["", f"Whole pipeline: {res['total_wall_s']:.0f} s wall on {res['torch_threads']} thread(s)."]
+    stages = res["stages"]
+    spent = sum((e.get("train_wall_s") or 0) + (e.get("eval_wall_s") or 0) for e in stages.values())
+    parts = ", ".join(f"{name} {entry.get('train_wall_s') or 0:.0f} s" for name, entry in stages.items())
+    rows += ["", f"Training and evaluation of every stage: {spent:.0f} s wall (training: {parts})."]
     return rows
 
 
