@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from mobilemllm.bundle import manifest as M
 from mobilemllm.bundle.layout import MANIFEST_NAME
 
+from _manifests import minimal_manifest  # tests/ is on sys.path under pytest
+
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -23,21 +25,7 @@ FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True
 def valid_manifest(bundle: Path) -> dict:
     files = {rel: {"size": (bundle / rel).stat().st_size, "sha256": M.sha256_file(bundle / rel)}
              for rel in ("model.pte", "tokenizer/tokenizer.json")}
-    return {
-        "schema_version": 1, "format": "executorch", "target": "test",
-        "model": {"name": "tiny", "config": {}}, "files": files,
-        "methods": {"get_max_seq_len": {"value": 64}},
-        "tokenizer": {"dir": "tokenizer", "bos_id": 1, "eos_ids": [2], "vocab_size": 300},
-        "prompt": {"template": "plain", "add_bos": True, "num_visual_tokens": 16,
-                   "segments": [{"type": "image"}, {"type": "text", "text": "{question}"}]},
-        "preprocessing": {"image_size": 32, "aspect": "pad", "resample": "bicubic", "input_dtype": "uint8",
-                          "input_shape": [1, 3, 32, 32], "normalize_in_graph": True, "mean": [0.5] * 3,
-                          "std": [0.5] * 3},
-        "context": {"max_seq_len": 64, "max_context_len": 256},
-        "quantization": {"text_decoder": {"scheme": "fp32"}},
-        "parity": {"passed": True, "forced": False, "checks": []},
-        "export": {"recipe": {"name": "test"}},
-    }
+    return {**minimal_manifest(), "schema_version": 1, "files": files}
 
 
 @pytest.fixture(scope="module")
