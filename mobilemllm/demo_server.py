@@ -147,8 +147,8 @@ def stats_event(result: Any) -> dict[str, Any]:
     """The runner's numbers (a RunResult) as the page shows them."""
     return {"type": "stats",
             "ttft_ms": round(result.ttft_s * 1000.0, 1),
-            "decode_tokens_per_s": float(result.decode_tokens_per_s),
-            "prefill_tokens_per_s": float(result.prefill_tokens_per_s),
+            "decode_tokens_per_s": result.decode_tokens_per_s,  # None (JSON null): no rate
+            "prefill_tokens_per_s": result.prefill_tokens_per_s,
             "prompt_tokens": result.prompt_tokens,
             "reused_tokens": result.reused_tokens,
             "generated_tokens": result.generated_tokens,

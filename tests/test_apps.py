@@ -353,7 +353,7 @@ def test_kotlin_stats_equal_the_runtime_metrics(app_bundle, kotlin_jar, tmp_path
     """The decode tokens/s android_demo shows from LlmCallback.onStats is the one mobilemllm reports."""
     from mobilemllm.data.images import load_image
     from mobilemllm.runtime import run_bundle
-    from mobilemllm.runtime.metrics import rates
+    from mobilemllm.runtime.rates import rates
 
     real = run_bundle(app_bundle, load_image(shapes_image), "What colour is the shape?", max_new_tokens=16,
                       report=False).stats

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.errors import BackendUnavailable, UserError
 
 DATA = Path(__file__).parent / "data"
@@ -29,31 +29,33 @@ PROMPT, NEW, VISUAL = 24, 8, 16  # tiny test model: 16 visual tokens
 def test_percentiles_and_summary_match_numpy():
     xs = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
     for q in (0, 10, 50, 90, 100):
-        assert metrics.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    s = metrics.summarize(xs + [None])
+        assert timing.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    s = timing.summarize(xs + [None])
     assert (s.n, s.median, s.min, s.max) == (6, 3.5, 1.0, 10.0)
     assert s.p10 == pytest.approx(np.percentile(xs, 10)) and s.p90 == pytest.approx(np.percentile(xs, 90))
-    assert metrics.summarize([None, None]) is None
+    assert timing.summarize([None, None]) is None
     with pytest.raises(ValueError):
-        metrics.percentile([], 50)
+        timing.percentile([], 50)
 
 
 def test_rates_and_ttft():
-    assert metrics.tokens_per_second(128, 2.0) == 64.0
-    assert metrics.tokens_per_second(128, 0.0) is None and metrics.tokens_per_second(0, 1.0) is None
-    assert metrics.time_to_first_token(10.0, 10.25) == 0.25
+    assert timing.tokens_per_second(128, 2.0) == 64.0
+    assert timing.tokens_per_second(128, 0.0) is None and timing.tokens_per_second(0, 1.0) is None
+    assert timing.time_to_first_token(10.0, 10.25) == 0.25
     with pytest.raises(ValueError):
-        metrics.time_to_first_token(10.0, 9.0)
-    assert metrics.prefill_tokens(128, 144) == 272
+        timing.time_to_first_token(10.0, 9.0)
+    assert timing.prefill_tokens(128, 144) == 272
 
 
 def test_runner_rates_use_the_wall_clock_when_ms_ticks_are_too_coarse():
-    from mobilemllm.runtime.metrics import rates, wall_rates
+    from mobilemllm.runtime.rates import rates, wall_rates
 
-    # a sub-millisecond run: every ms tick is the same, so the stats alone say 0 tok/s
+    # a sub-millisecond run: every ms tick is the same, so the stats alone make no rate (None, never 0.0)
     stats = {"inference_start_ms": 1000, "prompt_eval_end_ms": 1000, "first_token_ms": 1000,
              "inference_end_ms": 1000, "prompt_tokens": 35, "generated_tokens": 3}
-    assert rates(stats)["decode_tokens_per_s"] == 0.0
+    assert rates(stats)["decode_tokens_per_s"] is None
+    assert rates({}) == {"ttft_s": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None}
+    assert wall_rates(stats, 10.0, [10.0004], 10.0005)["decode_tokens_per_s"] is None  # one token: no decode step
     r = wall_rates(stats, 10.0, [10.0004, 10.0005, 10.0006, 10.0007], 10.0008)
     assert r["ttft_s"] == pytest.approx(0.0004)
     assert r["decode_tokens_per_s"] == pytest.approx(3 / 0.0003)
@@ -66,16 +68,16 @@ def test_runner_rates_use_the_wall_clock_when_ms_ticks_are_too_coarse():
 
 
 def test_peak_rss_sees_a_large_allocation_after_reset(tmp_path):
-    if not metrics.reset_peak_rss():
+    if not timing.reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
-    base = metrics.peak_rss_bytes()
+    base = timing.peak_rss_bytes()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    assert metrics.peak_rss_bytes() >= base + 60 * 2**20
+    assert timing.peak_rss_bytes() >= base + 60 * 2**20
     del block
     (tmp_path / "a").write_bytes(b"x" * 1000)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "b").write_bytes(b"y" * 24)
-    assert metrics.size_on_disk(tmp_path) == 1024
+    assert timing.size_on_disk(tmp_path) == 1024
 
 
 # ---- prompt and roofline ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.bench.prompt import BenchPrompt
 
 
@@ -34,11 +34,11 @@ class Repetition:
 
     @property
     def prefill_tok_s(self) -> float | None:
-        return metrics.tokens_per_second(self.prefill_tokens, self.prefill_s)
+        return timing.tokens_per_second(self.prefill_tokens, self.prefill_s)
 
     @property
     def decode_tok_s(self) -> float | None:
-        return metrics.tokens_per_second(self.decode_tokens, self.decode_s)
+        return timing.tokens_per_second(self.decode_tokens, self.decode_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,8 +109,8 @@ class CaseResult:
     warmup: int
     roofline: dict[str, Any] | None = None
 
-    def summary(self, metric: str) -> metrics.Summary | None:
-        return metrics.summarize(getattr(r, metric) for r in self.repetitions)
+    def summary(self, metric: str) -> timing.Summary | None:
+        return timing.summarize(getattr(r, metric) for r in self.repetitions)
 
     @property
     def prefill_tokens(self) -> int:
@@ -139,12 +139,12 @@ def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: in
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
     step = on_step or (lambda _msg: None)
-    metrics.release_memory()
-    metrics.reset_peak_rss()
+    timing.release_memory()
+    timing.reset_peak_rss()
     backend.open()
-    t0 = metrics.now()
+    t0 = timing.now()
     backend.load()
-    load_s = metrics.now() - t0
+    load_s = timing.now() - t0
     step("loaded")
     backend.prepare(prompt_tokens, new_tokens)
     warm: list[Repetition] = []
@@ -164,8 +164,8 @@ def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: in
                                   "run(s) (the runtime stopped at EOS)")
     result = CaseResult(label=label, backend=backend.name, target=backend.target, info=backend.info,
                         load_s=backend.load_s_override if backend.load_s_override is not None
-                        else load_s + backend.extra_load_s, peak_rss_bytes=metrics.peak_rss_bytes(),
+                        else load_s + backend.extra_load_s, peak_rss_bytes=timing.peak_rss_bytes(),
                         prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                        threads=backend.threads or metrics.cpu_threads_default(), repetitions=reps, warmup=warmup)
+                        threads=backend.threads or timing.cpu_threads_default(), repetitions=reps, warmup=warmup)
     backend.close()
     return result

@@ -43,7 +43,7 @@ def versions() -> dict[str, str]:
 
 
 def describe(threads: int | None = None, device: str = "host") -> dict[str, Any]:
-    from mobilemllm.bench.metrics import cpu_threads_default
+    from mobilemllm.bench.timing import cpu_threads_default
 
     try:
         load = list(os.getloadavg())

@@ -28,7 +28,7 @@ class BenchPrompt:
 
     @property
     def prefill_tokens(self) -> int:
-        from mobilemllm.bench.metrics import prefill_tokens
+        from mobilemllm.bench.timing import prefill_tokens
 
         return prefill_tokens(self.text_tokens, self.num_visual_tokens)
 

@@ -230,7 +230,7 @@ def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any], machine: di
 
 
 def _method_summary(c: CaseResult) -> dict[str, tuple[float, float]]:
-    from mobilemllm.bench.metrics import summarize
+    from mobilemllm.bench.timing import summarize
 
     names: list[str] = []
     for r in c.repetitions:

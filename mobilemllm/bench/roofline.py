@@ -29,7 +29,7 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, threads: int
     key = (nbytes, threads or torch.get_num_threads())
     if key in _BANDWIDTH_CACHE:
         return _BANDWIDTH_CACHE[key]
-    from mobilemllm.bench.metrics import now
+    from mobilemllm.bench.timing import now
 
     old = torch.get_num_threads()
     if threads:

@@ -1,8 +1,8 @@
-"""One helper per metric, shared by every backend and report: tokens/s, time to first token, peak
+"""The benchmark's clock and measurements, shared by every backend and report: time to first token, peak
 resident memory, sizes on disk, and the summary of repeated measurements (median, p10/p90, min/max).
 
-Every rate and summary in a table, JSON file or plot comes from here, so two backends can never
-disagree on what "decode tokens/s" means.
+Rates come from :mod:`mobilemllm.runtime.rates` (the one home of tokens/s for runners and the benchmark; "no
+rate" is None), re-exported here so two backends can never disagree on what "decode tokens/s" means.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mobilemllm.procmem import peak_rss_bytes, release_memory, reset_peak_rss  # noqa: F401 (re-exported)
+from mobilemllm.runtime.rates import tokens_per_second  # noqa: F401 (re-exported: the one rate helper)
+
 
 def now() -> float:
     """A monotonic clock in seconds (the one every backend times with)."""
     return time.perf_counter()
-
-
-def tokens_per_second(tokens: int, seconds: float | None) -> float | None:
-    """``tokens / seconds``; None when the time is unknown or not positive (a rate cannot be made)."""
-    if seconds is None or seconds <= 0 or tokens <= 0:
-        return None
-    return tokens / seconds
 
 
 def time_to_first_token(request_start: float, first_token_at: float) -> float:
@@ -37,10 +33,6 @@ def time_to_first_token(request_start: float, first_token_at: float) -> float:
 def prefill_tokens(text_tokens: int, visual_tokens: int) -> int:
     """Tokens the LLM consumes before the first generated token: the prompt's text plus the image's."""
     return int(text_tokens) + int(visual_tokens)
-
-
-# ---- memory (re-exported for the bench's callers; the one home is mobilemllm/procmem.py) -----------
-from mobilemllm.procmem import peak_rss_bytes, release_memory, reset_peak_rss  # noqa: E402,F401
 
 
 # ---- sizes ---------------------------------------------------------------------------------------

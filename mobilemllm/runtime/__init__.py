@@ -28,12 +28,12 @@ def _stderr(msg: str) -> None:
 
 def report_line(result: RunResult, runner: Runner) -> str:
     """The numbers of one answer in one line (what `generate` and `chat` print to stderr)."""
-    def rate(v: float) -> str:  # 0: nothing to time (e.g. one generated token: no decode step)
-        return f"{v:.1f} tok/s" if v > 0 else "n/a"
+    def rate(v: float | None) -> str:  # None: nothing to time (e.g. one generated token: no decode step)
+        return f"{v:.1f} tok/s" if v else "n/a"
 
     reused = f" ({result.reused_tokens} from the cache)" if result.reused_tokens else ""
     return (f"[{result.prompt_tokens} prompt tokens{reused}, {result.generated_tokens} generated; time to first "
-            f"token {result.ttft_s * 1000:.0f} ms, prefill {rate(result.prefill_tokens_per_s)}, decode "
+            f"token {(result.ttft_s or 0) * 1000:.0f} ms, prefill {rate(result.prefill_tokens_per_s)}, decode "
             f"{rate(result.decode_tokens_per_s)}; {runner.describe()}]")
 
 

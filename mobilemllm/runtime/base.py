@@ -89,14 +89,14 @@ class Sampling:
 
 @dataclass
 class RunResult:
-    """One answer and its numbers; the same for every runner (times from :mod:`.metrics`)."""
+    """One answer and its numbers; the same for every runner (rates from :mod:`.rates`)."""
 
     text: str
     prompt_tokens: int  # the whole conversation's prompt (what an OpenAI "usage" calls prompt tokens)
     generated_tokens: int  # tokens sampled for this answer (an end-of-turn token included)
     ttft_s: float  # start of the turn -> first answer token (image encoding and prefill included)
-    prefill_tokens_per_s: float  # tokens prefilled this turn / their time
-    decode_tokens_per_s: float
+    prefill_tokens_per_s: float | None  # tokens prefilled this turn / their time (None: no rate)
+    decode_tokens_per_s: float | None
     stats: dict[str, Any] = field(default_factory=dict)  # the runner's own stats, as it reports them
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "stop"  # "stop": end of turn or a stop string; "length": max_new_tokens or the context
@@ -339,7 +339,7 @@ class Runner:
 
     def _turn(self, conv: Conversation, want: list[int], new: list[int], max_new: int, sampling: Sampling,
               on_text, deadline: float | None) -> RunResult:
-        from mobilemllm.runtime.metrics import wall_rates
+        from mobilemllm.runtime.rates import wall_rates
 
         stream = TextStream(on_text, sampling.stop)
         sampled: list[int] = []  # every token the runner sampled (it feeds all but the last to its cache)

@@ -207,7 +207,7 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
 
 
 def _result(text: str, stats: dict[str, Any], timing: tuple[float, list[float], float] | None = None) -> RunResult:
-    from mobilemllm.runtime.metrics import rates, wall_rates
+    from mobilemllm.runtime.rates import rates, wall_rates
 
     r = rates(stats) if timing is None else wall_rates(stats, *timing)
     return RunResult(text=text, prompt_tokens=int(stats.get("prompt_tokens", 0)),

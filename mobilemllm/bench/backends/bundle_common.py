@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.bench.harness import CaseInfo
 from mobilemllm.bench.prompt import BenchPrompt, build_prompt, check_context, filler_ids
 from mobilemllm.errors import UserError
@@ -56,7 +56,7 @@ def bundle_prompt(manifest: dict[str, Any], tokenizer, text_tokens: int, filler_
 
 def case_info(path: str | Path, manifest: dict[str, Any]) -> CaseInfo:
     return CaseInfo(model_name=manifest["model"]["name"], format=manifest["format"], quantization=quant_label(manifest),
-                    size_bytes=metrics.size_on_disk(path), max_context=manifest["context"]["max_context_len"],
+                    size_bytes=timing.size_on_disk(path), max_context=manifest["context"]["max_context_len"],
                     num_visual_tokens=manifest["prompt"]["num_visual_tokens"],
                     notes=[] if manifest["parity"]["passed"] else ["bundle failed parity at export (--force)"])
 

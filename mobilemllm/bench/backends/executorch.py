@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
@@ -163,9 +163,9 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
         self.runner.reset()
         try:
             with _CapturedOutput() as out:
-                t0 = metrics.now()
-                self.runner.generate(inputs, config, lambda _piece: stamps.append(metrics.now()), None)
-                t1 = metrics.now()
+                t0 = timing.now()
+                self.runner.generate(inputs, config, lambda _piece: stamps.append(timing.now()), None)
+                t1 = timing.now()
         except RuntimeError as e:  # the runner's reason is in what it logged, not in the exception
             lines = [ln for ln in out.text.splitlines() if ln.strip() and "tokenizers:regex" not in ln]
             raise BackendUnavailable(f"the ExecuTorch runner could not run {self.pte} ({e}); its last log lines:\n"
@@ -183,7 +183,7 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
             raise RuntimeError(f"the runner prefilled {st['prompt_tokens']} tokens, the request has {p.prefill_tokens}")
         if not stamps:
             raise RuntimeError("the ExecuTorch runner generated no token")
-        ttft, decode_s, decoded = metrics.time_to_first_token(t0, stamps[0]), stamps[-1] - stamps[0], len(stamps) - 1
+        ttft, decode_s, decoded = timing.time_to_first_token(t0, stamps[0]), stamps[-1] - stamps[0], len(stamps) - 1
         return Repetition(prefill_tokens=int(st["prompt_tokens"]), decode_tokens=decoded, ttft_s=ttft,
                           prefill_s=ttft, decode_s=decode_s, total_s=t1 - t0, image_encode_s=None, runner_stats=st)
 
@@ -232,15 +232,15 @@ class ExecuTorchMethodsBackend(_ExecuTorchBase):
         timing = {n: {"calls": 0, "seconds": 0.0} for n in self.METHODS}
 
         def call(name, *args):
-            t = metrics.now()
+            t = timing.now()
             out = self.methods[name].execute(list(args))[0]
-            timing[name]["seconds"] += metrics.now() - t
+            timing[name]["seconds"] += timing.now() - t
             timing[name]["calls"] += 1
             return out
 
-        t0 = metrics.now()
+        t0 = timing.now()
         img = call("vision_encoder", self.image)
-        t1 = metrics.now()
+        t1 = timing.now()
         pre = call("token_embedding", torch.tensor([p.prefix_ids], dtype=torch.long))
         post = call("token_embedding", torch.tensor([p.suffix_ids], dtype=torch.long))
         emb = torch.cat([pre, img, post], dim=1)
@@ -250,15 +250,15 @@ class ExecuTorchMethodsBackend(_ExecuTorchBase):
             logits = call("text_decoder", chunk, torch.tensor([pos], dtype=torch.long))
             pos += chunk.shape[1]
         token = int(torch.argmax(logits.reshape(-1)))
-        t2 = metrics.now()
+        t2 = timing.now()
         for _ in range(self.new_tokens):
             e = call("token_embedding", torch.tensor([[token]], dtype=torch.long))
             logits = call("text_decoder", e, torch.tensor([pos], dtype=torch.long))
             pos += 1
             token = int(torch.argmax(logits.reshape(-1)))
-        t3 = metrics.now()
+        t3 = timing.now()
         return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
-                          ttft_s=metrics.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
+                          ttft_s=timing.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
                           total_s=t3 - t0, image_encode_s=t1 - t0, methods=timing)
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
@@ -68,27 +68,27 @@ class OnnxRuntimeBackend(Backend):
         timing = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}
 
         def timed(name, fn, *args):
-            t = metrics.now()
+            t = timing.now()
             out = fn(*args)
-            timing[name]["seconds"] += metrics.now() - t
+            timing[name]["seconds"] += timing.now() - t
             timing[name]["calls"] += 1
             return out
 
         ids = p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids
-        t0 = metrics.now()
+        t0 = timing.now()
         img = timed("vision_encoder", r.vision.run, None, {self.vision_input: self.views})[0]
-        t1 = metrics.now()
+        t1 = timing.now()
         emb = timed("token_embedding", r.embed, ids, img)
         logits, past = timed("text_decoder", r.step, emb, r.empty_past())
         token = int(np.argmax(logits))
-        t2 = metrics.now()
+        t2 = timing.now()
         for _ in range(self.new_tokens):
             e = timed("token_embedding", r.embed_session.run, None, {"input_ids": np.asarray([[token]], np.int64)})[0]
             logits, past = timed("text_decoder", r.step, e, past)
             token = int(np.argmax(logits))
-        t3 = metrics.now()
+        t3 = timing.now()
         return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
-                          ttft_s=metrics.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
+                          ttft_s=timing.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
                           total_s=t3 - t0, image_encode_s=t1 - t0, methods=timing)
 
     def close(self) -> None:

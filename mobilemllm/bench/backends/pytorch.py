@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mobilemllm.bench import metrics
+from mobilemllm.bench import timing
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image, build_prompt, check_context, filler_ids
 
@@ -58,7 +58,7 @@ class PyTorchBackend(Backend):
         self.info.format = "pytorch"
         self.info.quantization = str(self.model.dtype).replace("torch.", "").replace("float32", "fp32")
         path = Path(self.target)
-        self.info.size_bytes = metrics.size_on_disk(path) if path.is_dir() else None
+        self.info.size_bytes = timing.size_on_disk(path) if path.is_dir() else None
         if not path.is_dir():
             self.info.notes.append(f"preset {self.target!r} with random weights")
         self.info.max_context = cfg.llm.max_position_embeddings
@@ -98,22 +98,22 @@ class PyTorchBackend(Backend):
         ids = torch.tensor([p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids])
         embed_tokens = model.llm.get_input_embeddings()
         with torch.inference_mode():
-            t0 = metrics.now()
+            t0 = timing.now()
             pix = self._normalize(self.uint8).unsqueeze(0)  # (1, V, 3, S, S): the in-graph /255 + mean/std
             image_embeds = model.encode_images(pix)
-            t1 = metrics.now()
+            t1 = timing.now()
             emb = model.embed(ids, image_embeds=image_embeds)
             cache = DynamicCache()
             out = model.llm(inputs_embeds=emb, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             token = int(torch.argmax(out.logits[0, -1]))
-            t2 = metrics.now()
+            t2 = timing.now()
             for _ in range(self.new_tokens):
                 step = embed_tokens(torch.tensor([[token]]))
                 out = model.llm(inputs_embeds=step, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 token = int(torch.argmax(out.logits[0, -1]))
-            t3 = metrics.now()
+            t3 = timing.now()
         return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
-                          ttft_s=metrics.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
+                          ttft_s=timing.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
                           total_s=t3 - t0, image_encode_s=t1 - t0)
 
     def close(self) -> None:
