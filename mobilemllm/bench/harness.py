@@ -133,39 +133,71 @@ class CaseResult:
 SUMMARY_METRICS = ("image_encode_s", "prefill_s", "prefill_tok_s", "ttft_s", "decode_s", "decode_tok_s", "total_s")
 
 
+class CaseRun:
+    """One case in steps -- :meth:`start` (timed load), :meth:`step` (one warm-up or timed request),
+    :meth:`finish` -- so that a comparison can interleave the requests of several cases round-robin."""
+
+    def __init__(self, backend: Backend, *, label: str, prompt_tokens: int, new_tokens: int, warmup: int,
+                 repeat: int):
+        if repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        self.backend, self.label = backend, label
+        self.prompt_tokens, self.new_tokens, self.warmup, self.repeat = prompt_tokens, new_tokens, warmup, repeat
+        self.warm: list[Repetition] = []
+        self.reps: list[Repetition] = []
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.repeat
+
+    def start(self) -> None:
+        """Fresh peak-memory mark, untimed open, timed load, the request built."""
+        timing.release_memory()
+        timing.reset_peak_rss()
+        self.backend.open()
+        t0 = timing.now()
+        self.backend.load()
+        self.load_s = timing.now() - t0
+        self.backend.prepare(self.prompt_tokens, self.new_tokens)
+
+    def step(self) -> str:
+        """The next request: a warm-up while any is left, then a timed one. Returns which it was."""
+        if len(self.warm) < self.warmup:
+            self.warm.append(self.backend.run_once())
+            if len(self.warm) == self.warmup:
+                self.backend.on_warmup_done(self.warm)
+            return "warmup"
+        if not self.warm and self.warmup == 0 and not self.reps:
+            self.backend.on_warmup_done([])
+        rep = self.backend.run_once()
+        rep.index = len(self.reps)
+        self.reps.append(rep)
+        return "repeat"
+
+    def finish(self) -> CaseResult:
+        backend, reps = self.backend, self.reps
+        short = [r.decode_tokens for r in reps if r.decode_tokens != self.new_tokens]
+        if short:
+            backend.info.notes.append(f"decoded {sorted(set(short))} tokens instead of {self.new_tokens} in "
+                                      f"{len(short)} run(s) (the runtime stopped at EOS)")
+        result = CaseResult(label=self.label, backend=backend.name, target=backend.target, info=backend.info,
+                            load_s=backend.load_s_override if backend.load_s_override is not None
+                            else self.load_s + backend.extra_load_s, peak_rss_bytes=timing.peak_rss_bytes(),
+                            prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
+                            threads=backend.threads or timing.cpu_threads_default(), repetitions=reps,
+                            warmup=self.warmup)
+        backend.close()
+        return result
+
+
 def run_case(backend: Backend, *, label: str, prompt_tokens: int, new_tokens: int, warmup: int, repeat: int,
              on_step: Callable[[str], None] | None = None) -> CaseResult:
     """Load ``backend``, run ``warmup`` untimed + ``repeat`` timed requests, and collect the numbers."""
-    if repeat < 1:
-        raise ValueError("repeat must be at least 1")
+    run = CaseRun(backend, label=label, prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup,
+                  repeat=repeat)
     step = on_step or (lambda _msg: None)
-    timing.release_memory()
-    timing.reset_peak_rss()
-    backend.open()
-    t0 = timing.now()
-    backend.load()
-    load_s = timing.now() - t0
+    run.start()
     step("loaded")
-    backend.prepare(prompt_tokens, new_tokens)
-    warm: list[Repetition] = []
-    for _ in range(warmup):
-        warm.append(backend.run_once())
-        step("warmup")
-    backend.on_warmup_done(warm)
-    reps: list[Repetition] = []
-    for i in range(repeat):
-        rep = backend.run_once()
-        rep.index = i
-        reps.append(rep)
-        step("repeat")
-    short = [r.decode_tokens for r in reps if r.decode_tokens != new_tokens]
-    if short:
-        backend.info.notes.append(f"decoded {sorted(set(short))} tokens instead of {new_tokens} in {len(short)} "
-                                  "run(s) (the runtime stopped at EOS)")
-    result = CaseResult(label=label, backend=backend.name, target=backend.target, info=backend.info,
-                        load_s=backend.load_s_override if backend.load_s_override is not None
-                        else load_s + backend.extra_load_s, peak_rss_bytes=timing.peak_rss_bytes(),
-                        prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                        threads=backend.threads or timing.cpu_threads_default(), repetitions=reps, warmup=warmup)
-    backend.close()
-    return result
+    for _ in range(run.steps):
+        step(run.step())
+    return run.finish()

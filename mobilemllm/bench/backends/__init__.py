@@ -4,6 +4,7 @@
 - ``executorch``: a bundle through ExecuTorch's C++ ``MultimodalRunner`` (what the apps run), with its stats.
 - ``executorch-methods``: the same bundle's methods timed one by one through the ExecuTorch runtime.
 - ``onnxruntime``: an ONNX bundle's graphs through ONNX Runtime.
+- ``llamacpp``: a GGUF bundle (or a bare GGUF pair, ``--gguf``) through llama.cpp itself (llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "executorch": ("mobilemllm.bench.backends.executorch", "ExecuTorchRunnerBackend", "executorch"),
     "executorch-methods": ("mobilemllm.bench.backends.executorch", "ExecuTorchMethodsBackend", "executorch"),
     "onnxruntime": ("mobilemllm.bench.backends.onnxruntime", "OnnxRuntimeBackend", "onnx"),
+    "llamacpp": ("mobilemllm.bench.backends.llamacpp", "LlamaCppBackend", "gguf"),
     "pytorch": ("mobilemllm.bench.backends.pytorch", "PyTorchBackend", None),
 }
 # The backend a bundle gets when --backend is not given.
-DEFAULT_FOR_FORMAT = {"executorch": "executorch", "onnx": "onnxruntime"}
+DEFAULT_FOR_FORMAT = {"executorch": "executorch", "onnx": "onnxruntime", "gguf": "llamacpp"}
 
 
 def check_backend(name: str) -> str:
