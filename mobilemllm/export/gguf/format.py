@@ -6,6 +6,9 @@ The bundle holds ``model.gguf`` (LLaMA architecture, its tokenizer and chat temp
 files. Quantization is one llama.cpp file type for the text model (``f16``, ``q8_0``, ``q4_0``, ``q4_k_m``);
 the mmproj stays fp16.
 
+A CLIP tower needs a llama.cpp with the class-token fix (ggml-org/llama.cpp#25814): :mod:`.probe` asks the
+installed one before anything is written.
+
 Parity: the mmproj's image embeddings against eager's (fp16 weights; clip.cpp normalises and multiplies in its
 own order), the logits of the eager greedy answer fed token by token, and llama.cpp's own greedy answer. f16
 must give eager's greedy tokens; quantized files are held to the scheme's logit-cosine gate.
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemllm.errors import BackendUnavailable, ConfigError
+from mobilemllm.export.gguf.probe import clip_problem
 from mobilemllm.export.plugin import PARITY_KEYS, ExportFormat, Job
 
 TEXT_FILE = "model.gguf"
@@ -26,10 +30,6 @@ PARITY_QUESTION = "What is in the image?"
 # f16 gates: the mmproj's embeddings and the logits within fp16 rounding of eager's, the same greedy answer.
 F16_GATES = {"image_max_rel_diff": 2e-2, "logits_max_rel_diff": 2e-2, "min_cosine": 0.9999, "min_greedy": 1.0}
 INSTALL = "pip install 'mobilemllm[gguf]'"
-CLS_NOTE = ("note: this llama.cpp's clip.cpp places a CLIP tower's class token after the patches while its inputs "
-            "still assume it comes first (ggml-org/llama.cpp#25814), so its image embeddings for CLIP towers differ "
-            "from eager's; SigLIP towers (no class token) match. The mmproj is written in llama.cpp's own layout "
-            "(class token first), right for a llama.cpp with that fixed; see docs/gguf.md")
 
 
 def scheme_of(job_or_plan) -> str:
@@ -96,6 +96,22 @@ class GgufFormat(ExportFormat):
             found.append(str(e))
         if found:
             raise ConfigError("cannot export to GGUF: " + "; ".join(found))
+        self._check_clip_graph(job)
+
+    @staticmethod
+    def _check_clip_graph(job: Job) -> None:
+        """A CLIP tower (class token) needs a llama.cpp whose clip.cpp keeps the class token first: ask the
+        installed one (a probe of a few milliseconds) and refuse in one line naming the fix, before anything is
+        written; with --force, warn and go on (parity then marks the bundle)."""
+        if job.model.config.vision.kind != "clip":
+            return
+        problem = clip_problem()
+        if problem is None:
+            return
+        if not job.force:
+            raise ConfigError(f"cannot export to GGUF: {problem}; or pass --force to write the bundle anyway "
+                              "(marked as failing parity)")
+        job.log(f"warning: {problem} (exporting anyway because of --force)")
 
     def modules(self, job: Job) -> dict[str, Any]:
         return {"model": job.model}  # written from the weights as they are: nothing to trace
@@ -172,9 +188,6 @@ class GgufFormat(ExportFormat):
                                     int(job.parity_recipe.get("greedy_tokens", 16)), job.parity_recipe)
         finally:
             engine.close()
-        if job.state["mmproj"]["class_embedding"] and any(c["name"] == "image_embedding_max_rel_diff"
-                                                          and c["passed"] is False for c in checks):
-            job.log(CLS_NOTE)
         return checks, None
 
     def roles(self, job: Job) -> dict[str, str]:
