@@ -3,6 +3,8 @@
 Importing the package is cheap; heavy modules (torch, transformers, executorch) load on first use.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -20,8 +22,6 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'mobilemllm' has no attribute {name!r}")

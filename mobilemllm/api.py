@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mobilemllm.config import PRESETS, ModelConfig
+from mobilemllm.data.tokenizer import tiny_tokenizer
 from mobilemllm.errors import CheckpointError
+from mobilemllm.models.checkpoint import CONFIG_NAME, check_checkpoint_dir, load_checkpoint, read_config
+from mobilemllm.models.vlm import MobileVLM
 
 
 def load(name_or_path: str | Path, **overrides):
@@ -19,9 +22,6 @@ def load(name_or_path: str | Path, **overrides):
     The ``tiny`` preset gets a byte-level BPE trained on the synthetic shapes text; other presets
     come without a tokenizer (None) unless loaded from a folder.
     """
-    from mobilemllm.models.checkpoint import load_checkpoint
-    from mobilemllm.models.vlm import MobileVLM
-
     path = Path(name_or_path)
     if path.is_dir():
         return load_checkpoint(path)
@@ -33,8 +33,6 @@ def load(name_or_path: str | Path, **overrides):
     cfg = ModelConfig.from_preset(name, **overrides)
     tokenizer = None
     if name == "tiny":
-        from mobilemllm.data.tokenizer import tiny_tokenizer
-
         tokenizer = tiny_tokenizer(cfg.llm.vocab_size)
     return MobileVLM(cfg).eval(), tokenizer
 
@@ -42,8 +40,6 @@ def load(name_or_path: str | Path, **overrides):
 def load_config(name_or_path: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint folder, a training run's last stage or a preset, without its weights
     (so a choice the model cannot take is refused before anything heavy loads)."""
-    from mobilemllm.models.checkpoint import CONFIG_NAME, check_checkpoint_dir, read_config
-
     path = Path(name_or_path)
     if path.is_dir():
         return read_config(check_checkpoint_dir(path) / CONFIG_NAME)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+
 from mobilemllm.errors import UserError
 
 
@@ -106,8 +108,6 @@ def holds(target: str | Path) -> bool:
 
 def _acquire(target: Path, kind: OutputKind, wait_s: float) -> None:
     """Take the lock on ``target`` (re-entrant in this process); one line if another process holds it."""
-    from filelock import FileLock, Timeout
-
     key = str(lock_path(target))
     if holds(target):
         return

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.overrides import section_from_dataclass
+from mobilemllm.templates import TEMPLATES
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -263,7 +265,6 @@ class ModelConfig:
             errors.append("llm.num_heads must be a multiple of llm.num_kv_heads")
         if l.head_dim % 2:
             errors.append("llm head_dim (hidden_size / num_heads) must be even for RoPE")
-        from mobilemllm.templates import TEMPLATES
 
         if self.template not in TEMPLATES:
             errors.append(f"unknown template {self.template!r}; valid templates: {', '.join(sorted(TEMPLATES))}")
@@ -280,8 +281,6 @@ def override_schema() -> type:
     dataclasses' own fields and types, every key optional, unknown keys refused. A field added to a
     dataclass above is accepted here with no other change. Value checks (known connector, template,
     divisible sizes) stay in :meth:`ModelConfig.validate`."""
-    from mobilemllm.overrides import section_from_dataclass
-
     parts = {name: section_from_dataclass(klass, f"{klass.__name__}Overrides", all_optional=True) | None
              for name, klass in (("vision", VisionConfig), ("connector", ConnectorConfig), ("llm", LLMConfig))}
     return section_from_dataclass(ModelConfig, "ModelConfigOverrides", nested=parts, all_optional=True)

@@ -33,11 +33,15 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from mobilemllm.errors import UserError
-from mobilemllm.httpd import HttpError, SafeHandler, bind, decode_image, is_loopback, parse_json, url_of
+from mobilemllm.httpd import IDLE_TIMEOUT_S, HttpError, SafeHandler, bind, decode_image, is_loopback, parse_json, url_of
+from mobilemllm.runtime import open_runner
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DemoState", "UploadError", "decode_upload", "is_loopback",
            "make_server", "url_of"]
@@ -65,8 +69,6 @@ class DemoState:
     """The bundle's runner, the conversations by image id, and the lock that serialises generation."""
 
     def __init__(self, bundle: str | Path, *, max_upload_bytes: int, max_new_tokens: int, **runner_opts: Any):
-        from mobilemllm.runtime import open_runner
-
         self.bundle = Path(bundle)
         self.runner = open_runner(self.bundle, **runner_opts)
         self.manifest = self.runner.manifest
@@ -98,8 +100,6 @@ class DemoState:
         }
 
     def add_image(self, data: bytes) -> dict[str, Any]:
-        from PIL import Image
-
         img = decode_upload(data, self.max_upload_bytes)
         conv = self.runner.conversation(img)
         buf = io.BytesIO()
@@ -167,8 +167,6 @@ class DemoHandler(SafeHandler):
             self.send_json(200, self.state.info())
             return
         if path in STATIC:
-            from importlib.resources import files
-
             name, ctype = STATIC[path]
             self.send_body(200, files("mobilemllm").joinpath("web", name).read_bytes(), ctype)
             return
@@ -231,8 +229,6 @@ def make_server(bundle: str | Path, host: str = DEFAULT_HOST, port: int = DEFAUL
     """A ready (bound, not yet serving) demo server; ``port=0`` picks a free port (see ``server_address``).
 
     ``runner_opts`` go to :func:`~mobilemllm.runtime.open_runner` (``providers``, ``threads``)."""
-    from mobilemllm.httpd import IDLE_TIMEOUT_S
-
     if max_upload_mb <= 0:
         raise UserError("--max-upload-mb must be positive")
     state = DemoState(bundle, max_upload_bytes=int(max_upload_mb * 1e6), max_new_tokens=max_new_tokens,

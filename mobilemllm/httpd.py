@@ -24,6 +24,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
+from mobilemllm.data.images import to_rgb
 from mobilemllm.errors import UserError
 
 IDLE_TIMEOUT_S = 30.0
@@ -49,10 +52,6 @@ def human_size(n: float) -> str:
 
 def decode_image(data: bytes, max_bytes: int, what: str = "the upload"):
     """Bytes of an image file -> RGB PIL image, or an HttpError that says what is wrong."""
-    from PIL import Image, UnidentifiedImageError
-
-    from mobilemllm.data.images import to_rgb
-
     if not data:
         raise HttpError(f"{what} is empty; send an image file (PNG, JPEG, WebP, ...)", code="invalid_image")
     if len(data) > max_bytes:

@@ -6,6 +6,8 @@ bottom of the package so either may import it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -45,13 +47,9 @@ def peak_rss_bytes() -> int:
 
 def release_memory() -> None:
     """Return freed memory to the OS between cases (gc + glibc malloc_trim), so peaks do not carry over."""
-    import gc
-
     gc.collect()
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass

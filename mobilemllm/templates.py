@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mobilemllm.errors import ConfigError
+
 IMAGE = "<image>"
 
 
@@ -108,8 +110,6 @@ TEMPLATES: dict[str, Template] = {
 
 
 def get_template(name: str) -> Template:
-    from mobilemllm.errors import ConfigError
-
     if name not in TEMPLATES:
         raise ConfigError(f"unknown template {name!r}; valid templates: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

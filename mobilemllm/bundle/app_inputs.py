@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from mobilemllm.bundle.layout import QUESTION
 from mobilemllm.errors import UserError
@@ -183,8 +184,6 @@ def prompt_segments(prompt: Mapping[str, Any], question: str) -> list[dict[str, 
 def prompt_token_ids(manifest: Mapping[str, Any], tokenizer_json: str | Path, question: str,
                      image_token_id: int = -200) -> list[int]:
     """Token ids as the runner builds them from the segments (image -> ``num_visual_tokens`` placeholders)."""
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(tokenizer_json))
     prompt = manifest["prompt"]
     ids: list[int] = []

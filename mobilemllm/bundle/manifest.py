@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,14 +29,12 @@ MAX_MANIFEST_BYTES = 16 << 20  # real manifests are a few kB; the model config i
 @lru_cache(maxsize=1)
 def manifest_schema() -> dict[str, Any]:
     """The JSON schema every manifest.json is validated against (shipped in mobilemllm/schemas/)."""
-    from importlib.resources import files
-
     return json.loads(files("mobilemllm").joinpath("schemas", "manifest.schema.json").read_text())
 
 
 def schema_errors(manifest: Mapping[str, Any]) -> list[str]:
     """Every schema violation in ``manifest``, as 'path: message' lines (empty when valid)."""
-    import jsonschema
+    import jsonschema  # lazy: a tenth of a second to load, and `mobilemllm --help` loads this module
 
     validator = jsonschema.Draft202012Validator(manifest_schema())
     errors = []
