@@ -12,10 +12,14 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from mobilemllm.atomic import OutputKind, abort_dir, atomic_dir, commit_dir
 from mobilemllm.config import ModelConfig
+from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import CheckpointError, UserError
+from mobilemllm.models.vlm import MobileVLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,8 +62,6 @@ CHECKPOINT = OutputKind("checkpoint", checkpoint_problem, writer="checkpoint sav
 
 def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
     """Save model config, weights and tokenizer into ``path`` (atomically)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = atomic_dir(path, CHECKPOINT)
     try:
@@ -102,9 +104,6 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -134,8 +133,6 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> Non
 
 def load_checkpoint(path: str | Path, with_tokenizer: bool = True, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a checkpoint folder. tokenizer is None if absent or not asked for."""
-    from mobilemllm.models.vlm import MobileVLM
-
     path = check_checkpoint_dir(path)
     cfg = read_config(path / CONFIG_NAME)
     cfg = cfg.replace(vision={"pretrained_path": None}, llm={"pretrained_path": None})
@@ -150,7 +147,5 @@ def load_checkpoint(path: str | Path, with_tokenizer: bool = True, dtype: torch.
     model.to(dtype).eval()
     tokenizer = None
     if with_tokenizer and ((path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()):
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(path)
     return model, tokenizer

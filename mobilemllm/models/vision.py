@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mobilemllm.config import VisionConfig
+from mobilemllm.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from mobilemllm.errors import CheckpointError
 
 
@@ -39,7 +39,6 @@ def hf_vision_config(cfg: VisionConfig):
 def vision_config_from_hf(hf_cfg, **extra) -> VisionConfig:
     """A VisionConfig that matches a transformers CLIP/SigLIP vision config."""
     kind = "siglip" if "siglip" in type(hf_cfg).__name__.lower() else "clip"
-    from mobilemllm.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
     values = dict(
         kind=kind,

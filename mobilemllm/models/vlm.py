@@ -16,7 +16,7 @@ from torch import nn
 from mobilemllm.config import ModelConfig
 from mobilemllm.errors import UserError
 from mobilemllm.models.connectors import build_connector
-from mobilemllm.models.llm import build_llm
+from mobilemllm.models.llm import build_llm, cache_kwargs
 from mobilemllm.models.vision import VisionTower
 
 IMAGE_TOKEN_ID = -200
@@ -115,8 +115,6 @@ class MobileVLM(nn.Module):
         past = None
         if use_cache:
             from transformers import DynamicCache
-
-            from mobilemllm.models.llm import cache_kwargs
 
             past = DynamicCache()
         seq_emb = emb  # the whole sequence so far (used uncached); step_in is what the cached path feeds

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemllm.models.importers.files import read_json
+from mobilemllm.models.llm import llm_config_from_hf
 
 
 LLM_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -19,8 +20,6 @@ def llm_config(data: dict[str, Any], where: str, errors: list[str], require: boo
     against LlamaConfig's defaults: absent keys take those defaults, as transformers itself does.
     """
     from transformers import LlamaConfig
-
-    from mobilemllm.models.llm import llm_config_from_hf
 
     missing = [k for k in LLM_REQUIRED if k not in data] if require else []
     if missing:

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import torch
 
+from mobilemllm.config import ConnectorConfig, ModelConfig
 from mobilemllm.errors import CheckpointError, ConfigError, UserError
+from mobilemllm.models.checkpoint import save_checkpoint
+from mobilemllm.models.connectors import CONNECTORS, build_connector
 from mobilemllm.models.importers.files import detect_format, read_json
 from mobilemllm.models.importers.keys import shown, source_name
 from mobilemllm.models.importers.llama import plan_llama
 from mobilemllm.models.importers.llava_hf import plan_llava_hf
 from mobilemllm.models.importers.mobilevlm import plan_mobilevlm
-from mobilemllm.models.importers.plan import FORMATS, IMPORT_INFO_NAME, MOBILEVLM_TOWER, TEMPLATE, V, Plan
+from mobilemllm.models.importers.plan import FORMATS, IMPORT_INFO_NAME, MOBILEVLM_TOWER, TEMPLATE, Plan, V
 from mobilemllm.models.importers.tokenizer import load_source_tokenizer
+from mobilemllm.models.vlm import MobileVLM
 
 PLANNERS = {"mobilevlm": plan_mobilevlm, "llava-hf": plan_llava_hf, "llama": plan_llama}
 
@@ -40,11 +44,6 @@ def import_checkpoint(src: str | Path, out: str | Path, vision_tower: str | Path
 def import_checkpoint_with_report(src: str | Path, out: str | Path, vision_tower: str | Path | None = None,
                                   llm_only: bool = False, format: str = "auto", connector: str = "ldpv2",
                                   seed: int = 0) -> ImportResult:
-    from mobilemllm.config import ModelConfig
-    from mobilemllm.models.checkpoint import save_checkpoint
-    from mobilemllm.models.connectors import CONNECTORS, build_connector
-    from mobilemllm.models.vlm import MobileVLM
-
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
     if connector not in CONNECTORS:
@@ -86,8 +85,6 @@ def import_checkpoint_with_report(src: str | Path, out: str | Path, vision_tower
 
 
 def _connector_config(kind: str):
-    from mobilemllm.config import ConnectorConfig
-
     return ConnectorConfig(kind=kind)
 
 

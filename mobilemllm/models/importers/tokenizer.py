@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mobilemllm.data.cpp_tokenizer import cpp_compatible
 from mobilemllm.errors import CheckpointError
 
 
@@ -11,8 +12,6 @@ def load_source_tokenizer(src: Path, fmt: str = "auto"):
     """The source's tokenizer (sentencepiece tokenizer.model or tokenizer.json), loaded offline, in the form
     ExecuTorch's C++ tokenizer reads (:func:`mobilemllm.data.cpp_tokenizer.cpp_compatible`), so the checkpoint's
     tokenizer.json is the one every bundle ships."""
-    from mobilemllm.data.cpp_tokenizer import cpp_compatible
-
     return cpp_compatible(_load(src, fmt))
 
 

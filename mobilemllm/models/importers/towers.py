@@ -7,17 +7,17 @@ from pathlib import Path
 
 import torch
 
+from mobilemllm.config import VisionConfig
 from mobilemllm.errors import CheckpointError
 from mobilemllm.models.importers.configs import preprocessing
 from mobilemllm.models.importers.files import read_weights
 from mobilemllm.models.importers.keys import map_keys
 from mobilemllm.models.importers.plan import TOWER_IGNORED, V
+from mobilemllm.models.vision import hf_vision_config, vision_config_from_hf
 
 
 def vision_from_hf(hf_cfg, where: str, errors: list[str], **extra):
     """Our VisionConfig from a transformers CLIP/SigLIP vision config, refusing what we cannot rebuild."""
-    from mobilemllm.models.vision import hf_vision_config, vision_config_from_hf
-
     name = type(hf_cfg).__name__.lower()
     if "clip" not in name and "siglip" not in name:
         errors.append(f"{where}: vision model {type(hf_cfg).__name__} is not supported (CLIP or SigLIP only)")
@@ -41,8 +41,6 @@ def vision_from_weights(state: dict[str, torch.Tensor], where: str, tower_name: 
     Shapes give everything but the head count, which is known only for the published OpenAI CLIP widths; any
     other width is refused rather than guessed (a wrong head count computes different features silently).
     """
-    from mobilemllm.config import VisionConfig
-
     needed = [V + "embeddings.patch_embedding.weight", V + "embeddings.position_embedding.weight",
               V + "encoder.layers.0.mlp.fc1.weight"]
     absent = [k for k in needed if k not in state]
