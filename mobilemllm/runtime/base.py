@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
+from PIL import Image
 
-from mobilemllm.errors import UserError
+from mobilemllm.bundle import load_manifest
+from mobilemllm.bundle.app_inputs import check_preprocessing
+from mobilemllm.data.images import load_image, to_rgb
+from mobilemllm.data.tokenizer import load_tokenizer
+from mobilemllm.errors import BackendUnavailable, UserError
+from mobilemllm.runtime.conversation import conversation_ids
+from mobilemllm.runtime.rates import wall_rates
 
 # manifest["format"] -> "module:Class" of its runner (imported on first use).
 RUNNERS: dict[str, str] = {
@@ -111,11 +118,6 @@ class RunResult:
 def bundle_views(manifest: dict[str, Any], image) -> np.ndarray:
     """An image (PIL or path) -> uint8 views (V, 3, S, S) by ``manifest["preprocessing"]`` alone, as the apps
     make them (:mod:`mobilemllm.bundle.app_inputs`, whose integer resampler equals Pillow's; Pillow is faster)."""
-    from PIL import Image
-
-    from mobilemllm.bundle.app_inputs import check_preprocessing
-    from mobilemllm.data.images import load_image, to_rgb
-
     pre = manifest["preprocessing"]
     check_preprocessing(pre)
     img = to_rgb(load_image(image) if isinstance(image, (str, Path)) else image)
@@ -218,8 +220,6 @@ class Conversation:
 
     def prompt_ids(self, question: str) -> list[int]:
         """The conversation's token ids up to the next answer (IMAGE_TOKEN_ID at the visual tokens)."""
-        from mobilemllm.runtime.conversation import conversation_ids
-
         return conversation_ids(self.runner.manifest, self.runner.tokenizer, self.turns, question)
 
     def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, deadline: float | None = None,
@@ -244,8 +244,6 @@ class Runner:
 
     def __init__(self, bundle_dir: str | Path, manifest: dict[str, Any], *,
                  warn: Callable[[str], None] | None = None, **opts: Any):
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         extra = sorted(k for k, v in opts.items() if v is not None and k not in self.options)
         if extra:
             raise UserError(f"option(s) {', '.join(extra)} do not apply to {manifest['format']} bundles"
@@ -275,8 +273,6 @@ class Runner:
     def conversation(self, image, *, image_path=None, history: Sequence[tuple[str, str]] = ()) -> Conversation:
         """A conversation about ``image`` (PIL image or path); ``history``: earlier (question, answer) turns."""
         if isinstance(image, (str, Path)):
-            from mobilemllm.data.images import load_image
-
             image_path = image_path or image
             image = load_image(image)
         note = resize_note(self.manifest, image, image_path)
@@ -339,8 +335,6 @@ class Runner:
 
     def _turn(self, conv: Conversation, want: list[int], new: list[int], max_new: int, sampling: Sampling,
               on_text, deadline: float | None) -> RunResult:
-        from mobilemllm.runtime.rates import wall_rates
-
         stream = TextStream(on_text, sampling.stop)
         sampled: list[int] = []  # every token the runner sampled (it feeds all but the last to its cache)
         answer: list[int] = []
@@ -405,8 +399,6 @@ class CoreMLUnavailable(Runner):
     format = "coreml"
 
     def __init__(self, bundle_dir, manifest, **opts):
-        from mobilemllm.errors import BackendUnavailable
-
         raise BackendUnavailable("Core ML bundles run only on Apple hardware (macOS/iOS); open it in the iOS demo app")
 
 
@@ -416,8 +408,6 @@ def open_runner(bundle_dir: str | Path, *, warn: Callable[[str], None] | None = 
     Options: ``providers`` (ONNX Runtime execution providers, in order) and ``threads`` where the runner
     takes them; ``warn`` receives one-line notes (an image that gets resized).
     """
-    from mobilemllm.bundle import load_manifest
-
     manifest = load_manifest(bundle_dir)
     fmt = manifest["format"]
     if fmt not in RUNNERS:
@@ -426,7 +416,5 @@ def open_runner(bundle_dir: str | Path, *, warn: Callable[[str], None] | None = 
     try:
         cls = getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as e:
-        from mobilemllm.errors import BackendUnavailable
-
         raise BackendUnavailable(f"this mobilemllm cannot run {fmt} bundles ({e})") from None
     return cls(bundle_dir, manifest, warn=warn, **opts)

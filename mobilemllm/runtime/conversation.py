@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from mobilemllm.bundle import QUESTION, prompt_token_ids
+from mobilemllm.data.tokenizer import encode_segments
 from mobilemllm.errors import UserError
+from mobilemllm.templates import IMAGE, get_template
 
 
 def template_follow_up_ids(template_name: str, tokenizer, answer: str, question: str) -> list[int]:
     """The follow-up ids from the template itself: the segments training makes for a two-turn record,
     minus the first turn's prompt and the last answer."""
-    from mobilemllm.data.tokenizer import encode_segments
-    from mobilemllm.templates import IMAGE, get_template
-
     tpl = get_template(template_name)
     if tpl.caption_only:
         raise UserError(f"this bundle's template {template_name!r} captions an image and has no chat turns; "
@@ -33,8 +33,6 @@ def template_follow_up_ids(template_name: str, tokenizer, answer: str, question:
 
 def follow_up_ids(manifest: dict[str, Any], tokenizer, answer: str, question: str) -> list[int]:
     """Ids after a turn's prompt: the previous ``answer`` + end of turn + the turn asking ``question``."""
-    from mobilemllm.bundle import QUESTION
-
     prompt = manifest["prompt"]
     if "follow_up" not in prompt:
         return template_follow_up_ids(prompt["template"], tokenizer, answer, question)
@@ -50,8 +48,6 @@ def follow_up_ids(manifest: dict[str, Any], tokenizer, answer: str, question: st
 def conversation_ids(manifest: dict[str, Any], tokenizer, turns: Sequence[tuple[str, str]], question: str) -> list[int]:
     """Token ids of ``turns`` (question, answer) and then ``question``, up to where the next answer starts;
     IMAGE_TOKEN_ID marks the visual-token positions."""
-    from mobilemllm.bundle import prompt_token_ids
-
     if not isinstance(question, str) or not question.strip():
         raise UserError("the question is empty; ask something about the image")
     questions = [q for q, _ in turns] + [question]

@@ -10,9 +10,11 @@ character, so :class:`Utf8Buffer` holds bytes back until a character is complete
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +23,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mobilemllm.bundle import IMAGE_TOKEN_ID, PROGRAM_NAME, fill_prompt, needs_bos_token, prompt_token_ids, sha256_file
+from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import BackendUnavailable, UserError
-from mobilemllm.runtime.base import RunResult, Runner, Sampling
+from mobilemllm.runtime.base import Runner, RunResult, Sampling
+from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir, piece_token, special_token_ids
+from mobilemllm.runtime.rates import rates, wall_rates
 
 __all__ = ["ExecuTorchRunner", "RunResult", "Utf8Buffer", "image_tensor", "load_kernels", "run_program"]
 
@@ -77,9 +83,6 @@ def _quiet_stdout(log: list[str] | None = None):
     """The C++ runner prints every piece and a report to stdout (fd 1) itself; send that to /dev/null while
     Python's ``sys.stdout`` (where ``on_text`` streams) keeps writing to the real stdout. With ``log``, its
     log lines on stderr (fd 2) go to a temporary file whose text is appended to ``log`` afterwards."""
-    import ctypes
-    import tempfile
-
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -129,8 +132,6 @@ def _inputs(manifest: dict[str, Any], tokenizer, image_u8: torch.Tensor, questio
     """MultimodalInputs: the manifest's segments, text as token ids from the bundle's tokenizer."""
     from executorch.extension.llm.runner import make_image_input, make_token_input
 
-    from mobilemllm.bundle import fill_prompt, needs_bos_token
-
     inputs = []
     bos = manifest["tokenizer"]["bos_id"]
     if needs_bos_token(manifest["prompt"]) and bos is not None:
@@ -156,8 +157,6 @@ def image_tensor(manifest: dict[str, Any], views_u8) -> torch.Tensor:
 
 
 def count_prompt_tokens(manifest: dict[str, Any], tokenizer, question: str) -> int:
-    from mobilemllm.bundle import prompt_token_ids
-
     return len(prompt_token_ids(manifest["prompt"], tokenizer, question, manifest["tokenizer"]["bos_id"]))
 
 
@@ -175,10 +174,6 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
     """Generate with MultimodalRunner; ``views_u8`` is the preprocessed uint8 image (V, 3, S, S)."""
     load_kernels()
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner
-
-    from mobilemllm.data.tokenizer import load_tokenizer
-    from mobilemllm.bundle import sha256_file
-    from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir
 
     tokenizer_dir = Path(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -207,8 +202,6 @@ def run_program(pte: str | Path, tokenizer_dir: str | Path, manifest: dict[str, 
 
 
 def _result(text: str, stats: dict[str, Any], timing: tuple[float, list[float], float] | None = None) -> RunResult:
-    from mobilemllm.runtime.rates import rates, wall_rates
-
     r = rates(stats) if timing is None else wall_rates(stats, *timing)
     return RunResult(text=text, prompt_tokens=int(stats.get("prompt_tokens", 0)),
                      generated_tokens=int(stats.get("generated_tokens", 0)), ttft_s=r["ttft_s"],
@@ -261,9 +254,6 @@ class ExecuTorchRunner(Runner):
                             f"{sampling.top_p}; leave top_p unset (or 0.9), or use temperature 0")
 
     def _load(self) -> None:
-        from mobilemllm.bundle import PROGRAM_NAME, sha256_file
-        from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir, special_token_ids
-
         try:
             load_kernels()
             from executorch.extension.llm.runner import MultimodalRunner
@@ -294,8 +284,6 @@ class ExecuTorchRunner(Runner):
         program's max_seq_len (the most one prefill call takes)."""
         from executorch.extension.llm.runner import make_image_input, make_token_input
 
-        from mobilemllm.bundle import IMAGE_TOKEN_ID
-
         out, i = [], 0
         while i < len(ids):
             image = ids[i] == IMAGE_TOKEN_ID
@@ -315,8 +303,6 @@ class ExecuTorchRunner(Runner):
 
     def _run(self, ids, views, max_new, sampling, on_token):
         from executorch.extension.llm.runner import GenerationConfig
-
-        from mobilemllm.runtime.piece_tokenizer import piece_token
 
         runner = self._runner
         config = GenerationConfig(echo=False, max_new_tokens=int(max_new), temperature=float(sampling.temperature),

@@ -23,7 +23,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mobilemllm.bundle import load_manifest
+from mobilemllm.bundle.layout import GRAPH_FILES, IMAGE_TOKEN_ID
+from mobilemllm.config import ModelConfig
+from mobilemllm.data.images import load_image, to_uint8_views
+from mobilemllm.data.tokenizer import eos_ids, load_tokenizer
 from mobilemllm.errors import BackendUnavailable, CheckpointError, UserError
+from mobilemllm.inference import TextStreamer, prompt_ids
 from mobilemllm.runtime.base import Runner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -142,8 +148,6 @@ class OnnxRunner:
     def __init__(self, graph_dir: str | Path, config, tokenizer, *, files: dict[str, str] | None = None,
                  providers: Sequence[str] | None = None, threads: int | None = None,
                  shared_kv: bool | None = None):
-        from mobilemllm.bundle.layout import GRAPH_FILES
-
         self.dir = Path(graph_dir)
         self.config = config
         self.tokenizer = tokenizer
@@ -180,9 +184,6 @@ class OnnxRunner:
     def from_bundle(cls, bundle: str | Path, manifest: dict | None = None, *,
                     providers: Sequence[str] | None = None, threads: int | None = None,
                     shared_kv: bool | None = None) -> "OnnxRunner":
-        from mobilemllm.config import ModelConfig
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         bundle = Path(bundle)
         if manifest is None:
             manifest = read_manifest(bundle)
@@ -201,14 +202,10 @@ class OnnxRunner:
 
     def encode_image(self, image) -> np.ndarray:
         """PIL image -> image embeddings (1, num_visual_tokens, D)."""
-        from mobilemllm.data.images import to_uint8_views
-
         pixels = to_uint8_views(image, self.config.vision)
         return self.vision.run(None, {"pixel_values": pixels})[0]
 
     def embed(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
-        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
-
         ids_arr = np.asarray([ids], dtype=np.int64)
         emb = self.embed_session.run(None, {"input_ids": ids_arr})[0]
         slots = ids_arr[0] == IMAGE_TOKEN_ID
@@ -300,8 +297,6 @@ class OnnxRunner:
         return io.get_outputs()[-1].numpy()[0, -1], kv
 
     def prompt_ids(self, question: str) -> list[int]:
-        from mobilemllm.inference import prompt_ids
-
         return prompt_ids(self.config, self.tokenizer, question)
 
     def check_prompt(self, ids: Sequence[int]) -> None:
@@ -346,10 +341,6 @@ class OnnxRunner:
                  top_p: float = 1.0, seed: int | None = None,
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Answer ``question`` about ``image`` (a PIL image or a path), streaming text to ``on_text``."""
-        from mobilemllm.data.images import load_image
-        from mobilemllm.data.tokenizer import eos_ids
-        from mobilemllm.inference import TextStreamer
-
         if isinstance(image, (str, Path)):
             image = load_image(image)
         ids = self.prompt_ids(question)
@@ -364,8 +355,6 @@ class OnnxRunner:
 
 def read_manifest(bundle: str | Path) -> dict:
     """The bundle's manifest, validated (schema and checksums) by the shared bundle module."""
-    from mobilemllm.bundle import load_manifest
-
     return load_manifest(bundle)
 
 
@@ -398,8 +387,6 @@ class OnnxBundleRunner(Runner):
         self._past = None
 
     def _run(self, ids, views, max_new, sampling, on_token):
-        from mobilemllm.bundle import IMAGE_TOKEN_ID
-
         engine = self.engine
         image_embeds = None
         if IMAGE_TOKEN_ID in ids:

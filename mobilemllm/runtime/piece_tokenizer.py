@@ -29,8 +29,6 @@ _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def _byte_level_maps() -> tuple[dict[int, str], dict[str, int]]:
-    from tokenizers import pre_tokenizers  # noqa: F401
-
     # GPT-2's reversible byte <-> printable-char table (the ByteLevel alphabet)
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
