@@ -14,8 +14,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote, urlparse
 
-from mobilemllm.httpd import HttpError
+from mobilemllm.data.images import load_image
+from mobilemllm.errors import UserError
+from mobilemllm.httpd import HttpError, decode_image
 
 MAX_STOP = 4  # as OpenAI
 # Parameters that change nothing here and are accepted as sent.
@@ -215,8 +218,6 @@ def parse_chat_request(req: Any, *, model: str, default_max_tokens: int,
 # ---- images -----------------------------------------------------------------------------------------
 def image_loader(image_dir: str | Path | None, max_bytes: int) -> Callable[[str], Any]:
     """URL -> PIL image: ``data:`` URLs always; ``file://`` URLs and paths only under ``image_dir``."""
-    from mobilemllm.httpd import decode_image
-
     root = Path(image_dir).resolve() if image_dir else None
 
     def load(url: str):
@@ -244,8 +245,6 @@ def image_loader(image_dir: str | Path | None, max_bytes: int) -> Callable[[str]
 
 def _file_path(url: str) -> str:
     """A ``file://`` URL (or a plain path) -> the path it names."""
-    from urllib.parse import unquote, urlparse
-
     if not url.startswith("file://"):
         return url
     parsed = urlparse(url)
@@ -256,8 +255,6 @@ def _file_path(url: str) -> str:
 
 
 def _local_image(root: Path | None, path: str):
-    from mobilemllm.data.images import load_image
-
     if root is None:
         raise ApiError("local image files are off; send the image as a data URL, or start the server with "
                        "--image-dir DIR to allow files under DIR", param="messages", code="invalid_image")
@@ -269,8 +266,6 @@ def _local_image(root: Path | None, path: str):
 
 
 def _as_api_error(fn: Callable[[], Any]):
-    from mobilemllm.errors import UserError
-
     try:
         return fn()
     except ApiError:

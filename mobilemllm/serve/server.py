@@ -24,8 +24,9 @@ from typing import Any
 
 from mobilemllm.errors import UserError
 from mobilemllm.httpd import IDLE_TIMEOUT_S, HttpError, SafeHandler, bind, parse_json
-from mobilemllm.serve.openai_api import (ApiError, chunk, completion, error_body, image_loader, model_card,
-                                         models_list, new_id, parse_chat_request, usage_chunk)
+from mobilemllm.runtime import ContextFull, open_runner
+from mobilemllm.serve.openai_api import (ApiError, chunk, completion, error_body, image_loader, model_card, models_list,
+                                         new_id, parse_chat_request, timings, usage_chunk)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -68,8 +69,6 @@ class ServeState:
     def __init__(self, bundle: str | Path, *, model_name: str | None, max_tokens: int, max_queue: int,
                  queue_timeout: float, request_timeout: float, max_body_bytes: int, image_dir: str | Path | None,
                  **runner_opts: Any):
-        from mobilemllm.runtime import open_runner
-
         self.bundle = Path(bundle)
         if image_dir is not None and not Path(image_dir).is_dir():
             raise UserError(f"--image-dir {image_dir} is not a folder")
@@ -152,8 +151,6 @@ class ApiHandler(SafeHandler):
                 self.send_json(200, completion(cid, s.model, self._ask(conv, chat, deadline)))
 
     def _ask(self, conv, chat, deadline: float, on_text=None):
-        from mobilemllm.runtime import ContextFull
-
         try:
             return conv.ask(chat.question, on_text=on_text, deadline=deadline, **chat.sampling)
         except ContextFull as e:
@@ -196,7 +193,6 @@ class ApiHandler(SafeHandler):
             send({"error": {"message": f"the runner failed: {e.__class__.__name__}: {e}", "type": "server_error",
                             "param": None, "code": None}})
             raise
-        from mobilemllm.serve.openai_api import timings
 
         send(chunk(cid, model, {}, result.finish_reason, timings=timings(result)))
         if chat.include_usage:
