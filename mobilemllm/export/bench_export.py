@@ -21,6 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+from mobilemllm.api import load
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.export.executorch_parity import load_program
+from mobilemllm.runtime import run_bundle
 
 
 def export_child(model: str, target: str, out: Path, extra: list[str]) -> dict:
@@ -40,8 +46,6 @@ def export_child(model: str, target: str, out: Path, extra: list[str]) -> dict:
 
 def decoder_speed(pte: Path, hidden: int, prompt: int = 128, new: int = 128, repeats: int = 2) -> dict:
     """text_decoder alone: prefill ``prompt`` embeddings, then ``new`` single-token steps (embedding + decoder)."""
-    from mobilemllm.export.executorch_parity import load_program
-
     program = load_program(pte)
     emb = program.load_method("token_embedding")
     best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
@@ -62,10 +66,6 @@ def decoder_speed(pte: Path, hidden: int, prompt: int = 128, new: int = 128, rep
 
 
 def runner_speed(bundle: Path, new: int = 128) -> dict:
-    from PIL import Image
-
-    from mobilemllm.runtime import run_bundle
-
     img = Image.new("RGB", (400, 300), (120, 60, 200))
     prompt = "Describe the image in detail, with every shape, its colour and where it is. " * 3
     run_bundle(bundle, img, prompt, max_new_tokens=8, report=False)  # warm-up
@@ -77,11 +77,8 @@ def runner_speed(bundle: Path, new: int = 128) -> dict:
 
 def eager_speed(model_name: str, new: int = 128) -> dict:
     """transformers eager (MobileVLM.generate, KV cache) on the same prompt shape: TTFT and decode tok/s."""
-    from mobilemllm.api import load
-
     model, _ = load(model_name)
     cfg = model.config
-    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
     ids = [1] + [5] * 30 + [IMAGE_TOKEN_ID] * cfg.num_visual_tokens + [7] * 60
     pix = torch.rand(1, cfg.vision.num_views, 3, cfg.vision.image_size, cfg.vision.image_size)

@@ -22,14 +22,24 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.export import Dim, export
 
+from mobilemllm import quantization as Q
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.images import to_uint8_views
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
+from mobilemllm.export import parity
+from mobilemllm.export.coreml_decoder import CoreMLDecoder, causal_mask
 from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
+from mobilemllm.export.onnx_parity import PARITY_QUESTION
 from mobilemllm.export.plugin import ExportFormat, Job
+from mobilemllm.inference import prompt_ids
 
 PACKAGE_FILES = {"vision_encoder": "vision.mlpackage", "token_embedding": "embed.mlpackage",
                  "text_decoder": "decoder.mlpackage"}
@@ -55,8 +65,6 @@ def _ct():
 
 def check_compression(scheme: Any, block_size: Any = 32) -> None:
     """A Core ML compression and block size, checked by the registry; ConfigError listing every problem."""
-    from mobilemllm import quantization as Q
-
     errors = Q.check({"format": "coreml", "compression": scheme, "block_size": block_size})
     if errors:
         raise ConfigError("invalid Core ML recipe: " + "; ".join(errors))
@@ -65,18 +73,13 @@ def check_compression(scheme: Any, block_size: Any = 32) -> None:
 # ---- conversion ---------------------------------------------------------------------------------
 def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
              output_name: str, int_inputs: tuple[str, ...] = (), fp32_inputs: tuple[str, ...] = ()):
-    import warnings
-
     ct = _ct()
-    from torch.export import export
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         ep = export(module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False).run_decompositions({})
         inputs = None
         if input_names:
-            import numpy as np
-
             # Token ids must stay int32: fp16 holds integers exactly only up to 2048.
             inputs = [ct.TensorType(name=name, dtype=np.int32 if name in int_inputs else
                                     np.float32 if name in fp32_inputs else np.float16) for name in input_names]
@@ -89,8 +92,6 @@ def _convert(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, input_na
 def package_modules(model) -> dict[str, torch.nn.Module]:
     """The export-ready module of each package, sharing ``model``'s (float) weights. The decoder's cache holds
     max_position_embeddings + 1 tokens (the flexible dimensions stay below its size)."""
-    from mobilemllm.export.coreml_decoder import CoreMLDecoder
-
     model = model.float()
     ctx = model.config.llm.max_position_embeddings
     return {"vision_encoder": VisionEncoder(model, stacked=False),
@@ -100,10 +101,6 @@ def package_modules(model) -> dict[str, torch.nn.Module]:
 
 def convert_part(part: str, module: torch.nn.Module, config):
     """One package's module -> a Core ML model (fp16, iOS 18), with its example inputs and flexible shapes."""
-    from torch.export import Dim
-
-    from mobilemllm.export.coreml_decoder import causal_mask
-
     ctx = config.llm.max_position_embeddings
     if part == "vision_encoder":
         v = config.vision
@@ -211,12 +208,6 @@ def package_spec(path_or_model) -> dict[str, Any]:
 # ---- prediction (macOS only) --------------------------------------------------------------------
 def coreml_teacher_forced(packages: dict[str, Any], config, ids: list[int], image, tokens: list[int]):
     """Logits (len(tokens), V) from the Core ML packages fed the reference tokens one by one (macOS only)."""
-    import numpy as np
-
-    from mobilemllm.data.images import to_uint8_views
-    from mobilemllm.export.coreml_decoder import causal_mask
-    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
-
     if not can_predict():
         raise BackendUnavailable(PREDICTION_NEEDS_MACOS)
     vision, embed, decoder = (packages[p] for p in PACKAGE_FILES)
@@ -243,8 +234,6 @@ def _dir_size(path: Path) -> int:
 # ---- checks ------------------------------------------------------------------------------------------
 def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) -> list[dict[str, Any]]:
     """What can be checked without a Core ML runtime: deployment target, states, compression ops."""
-    from mobilemllm.export import parity
-
     checks = []
     for part, spec in specs.items():
         checks.append(parity.check(f"{part}_spec_version", spec["spec_version"], f">= {IOS18_SPEC_VERSION} (iOS 18)",
@@ -252,8 +241,6 @@ def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) 
     states = len(specs["text_decoder"]["states"])
     checks.append(parity.check("text_decoder_states", states, 2 * num_layers, states == 2 * num_layers))
     if scheme != "fp16":
-        from mobilemllm import quantization as Q
-
         op = Q.scheme("coremltools", scheme).graph_op
         n = specs["text_decoder"]["ops"].get(op, 0)
         checks.append(parity.check(f"text_decoder_{op}_ops", n, "> 0", n > 0))
@@ -262,10 +249,6 @@ def spec_checks(specs: dict[str, dict[str, Any]], scheme: str, num_layers: int) 
 
 def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dict[str, Any]) -> list[dict]:
     """macOS only: teacher-forced logits of the packages vs eager, cosine gated per scheme."""
-    from mobilemllm.export import parity
-    from mobilemllm.export.onnx_parity import PARITY_QUESTION
-    from mobilemllm.inference import prompt_ids
-
     ct = _ct()
     cfg = model.config
     n = int((recipe.get("parity") or {}).get("greedy_tokens", 8))
@@ -276,7 +259,6 @@ def _prediction_checks(model, tokenizer, staging: Path, scheme: str, recipe: dic
     got = torch.from_numpy(coreml_teacher_forced(loaded, cfg, ids, image, ref_tokens))
     cos = parity.logit_cosine(got, ref_logits)
     greedy = [int(t) for t in got.argmax(-1)]
-    from mobilemllm import quantization as Q
 
     gate = float((recipe.get("parity") or {}).get("min_logit_cosine",
                                                    Q.scheme("coremltools", scheme).parity_cosine))

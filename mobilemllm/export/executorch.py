@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export import Dim, export
 
 from mobilemllm.bundle.layout import PROGRAM_NAME
+from mobilemllm.data.tokenizer import eos_ids
 from mobilemllm.errors import ConfigError
 from mobilemllm.export.executorch_backends import BACKENDS, METHODS, Backend
 from mobilemllm.export.executorch_parity import check_parity
+from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
 from mobilemllm.export.plugin import ExportFormat, Job
 
 REQUIRED_KERNELS = ["executorch/extension/llm/custom_ops (llama::custom_sdpa, llama::update_cache)",
@@ -62,8 +65,6 @@ def build_modules(model, max_context_len: int, kv_cache: str = "fp32", backend: 
                   max_seq_len: int | None = None) -> dict[str, torch.nn.Module]:
     """{vision_encoder, token_embedding, text_decoder} sharing ``model``'s weights; the decoder is the
     backend's (``ExportLlama``; Core ML: ``CoreMLRunnerDecoder``; QNN: ``QnnRunnerDecoder``)."""
-    from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
-
     decoder = BACKENDS[backend].decoder(model, max_context_len, max_seq_len or max_context_len, kv_cache)
     return {"vision_encoder": VisionEncoder(model).eval(),
             "token_embedding": TokenEmbedding(model.llm.get_input_embeddings()).eval(),
@@ -78,8 +79,6 @@ def _example_image(cfg) -> torch.Tensor:
 
 def export_programs(model, modules: dict[str, torch.nn.Module], max_seq_len: int) -> dict[str, Any]:
     """Strict ``torch.export`` of each method (decoder: export, RemoveRedundantTransposes, export again)."""
-    from torch.export import Dim, export
-
     from executorch.extension.llm.export.export_passes import RemoveRedundantTransposes
 
     hidden = model.config.llm.hidden_size
@@ -101,8 +100,6 @@ def export_programs(model, modules: dict[str, torch.nn.Module], max_seq_len: int
 
 
 def constant_methods(model, tokenizer, max_context_len: int, max_seq_len: int) -> dict[str, Any]:
-    from mobilemllm.data.tokenizer import eos_ids
-
     bos = tokenizer.bos_token_id
     return {
         "get_max_seq_len": max_seq_len,

@@ -13,6 +13,11 @@ import os
 from typing import Any
 
 from mobilemllm.errors import BackendUnavailable
+from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
+from mobilemllm.export.export_llama import ExportLlama
+from mobilemllm.export.qnn import (build_decoder, check_backend, default_prefill_len, lower_qnn, qnn_partitioners,
+                                   quantize_modules, sdk_problem)
+from mobilemllm.export.quantize import quantize_embeddings, quantize_linears
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 
@@ -35,14 +40,10 @@ class Backend:
         return seq
 
     def decoder(self, model, ctx: int, seq: int, kv_cache: str):
-        from mobilemllm.export.export_llama import ExportLlama
-
         return ExportLlama(model.llm, model.config.llm, ctx, kv_cache=kv_cache)
 
     def quantize(self, job, modules: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """torchao quantization of every method, as the recipe's plan says; (modules, manifest info)."""
-        from mobilemllm.export.quantize import quantize_embeddings, quantize_linears
-
         plan = job.plan
         qinfo = {part: (quantize_embeddings if part == "token_embedding" else quantize_linears)(
             modules[part], plan.scheme(part), plan.group_size(part)) for part in METHODS}
@@ -89,8 +90,6 @@ class CoreMLDelegate(Backend):
 
     def decoder(self, model, ctx: int, seq: int, kv_cache: str):
         """No custom ops, the start position kept a tensor, fp16 cache buffers that become Core ML states."""
-        from mobilemllm.export.coreml_decoder import CoreMLRunnerDecoder
-
         return CoreMLRunnerDecoder(model.llm, model.config.llm, ctx)
 
     def partitioners(self, recipe: dict[str, Any]) -> dict[str, list]:
@@ -125,13 +124,9 @@ class Qnn(Backend):
     skip_reason = "the qnn backend cannot run on this machine"
 
     def check(self, recipe: dict[str, Any]) -> list[str]:
-        from mobilemllm.export.qnn import check_backend
-
         return check_backend(recipe)
 
     def require(self, recipe: dict[str, Any]) -> None:
-        from mobilemllm.export.qnn import sdk_problem
-
         root = os.environ.get("QNN_SDK_ROOT")
         problem = sdk_problem(root)
         if problem:
@@ -148,31 +143,21 @@ class Qnn(Backend):
                                      "ExecuTorch with -DEXECUTORCH_BUILD_QNN=ON against that SDK") from None
 
     def prefill_len(self, num_visual_tokens: int, ctx: int, seq: int, explicit: bool) -> int:
-        from mobilemllm.export.qnn import default_prefill_len
-
         # every QNN call computes seq rows: a small default
         return seq if explicit else default_prefill_len(num_visual_tokens, ctx)
 
     def decoder(self, model, ctx: int, seq: int, kv_cache: str):
-        from mobilemllm.export.qnn import build_decoder
-
         return build_decoder(model, ctx, seq)
 
     def quantize(self, job, modules: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """PT2E with QnnQuantizer, calibrated, for vision and decoder; torchao for the CPU token embedding."""
-        from mobilemllm.export.qnn import quantize_modules
-
         return quantize_modules(job.model, job.tokenizer, modules, job.recipe, job.plan, job.state["seq"], job.log)
 
     def partitioners(self, recipe: dict[str, Any]) -> dict[str, list]:
-        from mobilemllm.export.qnn import qnn_partitioners
-
         return qnn_partitioners(recipe)
 
     def lower(self, programs: dict[str, Any], constants: dict[str, Any], recipe: dict[str, Any]):
         """QNN's own passes and a live QnnManager (needs the SDK)."""
-        from mobilemllm.export.qnn import lower_qnn
-
         return lower_qnn(programs, constants, recipe)
 
 

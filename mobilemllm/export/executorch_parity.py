@@ -14,7 +14,10 @@ import torch
 
 from mobilemllm import bundle as B
 from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.images import normalize, to_uint8_views
 from mobilemllm.export import parity as P
+from mobilemllm.inference import prompt_ids
+from mobilemllm.runtime.executorch_runner import load_kernels, run_program
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 PARITY_PROMPT = "What shape is in the image?"
@@ -23,8 +26,6 @@ PARITY_PROMPT = "What shape is in the image?"
 def load_program(path: str | Path):
     """An ExecuTorch Program (Python bindings), with the llm custom ops registered."""
     from executorch.runtime import Runtime
-
-    from mobilemllm.runtime.executorch_runner import load_kernels
 
     load_kernels()
     return Runtime.get().load_program(str(path))
@@ -69,8 +70,6 @@ def _teacher_forced(program, m_tok, emb: torch.Tensor, first: torch.Tensor, ref_
 def method_checks(model, tokenizer, program, views: torch.Tensor, ids: list[int], n: int, par: dict[str, Any],
                   fp32: bool) -> tuple[list[dict[str, Any]], str]:
     """The program's methods, called as the runner calls them, against eager: checks and a log summary."""
-    from mobilemllm.data.images import normalize
-
     cfg = model.config
     m_vis, m_tok, m_dec = (program.load_method(name) for name in METHODS)
     pix = normalize(views, cfg.vision).unsqueeze(0)
@@ -103,9 +102,6 @@ def method_checks(model, tokenizer, program, views: torch.Tensor, ids: list[int]
 def runner_checks(model, tokenizer, pte: Path, tokenizer_dir: Path, manifest: dict[str, Any], views: torch.Tensor,
                   ids: list[int], n: int, fp32: bool) -> tuple[list[dict[str, Any]], bool]:
     """The C++ MultimodalRunner (same prompt and image, greedy) vs eager generate, and the C++ tokenizer."""
-    from mobilemllm.data.images import normalize
-    from mobilemllm.runtime.executorch_runner import run_program
-
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     with torch.inference_mode():
         eager = model.generate(torch.tensor([ids]), normalize(views, model.config.vision).unsqueeze(0),
@@ -122,9 +118,6 @@ def runner_checks(model, tokenizer, pte: Path, tokenizer_dir: Path, manifest: di
 def check_parity(model, tokenizer, pte: Path, staging: Path, manifest: dict[str, Any], recipe: dict[str, Any],
                  fp32: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run the .pte (ExecuTorch runtime, then MultimodalRunner) against the eager float model."""
-    from mobilemllm.data.images import to_uint8_views
-    from mobilemllm.inference import prompt_ids
-
     cfg = model.config
     par = recipe.get("parity") or {}
     views = torch.from_numpy(to_uint8_views(P.scene_image(cfg), cfg.vision))

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401  (registers the ops)
 
 from mobilemllm.export.modules import TokenEmbedding, VisionEncoder  # noqa: F401  (the other two methods)
 from mobilemllm.quantization import KV_CACHE_DTYPES
+from mobilemllm.runtime.executorch_runner import load_kernels
 
 
 def _load_custom_ops() -> None:
     """Register llama::custom_sdpa / llama::update_cache / llama::custom_quantized_sdpa and the
     quantized_decomposed ops (eager kernels + export meta functions)."""
-    from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
-
-    from mobilemllm.runtime.executorch_runner import load_kernels
-
     load_kernels()  # llama::* ops, and the quantized .out variants the int8 KV cache's ops lower to
 
 

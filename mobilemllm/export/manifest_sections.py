@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from mobilemllm.bundle.layout import QUESTION, TOKENIZER_DIR
+from mobilemllm.data.images import RESAMPLE
+from mobilemllm.data.tokenizer import eos_ids
+from mobilemllm.templates import IMAGE, get_template
 
 
 def prompt_section(config, tokenizer) -> dict[str, Any]:
@@ -16,8 +20,6 @@ def prompt_section(config, tokenizer) -> dict[str, Any]:
     (``bos_text``, e.g. ``<s>``) and tokenizes to ``bos_id`` first. When it starts with the image,
     ``bos_id`` is prefilled as a token before it (MultimodalRunner does this for ``num_bos=1``).
     """
-    from mobilemllm.templates import IMAGE, get_template
-
     tpl = get_template(config.template)
     marker = "\x00Q\x00"
     segments: list[dict[str, str]] = []
@@ -48,8 +50,6 @@ def follow_up_section(tpl, tokenizer) -> dict[str, Any] | None:
     (``Template.segments``): the answer (``answer``, used when an app prefills the conversation again), the
     end-of-turn token training appends to every answer (``end_of_turn``: its text, which tokenizers parse to
     that id), then the next question's ``segments``. None for templates without chat turns (captions)."""
-    from mobilemllm.templates import IMAGE
-
     if tpl.caption_only or tokenizer.eos_token is None:
         return None
     q_marker, a_marker = "\x00Q\x00", "\x00A\x00"
@@ -65,8 +65,6 @@ def follow_up_section(tpl, tokenizer) -> dict[str, Any] | None:
 
 def preprocessing_section(vision_cfg, input_dtype: str = "uint8", normalize_in_graph: bool = True) -> dict[str, Any]:
     """What the app does to an image before the vision encoder (geometry only when normalize_in_graph)."""
-    from mobilemllm.data.images import RESAMPLE
-
     s = vision_cfg.image_size
     return {
         "image_size": s,
@@ -86,8 +84,6 @@ def preprocessing_section(vision_cfg, input_dtype: str = "uint8", normalize_in_g
 
 
 def tokenizer_section(tokenizer, vocab_size: int) -> dict[str, Any]:
-    from mobilemllm.data.tokenizer import eos_ids
-
     return {"dir": TOKENIZER_DIR, "bos_id": tokenizer.bos_token_id, "eos_ids": eos_ids(tokenizer),
             "vocab_size": vocab_size}
 
@@ -103,8 +99,6 @@ def model_section(model, source: str | None = None) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shaped the bundle."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("mobilemllm", "torch", "executorch", "torchao", "transformers", "onnx", "onnxruntime", "coremltools"):
         try:

@@ -27,6 +27,7 @@ from mobilemllm.export.onnx_graphs import OPSET, graph_io, graph_modules, size_o
 from mobilemllm.export.onnx_parity import measure_parity
 from mobilemllm.export.onnx_quantize import OnnxQuantization, quantize_graphs
 from mobilemllm.export.plugin import PARITY_KEYS, ExportFormat, Job
+from mobilemllm.runtime.onnx_runner import OnnxRunner
 
 RECIPE_KEYS = ("name", "format", "description", "quantization", "parity", "decoder")
 GENAI_CONFIG = "genai_config.json"
@@ -119,8 +120,6 @@ class OnnxFormat(ExportFormat):
                                         "head_dim": cfg.llm.head_dim, "layout": "BHSD"}}}
 
     def parity(self, job: Job, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-        from mobilemllm.runtime.onnx_runner import OnnxRunner
-
         runner = OnnxRunner(job.staging, job.model.config, job.tokenizer)
         par = job.parity_recipe
         return measure_parity(job.model, job.tokenizer, runner, job.state["q"].strongest,

@@ -4,6 +4,11 @@ plus the ``genai_config.json`` that ONNX Runtime GenAI's runtime reads."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +21,6 @@ DECODER_BUILDERS = ("auto", "torch", "genai")  # auto: genai when installed and 
 
 def genai_available() -> bool:
     # find_spec, not import: importing the builder configures the root logger at INFO level
-    import importlib.util
 
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
@@ -45,10 +49,6 @@ def build_genai_decoder(model, tokenizer, q, work: Path,
     ``prune_lm_head`` it returns only the last position's logits, like our own exporter. Its int4/int8
     precisions are weight-only MatMulNBits (symmetric, ``q.block_size``). Returns (path, genai_config).
     """
-    import json
-    import subprocess
-    import sys
-
     arch = type(model.llm).__name__
     if arch != "LlamaForCausalLM":
         raise ConfigError(f"decoder: genai builds LLaMA decoders; this LLM is {arch}. Use decoder: torch")
@@ -81,8 +81,6 @@ def genai_config_for_bundle(builder_config: dict[str, Any], cfg) -> dict[str, An
     pipelines (``model.vision``/``model.embedding``) are tied to model types it knows (phi3v, qwen2.5-vl, ...),
     so the two extra sections here document our graphs for apps; they are not a GenAI model type.
     """
-    import copy
-
     out = copy.deepcopy(builder_config)
     model = out.setdefault("model", {})
     model.setdefault("decoder", {})["filename"] = GRAPH_FILES["text_decoder"]

@@ -16,15 +16,19 @@ Also what the manifest and the tests read back from a graph file (inputs/outputs
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.export import Dim
 
 from mobilemllm.bundle.layout import GRAPH_FILES
 from mobilemllm.export.modules import TokenEmbedding, VisionEncoder
+from mobilemllm.models.llm import cache_kwargs, output_cache
 
 OPSET = 18
 # Graphs above this size are written with external data (protobuf's 2 GB limit).
@@ -48,8 +52,6 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache
-
-        from mobilemllm.models.llm import cache_kwargs, output_cache
 
         cache = DynamicCache()
         for i, (k, v) in enumerate(past):
@@ -103,15 +105,11 @@ def _vision_args(cfg):
 
 
 def _embed_args(cfg):
-    from torch.export import Dim
-
     n = Dim("sequence_length", min=1, max=cfg.llm.max_position_embeddings)
     return (torch.tensor([[1, 5, 7, 2, 3]]),), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: n}}
 
 
 def _decoder_args(cfg):
-    from torch.export import Dim
-
     ctx = cfg.llm.max_position_embeddings
     layers, heads, hd = cfg.llm.num_layers, cfg.llm.kv_heads, cfg.llm.head_dim
     seq = Dim("sequence_length", min=1, max=ctx)
@@ -129,9 +127,6 @@ def _decoder_args(cfg):
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
             dynamic_shapes: Any, large: bool) -> None:
-    import logging
-    import warnings
-
     onnx_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" per export: noise here
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from mobilemllm import quantization as Q
+from mobilemllm.data.images import preprocess, to_uint8_views
 from mobilemllm.export import parity as P
+from mobilemllm.inference import prompt_ids
 
 PARITY_QUESTION = "What is in the image?"
 FP32_GATES = {"max_rel_diff": 1e-4, "min_greedy_agreement": 1.0}
@@ -35,8 +38,6 @@ def parity_gates(scheme: str, overrides: dict[str, Any] | None = None) -> dict[s
 
 def onnx_teacher_forced(runner, ids: list[int], image, tokens: list[int]):
     """ONNX logits (len(tokens), V) when fed the reference tokens one by one after the prompt."""
-    import numpy as np
-
     emb = runner.embed(ids, runner.encode_image(image))
     past = runner.empty_past()
     rows = []
@@ -50,9 +51,6 @@ def onnx_teacher_forced(runner, ids: list[int], image, tokens: list[int]):
 def measure_parity(model, tokenizer, runner, scheme: str, num_tokens: int = 16,
                    overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Parity checks of an ONNX runner against the eager model, gated per :func:`parity_gates`."""
-    from mobilemllm.data.images import preprocess, to_uint8_views
-    from mobilemllm.inference import prompt_ids
-
     cfg = model.config
     image = P.parity_image(cfg.vision)
     ids = prompt_ids(cfg, tokenizer, PARITY_QUESTION)

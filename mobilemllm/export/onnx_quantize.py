@@ -5,6 +5,7 @@ sizes and parity gates are the registry's ``onnxruntime`` quantizer (:mod:`mobil
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -86,14 +87,10 @@ def parse_quantization(spec: Any, block_size: Any = None) -> OnnxQuantization:
 
 class _quiet_root_logger:
     def __enter__(self):
-        import logging
-
         self.level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
-        import logging
-
         logging.getLogger().setLevel(self.level)
 
 

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from mobilemllm.data.images import preprocess
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -77,9 +81,6 @@ def failures(parity: dict[str, Any]) -> list[str]:
 # ---- references -------------------------------------------------------------------------------------
 def parity_image(vision_cfg, seed: int = 0):
     """A deterministic test image (smooth gradients plus noise) at the encoder's size (ONNX, Core ML)."""
-    import numpy as np
-    from PIL import Image
-
     s = vision_cfg.image_size
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
@@ -90,8 +91,6 @@ def parity_image(vision_cfg, seed: int = 0):
 
 def scene_image(cfg):
     """A fixed image of coloured shapes on a grey background (ExecuTorch, QNN calibration's first scene)."""
-    from PIL import Image, ImageDraw
-
     s = max(cfg.vision.image_size, 32)
     img = Image.new("RGB", (s, s), (128, 128, 128))
     d = ImageDraw.Draw(img)
@@ -103,8 +102,6 @@ def scene_image(cfg):
 @torch.inference_mode()
 def eager_reference(model, ids: list[int], image, num_tokens: int) -> tuple[torch.Tensor, list[int]]:
     """Eager greedy tokens after ``ids`` and the logits (num_tokens, V) that chose each of them."""
-    from mobilemllm.data.images import preprocess
-
     pix = preprocess(image, model.config.vision).unsqueeze(0)
     tokens = model.generate(torch.tensor([ids]), pix, max_new_tokens=num_tokens, eos_ids=())
     full = torch.tensor([ids + tokens[:-1]])

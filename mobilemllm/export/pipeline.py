@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mobilemllm import bundle as B
-from mobilemllm import quantization as Q
+from mobilemllm import api, bundle as B, quantization as Q
+from mobilemllm.data.cpp_tokenizer import cpp_compatible
 from mobilemllm.errors import ConfigError, UserError
-from mobilemllm.export import manifest_sections as S
-from mobilemllm.export import parity as P
+from mobilemllm.export import manifest_sections as S, parity as P
 from mobilemllm.export.formats import FORMATS
 from mobilemllm.export.plugin import ExportFormat, Job, check_keys, check_parity_section
+from mobilemllm.export.synthetic_tokenizer import synthetic_tokenizer
+from mobilemllm.procmem import peak_rss_bytes
 
 
 def check_recipe(recipe: dict[str, Any]) -> tuple[ExportFormat, list[str]]:
@@ -87,7 +88,6 @@ def _check_model(fmt: ExportFormat, model) -> None:
     check = getattr(fmt, "check_model", None)
     if check is None:
         return
-    from mobilemllm import api
 
     config = model.config if not isinstance(model, (str, Path)) else api.load_config(model)
     problems = check(config)
@@ -102,15 +102,11 @@ def _load(model, tokenizer, source: str | None, log: Callable[[str], None]):
             raise UserError("the model has no tokenizer; export a checkpoint folder that contains tokenizer.json")
         # a tokenizer handed in directly (not loaded from a folder, where this already happens) is rewritten
         # where ExecuTorch's C++ tokenizer cannot read it as it is (sentencepiece-style Metaspace)
-        from mobilemllm.data.cpp_tokenizer import cpp_compatible
 
         return model, cpp_compatible(tokenizer), source
-    from mobilemllm import api
 
     loaded, tokenizer = api.load(model)
     if tokenizer is None:
-        from mobilemllm.export.synthetic_tokenizer import synthetic_tokenizer
-
         vocab = loaded.config.llm.vocab_size
         tokenizer = synthetic_tokenizer(vocab)
         log(f"note: {model} has no tokenizer; using a synthetic {vocab}-token tokenizer (fine for benchmarks of "
@@ -168,6 +164,4 @@ def _report(fmt: ExportFormat, job: Job, out: Path, parity: dict[str, Any]) -> N
 
 
 def _peak_rss_mb() -> float:
-    from mobilemllm.procmem import peak_rss_bytes
-
     return peak_rss_bytes() / 2**20

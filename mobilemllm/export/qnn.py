@@ -41,11 +41,18 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from mobilemllm import quantization as Q
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.images import normalize, to_uint8_views
 from mobilemllm.errors import BackendUnavailable, ConfigError
+from mobilemllm.export.coreml_decoder import CoreMLDecoder
+from mobilemllm.export.quantize import quantize_embeddings
+from mobilemllm.inference import prompt_ids
 
 HTP_LIBRARY = "lib/x86_64-linux-clang/libQnnHtp.so"
 DEFAULT_SOC = "SM8650"  # Snapdragon 8 Gen 3 (HTP v75)
@@ -230,7 +237,6 @@ class QnnStaticDecoder(nn.Module):
 
     def __init__(self, llm, llm_cfg, max_context: int, prefill_len: int):
         super().__init__()
-        from mobilemllm.export.coreml_decoder import CoreMLDecoder
 
         self.inner = CoreMLDecoder(llm, llm_cfg, max_context, cache_dtype=torch.float32)
         self.max_context, self.prefill_len = self.inner.max_context, int(prefill_len)
@@ -296,11 +302,6 @@ def padded(emb: torch.Tensor, prefill_len: int) -> tuple[torch.Tensor, torch.Ten
 # ---- calibration data -----------------------------------------------------------------------------
 def calibration_images(model, count: int = 4) -> list[torch.Tensor]:
     """uint8 (1, 3, V*S, S) images: the parity scene, shifted/recoloured variants of it."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from mobilemllm.data.images import to_uint8_views
-
     cfg = model.config
     s = max(cfg.vision.image_size, 32)
     out = []
@@ -322,10 +323,6 @@ def decoder_calibration_inputs(model, tokenizer, prefill_len: int, images: Seque
     question, the prompt's segments (text, visual tokens, text) as separate calls from position 0, then
     ``decode_steps`` greedy one-token calls -- computed with the eager model (no cache needed: full
     sequence recomputation gives the next token)."""
-    from mobilemllm.data.images import normalize
-    from mobilemllm.inference import prompt_ids
-    from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
-
     cfg = model.config
     out: list[tuple] = []
     with torch.no_grad():
@@ -386,8 +383,6 @@ def quantize_modules(model, tokenizer, modules: dict[str, nn.Module], recipe: di
     """The methods' QNN-ready versions and the manifest's quantization info: vision and decoder PT2E-quantized
     with QnnQuantizer (the plan's schemes, calibrated on the parity-style scenes and prompts), the token
     embedding with torchao (CPU, ``embedding4`` in the shipped recipe)."""
-    from mobilemllm.export.quantize import quantize_embeddings
-
     schemes = {part: plan.scheme(part) for part in QNN_PARTS}
     soc = recipe.get("soc_model")
     steps = int(recipe.get("calibration_steps", 8))

@@ -12,13 +12,16 @@ read by that format's module.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+import yaml
+from pydantic import Field, ValidationError
 
 from mobilemllm.bundle.layout import FORMATS  # the bundle formats are the recipe formats
 from mobilemllm.errors import ConfigError
+from mobilemllm.export.pipeline import check_recipe
 from mobilemllm.overrides import Int, Number, Section, error_messages
 
 
@@ -77,8 +80,6 @@ def _recipe_files() -> dict[str, Any]:
     """{target name: a readable file (importlib Traversable or Path)} for every shipped recipe."""
     found: dict[str, Any] = {}
     try:
-        from importlib.resources import files
-
         root = files("mobilemllm.export_recipes")
         for entry in root.iterdir():
             if entry.name.endswith(".yaml"):
@@ -97,8 +98,6 @@ def targets() -> list[str]:
 
 
 def parse_recipe(text: str, source: str) -> dict[str, Any]:
-    import yaml
-
     try:
         recipe = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -109,8 +108,6 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
     fmt = recipe.get("format")
     if errors:  # keys and types first: the value checks below assume them
         raise ConfigError(f"invalid recipe {source}: " + "; ".join(errors))
-    from mobilemllm.export.pipeline import check_recipe
-
     errors = check_recipe(recipe)[1]  # the format's rules and the quantization registry, as export's preflight
     if fmt == "executorch":  # part: scheme -> part: {scheme: ...}
         quant = recipe.get("quantization") or {}
@@ -123,8 +120,6 @@ def parse_recipe(text: str, source: str) -> dict[str, Any]:
 
 def _schema_errors(recipe: dict[str, Any]) -> list[str]:
     """Unknown keys and wrong types for the recipe's format (the format itself first)."""
-    from pydantic import ValidationError
-
     fmt = recipe.get("format")
     if fmt is None:
         return [f"format is required (one of {', '.join(FORMATS)})"]

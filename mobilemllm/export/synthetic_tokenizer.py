@@ -4,12 +4,12 @@ id a random model samples decodes, and ExecuTorch's C++ tokenizer encodes text e
 
 from __future__ import annotations
 
+from tokenizers import AddedToken
+
+from mobilemllm.data.tokenizer import tiny_tokenizer
+
 
 def synthetic_tokenizer(vocab_size: int):
-    from tokenizers import AddedToken
-
-    from mobilemllm.data.tokenizer import tiny_tokenizer
-
     base = min(vocab_size, 512)
     tok = tiny_tokenizer(vocab_size=base)
     filler = [AddedToken(f"<f{i}>", special=False, normalized=False) for i in range(vocab_size - len(tok))]
