@@ -27,17 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mobilemllm.config import ModelConfig
+from mobilemllm.data.dataset import Sample, collate
 from mobilemllm.errors import UserError
+from mobilemllm.models.vlm import MobileVLM
+from mobilemllm.procmem import peak_rss_bytes, reset_peak_rss
+from mobilemllm.training.distributed import dist_env, pick_device
+from mobilemllm.training.losses import LMObjective
+from mobilemllm.training.stages import get_stage, trainable_parts
+from mobilemllm.training.trainer import TrainConfig, Trainer
 
 STAGES = ("pretrain", "instruct")
 
 
 def synthetic_samples(config, n: int, text_tokens: int, answer_tokens: int, seed: int = 0) -> list:
     """``n`` samples of exactly ``1 + visual + text_tokens`` ids: BOS, the image, a prompt, an answer."""
-    from mobilemllm.data.dataset import Sample
-    from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
-
     if not 1 <= answer_tokens <= text_tokens:
         raise UserError(f"--answer-tokens must be between 1 and --text-tokens ({text_tokens}); got {answer_tokens}")
     g = torch.Generator().manual_seed(seed)
@@ -73,15 +81,6 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
             run_dir: str | Path | None = None, progress: bool = True, overrides: dict[str, Any] | None = None
             ) -> dict[str, Any]:
     """Train ``steps`` optimizer steps of ``stage`` on ``preset``'s shapes (random weights); return the rates."""
-    from mobilemllm.procmem import peak_rss_bytes, reset_peak_rss
-    from mobilemllm.config import ModelConfig
-    from mobilemllm.data.dataset import collate
-    from mobilemllm.models.vlm import MobileVLM
-    from mobilemllm.training.distributed import dist_env, pick_device
-    from mobilemllm.training.losses import LMObjective
-    from mobilemllm.training.stages import get_stage, trainable_parts
-    from mobilemllm.training.trainer import TrainConfig, Trainer
-
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; train-bench measures one of: {', '.join(STAGES)}")
     if steps <= max(warmup, 1):
@@ -153,9 +152,6 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
 
 
 def print_report(r: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     t = Table(title=f"train-bench: {r['stage']} on {r['preset']} ({r['device']}, {r['precision']})", show_header=False)
     rows = [
