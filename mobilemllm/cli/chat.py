@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mobilemllm.cli.generate import PROVIDERS_HELP, STOP_HELP, TOP_P_HELP, split_providers
+from mobilemllm.errors import UserError
 
 HELP = "commands: /image PATH (a new image, a new conversation), /reset (forget the turns), /quit"
 
@@ -29,9 +30,8 @@ def chat(
 
     Works interactively and with piped input. /image PATH, /reset, /quit.
     """
-    from mobilemllm.data.images import load_image
-    from mobilemllm.errors import UserError
-    from mobilemllm.runtime import Sampling, open_runner, report_line
+    from mobilemllm.data.images import load_image  # lazy: cli startup
+    from mobilemllm.runtime import Sampling, open_runner, report_line  # lazy: cli startup
 
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop=tuple(stop or ()))

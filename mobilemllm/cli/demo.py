@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import webbrowser
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,7 @@ def demo(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for the runner (default: the runtime's)."),
 ) -> None:
     """Serve a local web page to chat with a bundle about an image, follow-ups included (Ctrl-C stops it)."""
-    from mobilemllm.demo_server import is_loopback, make_server, url_of
+    from mobilemllm.demo_server import is_loopback, make_server, url_of  # lazy: cli startup
 
     server = make_server(bundle, host, port, max_upload_mb=max_upload_mb, max_new_tokens=max_new_tokens,
                          verbose=verbose, providers=split_providers(providers), threads=threads)
@@ -34,8 +35,6 @@ def demo(
                     fg="yellow", err=True)
     typer.echo(f"mobilemllm demo: {bundle} at {url} (Ctrl-C to stop)")
     if open_browser:
-        import webbrowser
-
         webbrowser.open(url)
     try:
         server.serve_forever()

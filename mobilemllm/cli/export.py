@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mobilemllm import quantization as Q
+from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.quantization import KV_CACHE_DTYPES, group_help, help_text
 
 
@@ -36,9 +38,8 @@ def export(
                                help="Write the bundle even if parity fails (marked as forced in the manifest)."),
 ) -> None:
     """Export a model for a phone: quantize, lower, check parity against eager, write the bundle."""
-    from mobilemllm.errors import UserError
-    from mobilemllm.export.pipeline import export_bundle
-    from mobilemllm.export.recipes import load_recipe
+    from mobilemllm.export.pipeline import export_bundle  # lazy: cli startup
+    from mobilemllm.export.recipes import load_recipe  # lazy: cli startup
 
     if (target is None) == (recipe is None):
         raise UserError("give exactly one of --target NAME or --recipe FILE")
@@ -51,9 +52,6 @@ def export(
 def _apply_overrides(rec: dict, decoder: str | None, embedding: str | None, vision: str | None,
                      group_size: int | None, max_context_len: int | None, kv_cache: str | None = None) -> None:
     """Write the command line's choices into the recipe; the export's preflight checks the result."""
-    from mobilemllm import quantization as Q
-    from mobilemllm.errors import ConfigError
-
     fmt = rec["format"]
     if fmt != "executorch" and kv_cache is not None:
         raise ConfigError(f"--kv-cache applies to ExecuTorch targets, not to {fmt} bundles")

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from mobilemllm.errors import UserError
+
 PROVIDERS_HELP = ("ONNX bundles: comma-separated ONNX Runtime execution providers in order of preference "
                   "(e.g. NnapiExecutionProvider,CPUExecutionProvider); default: CPU.")
 TOP_P_HELP = ("Nucleus sampling mass (with temperature > 0); default: 1.0 (ExecuTorch bundles: the runner's "
@@ -37,15 +39,13 @@ def generate(
                                                             "(default: the runtime's choice)."),
 ) -> None:
     """Answer a prompt about an image, streaming the text as it is generated."""
-    from mobilemllm.errors import UserError
-
     if (model is None) == (bundle is None):
         raise UserError("give exactly one of --model (checkpoint folder or preset) or --bundle (exported bundle)")
-    from mobilemllm.data.images import load_image
+    from mobilemllm.data.images import load_image  # lazy: cli startup
 
     img = load_image(image)  # fail on a bad image before loading any weights
     if bundle is not None:
-        from mobilemllm.runtime import open_runner, report_line
+        from mobilemllm.runtime import open_runner, report_line  # lazy: cli startup
 
         runner = open_runner(bundle, warn=_note, providers=split_providers(providers), threads=threads)
         res = runner.generate(img, prompt, on_text=_write, image_path=image, max_new_tokens=max_new_tokens,
@@ -57,8 +57,8 @@ def generate(
     for flag, value in (("--stop", stop), ("--providers", providers), ("--threads", threads)):
         if value:
             raise UserError(f"{flag} applies to bundles (--bundle); eager generation does not take it")
-    from mobilemllm.api import load
-    from mobilemllm.inference import answer
+    from mobilemllm.api import load  # lazy: cli startup
+    from mobilemllm.inference import answer  # lazy: cli startup
 
     m, tok = load(model)
     if tok is None:

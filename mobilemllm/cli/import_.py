@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mobilemllm.errors import ConfigError
+
 
 def import_model(
     src: Path = typer.Argument(..., help="The downloaded model folder (config.json, weights, tokenizer files)."),
@@ -22,9 +24,8 @@ def import_model(
     seed: int = typer.Option(0, "--seed", help="Seed of the fresh connector (--llm-only)."),
 ) -> None:
     """Import a published checkpoint (MobileVLM v1/v2, LLaVA-HF) into a checkpoint folder, offline."""
-    from mobilemllm.errors import ConfigError
-    from mobilemllm.models.connectors import CONNECTORS
-    from mobilemllm.models.importers import FORMATS, import_checkpoint_with_report
+    from mobilemllm.models.connectors import CONNECTORS  # lazy: cli startup
+    from mobilemllm.models.importers import FORMATS, import_checkpoint_with_report  # lazy: cli startup
 
     if format not in FORMATS:
         raise ConfigError(f"unknown --format {format!r}; valid formats: {', '.join(FORMATS)}")

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 
 def info(
@@ -14,11 +16,11 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show a model's parts, parameter counts and visual token count (no weights are loaded)."""
-    import torch
+    import torch  # lazy: cli startup
 
-    from mobilemllm.config import ModelConfig
-    from mobilemllm.models.checkpoint import CONFIG_NAME, check_checkpoint_dir
-    from mobilemllm.models.vlm import MobileVLM
+    from mobilemllm.config import ModelConfig  # lazy: cli startup
+    from mobilemllm.models.checkpoint import CONFIG_NAME, check_checkpoint_dir  # lazy: cli startup
+    from mobilemllm.models.vlm import MobileVLM  # lazy: cli startup
 
     path = Path(model)
     if path.is_dir() or "/" in model or os.sep in model:  # a folder, or a path that names a missing one
@@ -44,9 +46,6 @@ def info(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"{cfg.name}", show_header=False)
     for key in ("vision", "connector", "llm", "template"):
         t.add_row(key, str(report[key]))

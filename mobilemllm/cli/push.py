@@ -20,7 +20,11 @@ from typing import Optional
 
 import typer
 
-from mobilemllm.bench.adb import DEVICE_ROOT, shell
+from mobilemllm.bench.adb import DEVICE_ROOT, _check, find_adb, list_devices, pick_serial, shell
+from mobilemllm.bundle import load_manifest
+from mobilemllm.bundle.layout import MANIFEST_NAME
+from mobilemllm.bundle.manifest import confined_path
+from mobilemllm.errors import BackendUnavailable, UserError
 
 TARGETS = ("android",)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -33,8 +37,6 @@ def device_dir(name: str) -> str:
 
 
 def check_name(name: str) -> str:
-    from mobilemllm.errors import UserError
-
     if not NAME_RE.match(name) or name.endswith(".partial"):
         raise UserError(f"--name {name!r} is not a usable folder name on the phone; use letters, digits, '.', '_' "
                         "and '-' (up to 64, not ending in .partial)")
@@ -46,9 +48,6 @@ def bundle_files(bundle: Path, manifest: dict) -> list[str]:
 
     Refuses (one line) a manifest whose paths lead outside ``bundle``, before any command is built.
     """
-    from mobilemllm.bundle.layout import MANIFEST_NAME
-    from mobilemllm.bundle.manifest import confined_path
-
     for rel in manifest["files"]:
         confined_path(bundle, rel)
     return sorted(manifest["files"]) + [MANIFEST_NAME]
@@ -74,21 +73,15 @@ def adb_commands(bundle: Path, manifest: dict, name: str, serial: str | None = N
 
 def connected_devices(adb: str) -> dict[str, str]:
     """{serial: state} from ``adb devices`` (state is 'device' when usable)."""
-    from mobilemllm.bench.adb import list_devices
-
     return dict(list_devices(adb))
 
 
 def pick_device(devices: dict[str, str], serial: str | None) -> str:
-    from mobilemllm.bench.adb import pick_serial
-
     return pick_serial(list(devices.items()), serial, choose="--serial {serial}")
 
 
 def check_sums(output: str, manifest: dict, staging: str) -> None:
     """Compare the phone's ``sha256sum`` output with the manifest; name each file that differs."""
-    from mobilemllm.errors import BackendUnavailable
-
     seen = {}
     for line in output.splitlines():
         parts = line.strip().split(None, 1)
@@ -110,9 +103,6 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run/--no-dry-run", help="Print the adb commands instead of running them."),
 ) -> None:
     """Copy a bundle to a phone, where the demo app lists it."""
-    from mobilemllm.errors import BackendUnavailable, UserError
-    from mobilemllm.bundle import load_manifest
-
     if target not in TARGETS:
         hint = " (iOS: add the bundle folder in the ios_demo app's Files import; see docs/apps.md)" \
             if target == "ios" else ""
@@ -126,8 +116,6 @@ def push(
         for cmd in adb_commands(bundle, manifest, name, serial):
             typer.echo(shlex.join(cmd))
         return
-    from mobilemllm.bench.adb import _check, find_adb
-
     try:
         adb = find_adb()
     except BackendUnavailable:

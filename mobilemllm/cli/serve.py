@@ -35,8 +35,8 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose/--quiet", help="Log every HTTP request."),
 ) -> None:
     """Serve a bundle with OpenAI's chat-completions API: POST /v1/chat/completions, GET /v1/models."""
-    from mobilemllm.httpd import is_loopback, url_of
-    from mobilemllm.serve import make_server
+    from mobilemllm.httpd import is_loopback, url_of  # lazy: cli startup
+    from mobilemllm.serve import make_server  # lazy: cli startup
 
     server = make_server(bundle, host, port, model_name=model_name, max_tokens=max_tokens, max_queue=max_queue,
                          queue_timeout=queue_timeout, request_timeout=request_timeout, idle_timeout=idle_timeout,

@@ -33,8 +33,8 @@ def train_bench(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Measure training speed: tokens/s per device, model TFLOP/s and peak memory, on random weights."""
-    from mobilemllm.training.distributed import dist_env
-    from mobilemllm.training.throughput import measure, print_report, write_json
+    from mobilemllm.training.distributed import dist_env  # lazy: cli startup
+    from mobilemllm.training.throughput import measure, print_report, write_json  # lazy: cli startup
 
     r = measure(preset, stage=stage, steps=steps, warmup=warmup, micro_batch=micro_batch, global_batch=global_batch,
                 text_tokens=text_tokens, answer_tokens=answer_tokens, grad_checkpointing=grad_checkpointing,
