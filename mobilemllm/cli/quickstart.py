@@ -16,8 +16,47 @@ import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from mobilemllm.errors import UserError
 
 STEPS = ("train", "export-android", "export-onnx", "answer", "bench")
+
+
+class _Run:
+    """The quickstart's output folder and its progress file (``quickstart.json``): each finished step is
+    recorded there, so that a second run after an interruption reuses it instead of starting over."""
+
+    def __init__(self, out: Path, fresh: bool):
+        self.out = Path(out)
+        self.console = Console()
+        if fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.out / "quickstart.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def done(self, step: str, **info) -> None:
+        """Record a finished step (written aside and renamed: an interrupted write leaves the old file)."""
+        self.state[step] = {"done": True, **info}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.state_path)
+
+    def header(self, i: int, step: str, what: str) -> bool:
+        """Print the step's title; True when an earlier run finished it."""
+        reuse = self.state.get(step, {}).get("done", False)
+        self.console.rule(f"[bold]{i}/{len(STEPS)} {what}" + (" [dim](done earlier, reused)" if reuse else ""))
+        return reuse
+
+    def cli(self, args: list[str]) -> None:
+        """Run a `mobilemllm` command as a user would, so quickstart exercises the same paths."""
+        from mobilemllm.cli import main as cli_main  # lazy: cli/__init__ imports this module to build its table
+
+        code = cli_main(args)
+        if code:
+            raise UserError(f"quickstart step `mobilemllm {' '.join(args)}` failed (exit {code}); "
+                            "fix the error above and run quickstart again to continue")
 
 
 def quickstart(
@@ -28,96 +67,88 @@ def quickstart(
 ) -> None:
     """Train the tiny default (data -> foundations -> pretrain -> instruct -> dpo), export it for Android
     (ExecuTorch) and ONNX, answer a question through the bundle, and benchmark it against eager PyTorch."""
-    from rich.console import Console
-
-    from mobilemllm.cli import main as cli_main
-    from mobilemllm.errors import UserError
-
-    console = Console()
-    out = Path(out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "quickstart.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    run = _Run(out, fresh)
     t_start = time.perf_counter()
+    ckpt = _train(run)
+    bundles = _export(run, ckpt)
+    image, question = _answer(run, bundles["android"])
+    if not skip_bench:
+        _bench(run, ckpt, bundles, bench_repeat)
+    _summary(run, bundles, image, question, skip_bench, time.perf_counter() - t_start)
 
-    def done(step: str, **info) -> None:
-        state[step] = {"done": True, **info}
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(state_path)
 
-    def header(i: int, step: str, what: str) -> bool:
-        reuse = state.get(step, {}).get("done", False)
-        console.rule(f"[bold]{i}/{len(STEPS)} {what}" + (" [dim](done earlier, reused)" if reuse else ""))
-        return reuse
+def _train(run: _Run) -> Path:
+    """Step 1: the tiny pipeline (it reuses its own finished stages); the DPO checkpoint it ends with."""
+    from mobilemllm.training.pipeline import run_tiny_pipeline  # lazy: cli startup
 
-    def cli(args: list[str]) -> None:
-        code = cli_main(args)
-        if code:
-            raise UserError(f"quickstart step `mobilemllm {' '.join(args)}` failed (exit {code}); "
-                            "fix the error above and run quickstart again to continue")
-
-    # 1. training (the pipeline itself reuses finished stages)
-    from mobilemllm.training.pipeline import run_tiny_pipeline
-
-    header(1, "train", "train the tiny model: data, foundations, pretrain, instruct, dpo (+ eval)")
+    run.header(1, "train", "train the tiny model: data, foundations, pretrain, instruct, dpo (+ eval)")
     t0 = time.perf_counter()
-    results = run_tiny_pipeline(out / "train", progress=True)
+    results = run_tiny_pipeline(run.out / "train", progress=True)
     ckpt = Path(results["stages"]["dpo"]["checkpoint"])
-    done("train", checkpoint=str(ckpt), table=results.get("table"), wall_s=round(time.perf_counter() - t0, 1))
+    run.done("train", checkpoint=str(ckpt), table=results.get("table"), wall_s=round(time.perf_counter() - t0, 1))
+    return ckpt
 
-    bundles = {"android": out / "bundles" / "android", "onnx": out / "bundles" / "onnx"}
+
+def _export(run: _Run, ckpt: Path) -> dict[str, Path]:
+    """Steps 2-3: the `android` (ExecuTorch) and `onnx` bundles, through `mobilemllm export`."""
+    bundles = {"android": run.out / "bundles" / "android", "onnx": run.out / "bundles" / "onnx"}
     for i, target in ((2, "android"), (3, "onnx")):
         step = f"export-{target}"
-        reuse = header(i, step, f"export the `{target}` bundle")
+        reuse = run.header(i, step, f"export the `{target}` bundle")
         if reuse and (bundles[target] / "manifest.json").exists():
             continue
         t0 = time.perf_counter()
-        cli(["export", "--model", str(ckpt), "--target", target, "--out", str(bundles[target])])
-        done(step, bundle=str(bundles[target]), wall_s=round(time.perf_counter() - t0, 1))
+        run.cli(["export", "--model", str(ckpt), "--target", target, "--out", str(bundles[target])])
+        run.done(step, bundle=str(bundles[target]), wall_s=round(time.perf_counter() - t0, 1))
+    return bundles
 
-    # 4. a question about a held-out image, through the exported ExecuTorch bundle
-    header(4, "answer", "answer a question through the ExecuTorch bundle (the runner the apps use)")
-    image, question, expected = _sample_question(out / "train")
-    console.print(f"image: {image}\nquestion: {question}  [dim](expected: {expected})[/]")
-    from mobilemllm.data.images import load_image
-    from mobilemllm.runtime import run_bundle
 
+def _answer(run: _Run, bundle: Path) -> tuple[Path, str]:
+    """Step 4: a held-out question answered through the ExecuTorch bundle (the runner the apps use),
+    streamed as it is generated; the image and question, for the closing hint."""
+    from mobilemllm.data.images import load_image  # lazy: cli startup
+    from mobilemllm.runtime import run_bundle  # lazy: cli startup
+
+    run.header(4, "answer", "answer a question through the ExecuTorch bundle (the runner the apps use)")
+    image, question, expected = _sample_question(run.out / "train")
+    run.console.print(f"image: {image}\nquestion: {question}  [dim](expected: {expected})[/]")
     pieces: list[str] = []
 
     def on_text(t: str) -> None:
         pieces.append(t)
-        console.print(t, end="", markup=False, highlight=False)
+        run.console.print(t, end="", markup=False, highlight=False)
 
-    run_bundle(bundles["android"], load_image(image), question, max_new_tokens=24, on_text=on_text)
-    console.print()
-    done("answer", image=str(image), question=question, answer="".join(pieces).strip(), expected=expected)
+    run_bundle(bundle, load_image(image), question, max_new_tokens=24, on_text=on_text)
+    run.console.print()
+    run.done("answer", image=str(image), question=question, answer="".join(pieces).strip(), expected=expected)
+    return image, question
 
+
+def _bench(run: _Run, ckpt: Path, bundles: dict[str, Path], repeat: int) -> None:
+    """Step 5: both bundles against eager PyTorch, through `mobilemllm bench`."""
+    run.header(5, "bench", "benchmark the bundles against eager PyTorch")
+    report = run.out / "bench.json"
+    run.cli(["bench", "--model", str(ckpt), "--bundle", str(bundles["android"]), "--bundle", str(bundles["onnx"]),
+             "--prompt-tokens", "32", "--new-tokens", "32", "--repeat", str(repeat), "--json", str(report)])
+    run.done("bench", report=str(report))
+
+
+def _summary(run: _Run, bundles: dict[str, Path], image: Path, question: str, skip_bench: bool,
+             wall_s: float) -> None:
+    """Where everything was written, and the command that asks the bundle another question."""
+    c, out = run.console, run.out
+    c.rule("[bold green]quickstart finished")
+    c.print(f"total wall time this run: {wall_s:.0f} s")
+    c.print(f"data and checkpoints: {out / 'train'}  (per-stage results: {out / 'train' / 'results.json'})")
+    c.print(f"ExecuTorch bundle:    {bundles['android']}")
+    c.print(f"ONNX bundle:          {bundles['onnx']}")
     if not skip_bench:
-        header(5, "bench", "benchmark the bundles against eager PyTorch")
-        report = out / "bench.json"
-        cli(["bench", "--model", str(ckpt), "--bundle", str(bundles["android"]), "--bundle", str(bundles["onnx"]),
-             "--prompt-tokens", "32", "--new-tokens", "32", "--repeat", str(bench_repeat),
-             "--json", str(report)])
-        done("bench", report=str(report))
-
-    console.rule("[bold green]quickstart finished")
-    console.print(f"total wall time this run: {time.perf_counter() - t_start:.0f} s")
-    console.print(f"data and checkpoints: {out / 'train'}  (per-stage results: {out / 'train' / 'results.json'})")
-    console.print(f"ExecuTorch bundle:    {bundles['android']}")
-    console.print(f"ONNX bundle:          {bundles['onnx']}")
-    if not skip_bench:
-        console.print(f"benchmark report:     {out / 'bench.json'}")
-    console.print(f"try it:  mobilemllm generate --bundle {bundles['android']} --image {image} "
-                  f"--prompt \"{question}\"")
+        c.print(f"benchmark report:     {out / 'bench.json'}")
+    c.print(f"try it:  mobilemllm generate --bundle {bundles['android']} --image {image} --prompt \"{question}\"")
 
 
 def _sample_question(train_dir: Path) -> tuple[Path, str, str]:
     """The first held-out question of the evaluation split."""
-    from mobilemllm.errors import UserError
-
     for cand in sorted(train_dir.rglob("eval_questions.json")):
         recs = json.loads(cand.read_text())
         if recs:
