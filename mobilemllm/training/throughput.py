@@ -81,6 +81,45 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
             run_dir: str | Path | None = None, progress: bool = True, overrides: dict[str, Any] | None = None
             ) -> dict[str, Any]:
     """Train ``steps`` optimizer steps of ``stage`` on ``preset``'s shapes (random weights); return the rates."""
+    config, seq = _bench_config(preset, stage, steps, warmup, text_tokens, overrides)
+    env = dist_env()
+    device = pick_device(env)
+    global_batch = global_batch or micro_batch * env.world_size
+    model, parts = _random_model(config, stage, device)
+    samples = synthetic_samples(config, global_batch, text_tokens, answer_tokens)
+    cfg = TrainConfig(lr=lr, global_batch=global_batch, micro_batch=micro_batch, max_steps=steps,
+                      warmup_ratio=0.0, grad_checkpointing=grad_checkpointing, precision=precision,
+                      save_every=steps + 1, log_every=steps + 1)
+    clock = _StepClock(device)
+    with tempfile.TemporaryDirectory(prefix="mobilemllm-train-bench-") as tmp:
+        trainer = Trainer(model, LMObjective(), samples, lambda items: collate(items, 0), cfg,
+                          Path(run_dir) if run_dir else Path(tmp), progress=progress, desc=f"{stage} ({preset})")
+        summary = trainer.fit(resume=False, on_step=clock.on_step)
+    n, elapsed = clock.timed(warmup)
+    per_device_batch = global_batch // env.world_size
+    rates = _rates(model, config, parts, seq * per_device_batch, per_device_batch, n, elapsed)
+    peak, device_name = clock.peak_memory()
+    return {
+        "preset": preset, "stage": stage, "device": device_name, "world_size": env.world_size,
+        "precision": "bf16 autocast" if trainer.autocast_dtype is not None else "fp32",
+        "grad_checkpointing": grad_checkpointing, "parameters": model.parameter_counts(),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "micro_batch": micro_batch, "global_batch": global_batch, "sequence_tokens": seq,
+        "visual_tokens": config.num_visual_tokens, "text_tokens": text_tokens,
+        "steps": steps, "warmup_steps": warmup, "timed_steps": n, "timed_s": round(elapsed, 6),
+        "step_s": round(elapsed / n, 6),
+        "tokens_per_s": round(rates["tokens_per_s"], 2),
+        "text_tokens_per_s": round(text_tokens * per_device_batch * n / elapsed, 2),
+        "model_tflops_per_s": round(rates["tflops"], 2), "peak_memory_bytes": peak,
+        "final_loss": summary.get("final_loss"),
+        "torch": torch.__version__,
+    }
+
+
+def _bench_config(preset: str, stage: str, steps: int, warmup: int, text_tokens: int,
+                  overrides: dict[str, Any] | None) -> tuple[ModelConfig, int]:
+    """The preset's config (no pretrained weights) and the sequence length, checked before any model is
+    built: a wrong stage, too few steps or a sample longer than the context is one line, not a crash later."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; train-bench measures one of: {', '.join(STAGES)}")
     if steps <= max(warmup, 1):
@@ -91,64 +130,57 @@ def measure(preset: str = "tiny", *, stage: str = "instruct", steps: int = 50, w
     if seq > config.llm.max_position_embeddings:
         raise UserError(f"{seq} tokens per sample ({config.num_visual_tokens} visual + {text_tokens} text + BOS) "
                         f"exceed {preset}'s context of {config.llm.max_position_embeddings}; lower --text-tokens")
-    env = dist_env()
-    device = pick_device(env)
-    global_batch = global_batch or micro_batch * env.world_size
+    return config, seq
+
+
+def _random_model(config: ModelConfig, stage: str, device: torch.device) -> tuple[MobileVLM, dict[str, bool]]:
+    """The model with random weights, frozen as ``stage`` freezes it (the rate depends on what trains)."""
     torch.manual_seed(0)
     with torch.device(device):  # build on the GPU directly: a 1.7B model's random init on CPU takes minutes
         model = MobileVLM(config, load_weights=False)
     parts = trainable_parts(get_stage(stage))
     model.set_trainable(**parts)
-    samples = synthetic_samples(config, global_batch, text_tokens, answer_tokens)
-    cfg = TrainConfig(lr=lr, global_batch=global_batch, micro_batch=micro_batch, max_steps=steps,
-                      warmup_ratio=0.0, grad_checkpointing=grad_checkpointing, precision=precision,
-                      save_every=steps + 1, log_every=steps + 1)
-    times: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
+    return model, parts
 
-    def on_step(step: int, _metrics: dict) -> None:
+
+class _StepClock:
+    """The end time of every optimizer step and the peak memory since it was made. On GPU each step is
+    synchronized first, or the time would be when the kernels were queued, not when they finished."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter())
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            reset_peak_rss()
 
-    with tempfile.TemporaryDirectory(prefix="mobilemllm-train-bench-") as tmp:
-        trainer = Trainer(model, LMObjective(), samples, lambda items: collate(items, 0), cfg,
-                          Path(run_dir) if run_dir else Path(tmp), progress=progress, desc=f"{stage} ({preset})")
-        summary = trainer.fit(resume=False, on_step=on_step)
-    first = max(warmup, 1)  # timing starts at the end of the last warm-up step (or of the first step)
-    timed = times[first:]
-    elapsed = timed[-1] - times[first - 1]
-    per_device_tokens = seq * global_batch // env.world_size
-    per_device_text = text_tokens * global_batch // env.world_size
-    n = len(timed)
-    tokens_per_s = per_device_tokens * n / elapsed
+    def on_step(self, step: int, _metrics: dict) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def timed(self, warmup: int) -> tuple[int, float]:
+        """(steps, seconds) after the warm-up: timing starts at the end of the last warm-up step (or of the
+        first step), so allocator growth and kernel autotuning stay out of the rate."""
+        first = max(warmup, 1)
+        timed = self.times[first:]
+        return len(timed), timed[-1] - self.times[first - 1]
+
+    def peak_memory(self) -> tuple[int, str]:
+        """(peak bytes, device name): CUDA's allocator peak on GPU, the process's peak RSS on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), torch.cuda.get_device_name(self.device)
+        return int(peak_rss_bytes()), f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _rates(model, config, parts: dict[str, bool], tokens_per_step: int, images_per_step: int, n: int,
+           elapsed: float) -> dict[str, float]:
+    """Per-device tokens/s and the model TFLOP/s estimate (LLM tokens plus each image's tower and connector)."""
+    tokens_per_s = tokens_per_step * n / elapsed
+    images_per_s = images_per_step * n / elapsed
     llm_flops, image_flops = _flops_per_token(model, config, parts)
-    images_per_s = (global_batch // env.world_size) * n / elapsed
-    tflops = (llm_flops * tokens_per_s + image_flops * images_per_s) / 1e12
-    counts = model.parameter_counts()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        peak = int(peak_rss_bytes())
-        device_name = f"CPU ({torch.get_num_threads()} threads)"
-    return {
-        "preset": preset, "stage": stage, "device": device_name, "world_size": env.world_size,
-        "precision": "bf16 autocast" if trainer.autocast_dtype is not None else "fp32",
-        "grad_checkpointing": grad_checkpointing, "parameters": counts, "trainable_parameters": trainable,
-        "micro_batch": micro_batch, "global_batch": global_batch, "sequence_tokens": seq,
-        "visual_tokens": config.num_visual_tokens, "text_tokens": text_tokens,
-        "steps": steps, "warmup_steps": warmup, "timed_steps": n, "timed_s": round(elapsed, 6),
-        "step_s": round(elapsed / n, 6),
-        "tokens_per_s": round(tokens_per_s, 2), "text_tokens_per_s": round(per_device_text * n / elapsed, 2),
-        "model_tflops_per_s": round(tflops, 2), "peak_memory_bytes": peak,
-        "final_loss": summary.get("final_loss"),
-        "torch": torch.__version__,
-    }
+    return {"tokens_per_s": tokens_per_s, "tflops": (llm_flops * tokens_per_s + image_flops * images_per_s) / 1e12}
 
 
 def print_report(r: dict[str, Any], console=None) -> None:
