@@ -38,7 +38,7 @@ def load(name_or_path: str | Path, **overrides):
 
 
 def load_config(name_or_path: str | Path) -> ModelConfig:
-    """The ModelConfig of a checkpoint folder, a training run's last stage or a preset, without its weights
+    """The ModelConfig of a checkpoint folder, a training run's latest model or a preset, without its weights
     (so a choice the model cannot take is refused before anything heavy loads)."""
     path = Path(name_or_path)
     if path.is_dir():

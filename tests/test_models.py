@@ -15,7 +15,8 @@ from mobilemllm.templates import get_template
 from mobilemllm.data.tokenizer import encode_segments
 from mobilemllm.errors import CheckpointError, UserError
 from mobilemllm.inference import answer, prompt_ids
-from mobilemllm.models.checkpoint import WEIGHTS_NAME, load_checkpoint, save_checkpoint
+from mobilemllm.models.checkpoint import (WEIGHTS_NAME, check_checkpoint_dir, load_checkpoint, record_run_stage,
+                                         save_checkpoint)
 from mobilemllm.models.connectors import CONNECTORS, build_connector, output_tokens
 from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
@@ -488,19 +489,44 @@ def test_missing_config_or_folder_is_a_clear_error(tmp_path, tiny_checkpoint):
         load_checkpoint(tmp_path / "nowhere")
 
 
-def test_a_training_run_folder_loads_its_last_stage(tmp_path, tiny_checkpoint, capsys):
+def test_a_training_run_folder_loads_the_model_its_index_names(tmp_path, tiny_checkpoint, capsys):
+    """A run folder says which checkpoint it stands for (run.json, written by training after each stage):
+    the latest policy whose folder is complete; models/ knows no stage names."""
     run = tmp_path / "run"
-    copy_checkpoint(tiny_checkpoint, run / "pretrain")
-    copy_checkpoint(tiny_checkpoint, run / "instruct")
-    (run / "dpo").mkdir()  # an unfinished stage is skipped
+    for stage in ("pretrain", "instruct"):
+        copy_checkpoint(tiny_checkpoint, run / stage)
+        record_run_stage(run, stage, policy=True)
+    (run / "dpo").mkdir()  # recorded, then its folder lost its files: skipped
+    record_run_stage(run, "dpo", policy=True)
     model, _ = load_checkpoint(run)
     err = capsys.readouterr().err
-    assert "using its last stage" in err and str(run / "instruct") in err and model.config.name == "tiny"
-    from mobilemllm.models.checkpoint import check_checkpoint_dir
-
+    assert "using its latest model" in err and str(run / "instruct") in err and model.config.name == "tiny"
     assert check_checkpoint_dir(run) == run / "instruct"
     with pytest.raises(CheckpointError, match="missing config.json"):
         check_checkpoint_dir(run / "dpo")
+
+
+def test_a_run_with_rm_and_ppo_stands_for_ppos_policy_not_the_reward_model(tmp_path, tiny_checkpoint):
+    run = tmp_path / "run"
+    for stage, policy in (("instruct", True), ("dpo", True), ("rm", False), ("ppo", True)):
+        copy_checkpoint(tiny_checkpoint, run / stage)
+        record_run_stage(run, stage, policy=policy)
+    assert check_checkpoint_dir(run) == run / "ppo"
+    record_run_stage(run, "rm", policy=False)  # a reward model finished last is still not the run's model
+    assert check_checkpoint_dir(run) == run / "ppo"
+    record_run_stage(run, "dpo", policy=True)  # retrained last: the latest policy
+    assert check_checkpoint_dir(run) == run / "dpo"
+
+
+def test_a_run_folder_without_a_finished_model_is_a_clear_error(tmp_path, tiny_checkpoint):
+    run = tmp_path / "run"
+    copy_checkpoint(tiny_checkpoint, run / "rm")
+    record_run_stage(run, "rm", policy=False)
+    with pytest.raises(CheckpointError, match="no finished model"):
+        check_checkpoint_dir(run)
+    (run / "run.json").unlink()  # no index (or not a run folder): say which sub-folders are checkpoints
+    with pytest.raises(CheckpointError, match=r"missing config.json.*sub-folders rm are checkpoints"):
+        check_checkpoint_dir(run)
 
 
 # ------------------------------------------------------------------------------------- inference

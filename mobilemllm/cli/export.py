@@ -13,8 +13,8 @@ from mobilemllm.quantization import KV_CACHE_DTYPES, group_help, help_text
 
 
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, a training run folder (its last "
-                                                         "stage), or a preset name (random weights)."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, a training run folder (its latest "
+                                                         "model), or a preset name (random weights)."),
     target: Optional[str] = typer.Option(None, "--target", "-t",
                                          help="android | ios | ios-coreml | android-qnn | portable | onnx | coreml "
                                               "| gguf (the recipes in the export/ folder)."),

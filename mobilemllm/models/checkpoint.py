@@ -81,25 +81,67 @@ def save_checkpoint(model, tokenizer, path: str | Path, extra: dict | None = Non
         raise
 
 
-RUN_STAGES_LAST_FIRST = ("dpo", "instruct", "pretrain", "foundations")
+RUN_INDEX_NAME = "run.json"
+
+
+def record_run_stage(run_dir: str | Path, stage: str, *, policy: bool) -> None:
+    """Note in a training run folder's index (``run.json``) that its ``stage`` folder holds a finished
+    checkpoint; ``policy``: a model that answers (not, say, a reward model). The run folder then says
+    itself which checkpoint it stands for (:func:`check_checkpoint_dir`), and this layer needs no stage
+    names. A stage recorded again moves to the end: the index lists the stages in the order they finished."""
+    run_dir = Path(run_dir)
+    entries = [e for e in _run_index(run_dir) if e["stage"] != stage] + [{"stage": stage, "policy": bool(policy)}]
+    tmp = run_dir / (RUN_INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps({"stages": entries}, indent=1) + "\n")
+    tmp.replace(run_dir / RUN_INDEX_NAME)
+
+
+def _run_index(run_dir: Path) -> list[dict]:
+    """The index's entries, oldest first ([] without a readable index)."""
+    try:
+        entries = json.loads((run_dir / RUN_INDEX_NAME).read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    ok = isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("stage"), str) for e in entries)
+    return entries if ok else []
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return all((folder / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def latest_policy(run_dir: str | Path) -> Path | None:
+    """The folder of the policy checkpoint a training run finished last (by its ``run.json``), skipping
+    stages whose folder is gone or unfinished; None when the index names none."""
+    run_dir = Path(run_dir)
+    for entry in reversed(_run_index(run_dir)):
+        folder = run_dir / Path(entry["stage"]).name  # a name, never a path out of the run folder
+        if entry.get("policy") and _is_checkpoint(folder):
+            return folder
+    return None
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
-    """``path`` if it is a checkpoint folder, or the last stage's folder of a training run; else a clear error."""
+    """``path`` if it is a checkpoint folder, or the latest policy checkpoint of a training run folder (as
+    its ``run.json`` says); else a clear error."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint folder {path} does not exist. Make one with `mobilemllm train ...`, import one with "
             "`mobilemllm import ...`, or use a preset name such as `tiny`")
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).exists()]
-    if len(missing) == 2:  # a `mobilemllm train --out` folder: its last trained stage
-        for stage in RUN_STAGES_LAST_FIRST:
-            if all((path / stage / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
-                print(f"note: {path} is a training run; using its last stage, {path / stage}", file=sys.stderr)
-                return path / stage
+    if len(missing) == 2 and (path / RUN_INDEX_NAME).exists():  # a `mobilemllm train --out` folder
+        found = latest_policy(path)
+        if found is None:
+            raise CheckpointError(f"training run {path} has no finished model yet ({RUN_INDEX_NAME} names none "
+                                  "whose folder is complete); finish a stage with `mobilemllm train`")
+        print(f"note: {path} is a training run; using its latest model, {found}", file=sys.stderr)
+        return found
     if missing:
         present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise CheckpointError(f"checkpoint folder {path} is missing {', '.join(missing)} (it has: {present})")
+        stages = sorted(p.name for p in path.iterdir() if p.is_dir() and _is_checkpoint(p))
+        hint = f"; its sub-folders {', '.join(stages)} are checkpoints: pass one of them" if stages else ""
+        raise CheckpointError(f"checkpoint folder {path} is missing {', '.join(missing)} (it has: {present}){hint}")
     return path
 
 
