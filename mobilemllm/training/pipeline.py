@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.models.checkpoint import record_run_stage
 from mobilemllm.training.distributed import barrier, dist_env
 from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
                                          stage_train_config)
@@ -565,6 +566,8 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
             log(f"{stage}: training from {start or recipe.get('model')}")
             state = run_stage(recipe, stage, out_dir, data_dir=data_dir, init=start, resume=resume,
                               progress=progress, fingerprint=fp, resume_changed=resume_changed)
+        if env.is_main:  # the run folder says which checkpoint it stands for (a reward model is not one)
+            record_run_stage(out_dir, stage, policy=get_stage(stage).objective != "rm")
         entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s"),
                                  "train_cpu_s": state.get("cpu_s")}
         if evaluate_stages and eval_dir is not None and stage != "foundations" and env.is_main:
