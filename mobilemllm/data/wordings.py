@@ -12,6 +12,9 @@ the knowledge transfers to wordings the model has not seen. The answers are the 
 from __future__ import annotations
 
 import random
+from functools import lru_cache
+
+from mobilemllm.data.wording_grammar import compose, normalize
 
 # Index 0 of each list is the canonical wording (eval_questions.json, the tokenizer's corpus).
 TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {
@@ -111,16 +114,60 @@ DETAIL_PROMPTS: tuple[str, ...] = (
 HELD_OUT_DETAIL_PROMPTS: tuple[str, ...] = ("Write a thorough description of everything in this picture.",)
 
 
+# POPE's own question (mobilemllm.data.shapes_text.pope_question): never generated for training either.
+POPE_WORDING = "Is there a {obj} in the image?"
+
+
+class Composed(random.Random):
+    """A wording stream for ``question_wordings: compositional``: :func:`word` and :func:`detail_prompt` build
+    each question with :mod:`mobilemllm.data.wording_grammar` instead of picking from :data:`TRAIN_WORDINGS`.
+    ``canonical``: the share of questions asked in the canonical wording (what the VQA score is measured on)."""
+
+    canonical = 0.15
+
+
 def word(qtype: str, rng: random.Random | None = None, *, held_out: bool = False, **slots: str) -> str:
-    """A question of ``qtype`` in a wording: canonical (no ``rng``), a random training wording, or a random
-    held-out one; ``slots`` fill ``{pos}``/``{obj}``."""
+    """A question of ``qtype`` in a wording: canonical (no ``rng``), a random training wording (a
+    :class:`Composed` ``rng``: a generated one), or a random held-out one; ``slots`` fill ``{pos}``/``{obj}``."""
     table = HELD_OUT_WORDINGS if held_out else TRAIN_WORDINGS
     if qtype not in table:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {', '.join(table)}")
     options = table[qtype]
+    if isinstance(rng, Composed) and not held_out and rng.random() >= rng.canonical:
+        return _unseen(lambda: compose(qtype, rng, **slots), slots)
     return (options[0] if rng is None else rng.choice(options)).format(**slots)
 
 
 def detail_prompt(rng: random.Random | None = None) -> str:
-    """The detailed-caption request: canonical, or a random training wording."""
+    """The detailed-caption request: canonical, or a random training wording (generated for :class:`Composed`)."""
+    if isinstance(rng, Composed) and rng.random() >= rng.canonical:
+        return _unseen(lambda: compose("detail", rng), {})
     return DETAIL_PROMPTS[0] if rng is None else rng.choice(DETAIL_PROMPTS)
+
+
+@lru_cache(maxsize=None)
+def _banned(pos: str | None, obj: str | None) -> tuple[str, ...]:
+    """The held-out wordings and POPE's question for these slots, normalised and padded with spaces."""
+    templates = [t for ts in HELD_OUT_WORDINGS.values() for t in ts] + [POPE_WORDING, *HELD_OUT_DETAIL_PROMPTS]
+    out = []
+    for t in templates:
+        if ("{pos}" in t and pos is None) or ("{obj}" in t and obj is None):
+            continue
+        out.append(f" {normalize(t.format(pos=pos, obj=obj))} ")
+    return tuple(out)
+
+
+def held_out_inside(text: str, pos: str | None = None, obj: str | None = None) -> bool:
+    """Whether ``text`` holds a held-out wording or POPE's question (for these slots), in any casing or
+    punctuation, also inside a longer question."""
+    padded = f" {normalize(text)} "
+    return any(b in padded for b in _banned(pos, obj))
+
+
+def _unseen(make, slots: dict[str, str]) -> str:
+    """A generated question that holds no held-out wording (draw again until it does not)."""
+    for _ in range(100):
+        text = make()
+        if not held_out_inside(text, slots.get("pos"), slots.get("obj")):
+            return text
+    raise RuntimeError("the wording grammar keeps producing held-out wordings")
