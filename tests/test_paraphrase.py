@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from mobilemllm.data.shapes import OBJECTS, PARAPHRASE_TYPES, POSITIONS, write_synthetic
-from mobilemllm.data.wordings import HELD_OUT_DETAIL_PROMPTS, HELD_OUT_WORDINGS, TRAIN_WORDINGS
+from mobilemllm.data.wordings import HELD_OUT_DETAIL_PROMPTS, HELD_OUT_WORDINGS, POPE_WORDING, TRAIN_WORDINGS
 from mobilemllm.evaluation.metrics import normalize_answer
 from mobilemllm.training.pipeline import SYNTHETIC_OPTIONS
 from mobilemllm.training.recipes import load_recipe
 
 # what a stage of any recipe may train on: every file of a train split but the evaluation files it is not
 # trained on (the shipped tiny recipe trains instruct on eval_questions.json, so that one counts)
-NOT_TRAINED_ON = ("eval_paraphrase.json", "eval_captions.json", "scenes.json", "meta.json")
+NOT_TRAINED_ON = ("eval_paraphrase.json", "eval_captions.json", "scenes.json", "meta.json", "eval_pope_random.json",
+                  "eval_pope_popular.json", "eval_pope_adversarial.json")
 
 
 def _texts(folder: Path) -> list[str]:
@@ -42,8 +43,9 @@ def _texts(folder: Path) -> list[str]:
 
 
 def _held_out_questions() -> set[str]:
+    """Every held-out paraphrase and POPE's own question, for every position and object, normalised."""
     every = set()
-    for templates in HELD_OUT_WORDINGS.values():
+    for templates in (*HELD_OUT_WORDINGS.values(), (POPE_WORDING,)):
         for t in templates:
             every |= {normalize_answer(t.format(pos=p, obj=o)) for p in POSITIONS for o in OBJECTS}
     return every | {normalize_answer(p) for p in HELD_OUT_DETAIL_PROMPTS}

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from mobilemllm.data.shapes_scene import (COLOURS, KINDS, OBJECTS, POSITIONS, SIZES, Scene, Shape, _rng,
                                           sample_scene)
+from mobilemllm.data.wordings import word
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "kind", "count", "position", "existence")
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -133,8 +134,6 @@ def ask(scene: Scene, rng: random.Random, qtype: str, wording: random.Random | N
     """One question of type ``qtype`` about ``scene`` (None if that type cannot be asked). ``wording``: draw
     the wording from :data:`~mobilemllm.data.wordings.TRAIN_WORDINGS` with this rng (default: the canonical
     one), or from the held-out paraphrases; the content drawn from ``rng`` is the same either way."""
-    from mobilemllm.data.wordings import word
-
     def text(**slots: str) -> str:
         return word(qtype, wording, held_out=held_out, **slots)
 
@@ -233,7 +232,7 @@ def paraphrase_questions(scene: Scene, rng: random.Random) -> list[Question]:
 
 def corpus_lines(num_images: int = 400, seed: int = 0) -> Iterator[str]:
     """The world's text (captions, questions, answers, detailed captions) without writing any files,
-    for training the tiny tokenizer in memory."""
+    for training the tiny tokenizer in memory. POPE's question is not in it: it is an evaluation wording."""
     for idx in range(num_images):
         scene = sample_scene(_rng(seed, idx, "scene"), idx, seed=seed)
         rng = _rng(seed, idx, "corpus")
@@ -242,8 +241,4 @@ def corpus_lines(num_images: int = 400, seed: int = 0) -> Iterator[str]:
         for q in sample_questions(scene, rng, 5):
             yield q.text
             yield q.answer
-        for split in POPE_SPLITS[:1]:
-            for q, a, _ in pope_probes(scene, rng, split):
-                yield q
-                yield a
     yield DETAIL_PROMPT

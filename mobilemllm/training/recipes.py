@@ -169,6 +169,7 @@ class Synthetic(Section):
     hallucination_rate: Number = Field(0.3, ge=0, le=1)
     single_turn: Bool = False
     question_wordings: Literal[QUESTION_WORDINGS] = "canonical"
+    question_copies: Int = Field(1, ge=1)
 
 
 class Eval(Section):
