@@ -33,7 +33,7 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
-from importlib.resources import files
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,7 @@ class DemoHandler(SafeHandler):
             return
         if path in STATIC:
             name, ctype = STATIC[path]
-            self.send_body(200, files("mobilemllm").joinpath("web", name).read_bytes(), ctype)
+            self.send_body(200, resources.files("mobilemllm").joinpath("web", name).read_bytes(), ctype)
             return
         self.send_json(404, {"error": f"no page {path}"})
 

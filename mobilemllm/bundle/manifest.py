@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from functools import lru_cache
-from importlib.resources import files
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +29,7 @@ MAX_MANIFEST_BYTES = 16 << 20  # real manifests are a few kB; the model config i
 @lru_cache(maxsize=1)
 def manifest_schema() -> dict[str, Any]:
     """The JSON schema every manifest.json is validated against (shipped in mobilemllm/schemas/)."""
-    return json.loads(files("mobilemllm").joinpath("schemas", "manifest.schema.json").read_text())
+    return json.loads(resources.files("mobilemllm").joinpath("schemas", "manifest.schema.json").read_text())
 
 
 def schema_errors(manifest: Mapping[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ read by that format's module.
 
 from __future__ import annotations
 
-from importlib.resources import files
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +80,7 @@ def _recipe_files() -> dict[str, Any]:
     """{target name: a readable file (importlib Traversable or Path)} for every shipped recipe."""
     found: dict[str, Any] = {}
     try:
-        root = files("mobilemllm.export_recipes")
+        root = resources.files("mobilemllm.export_recipes")
         for entry in root.iterdir():
             if entry.name.endswith(".yaml"):
                 found[entry.name[:-5]] = entry
