@@ -25,10 +25,10 @@ def import_model(
 ) -> None:
     """Import a published checkpoint (MobileVLM v1/v2, LLaVA-HF) into a checkpoint folder, offline."""
     from mobilemllm.models.connectors import CONNECTORS  # lazy: cli startup
-    from mobilemllm.models.importers import FORMATS, import_checkpoint_with_report  # lazy: cli startup
+    from mobilemllm.models.importers import SOURCE_LAYOUTS, import_checkpoint_with_report  # lazy: cli startup
 
-    if format not in FORMATS:
-        raise ConfigError(f"unknown --format {format!r}; valid formats: {', '.join(FORMATS)}")
+    if format not in SOURCE_LAYOUTS:
+        raise ConfigError(f"unknown --format {format!r}; valid formats: {', '.join(SOURCE_LAYOUTS)}")
     if connector not in CONNECTORS:
         raise ConfigError(f"unknown --connector {connector!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
     result = import_checkpoint_with_report(src, out, vision_tower=vision_tower, llm_only=llm_only, format=format,

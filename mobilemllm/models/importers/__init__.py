@@ -5,7 +5,7 @@
     import_checkpoint("llava-1.5-7b-hf", "ckpt/llava")
     import_checkpoint("MobileLLaMA-1.4B-Chat", "ckpt/mllama", vision_tower="clip", llm_only=True)
 
-Formats (``FORMATS``, auto-detected from ``config.json``):
+Source layouts (``SOURCE_LAYOUTS``, auto-detected from ``config.json``):
 
 - ``mobilevlm``: MobileVLM v1/v2 (``MobileLlamaForCausalLM``: a LLaMA config plus ``mm_*`` keys). Keys
   ``model.{embed_tokens,layers,norm}.*``, ``lm_head.weight``, ``model.mm_projector.*`` and, when the
@@ -31,10 +31,10 @@ tower configs), ``mobilevlm`` / ``llava_hf`` / ``llama`` (one plan per format), 
 
 from mobilemllm.models.importers.files import detect_format, read_json, read_weights, weight_files
 from mobilemllm.models.importers.keys import map_keys
-from mobilemllm.models.importers.plan import FORMATS, IMPORT_INFO_NAME, PROJECTORS, TEMPLATE
+from mobilemllm.models.importers.plan import SOURCE_LAYOUTS, IMPORT_INFO_NAME, PROJECTORS, TEMPLATE
 from mobilemllm.models.importers.run import ImportResult, import_checkpoint, import_checkpoint_with_report
 from mobilemllm.models.importers.tokenizer import load_source_tokenizer
 
-__all__ = ["FORMATS", "IMPORT_INFO_NAME", "PROJECTORS", "TEMPLATE", "ImportResult", "detect_format",
+__all__ = ["SOURCE_LAYOUTS", "IMPORT_INFO_NAME", "PROJECTORS", "TEMPLATE", "ImportResult", "detect_format",
            "import_checkpoint", "import_checkpoint_with_report", "load_source_tokenizer", "map_keys", "read_json",
            "read_weights", "weight_files"]

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mobilemllm.errors import CheckpointError
-from mobilemllm.models.importers.plan import FORMATS
+from mobilemllm.models.importers.plan import SOURCE_LAYOUTS
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -104,4 +104,4 @@ def detect_format(config: dict[str, Any], where: str = "config.json") -> str:
     if model_type == "llama" or any(a in ("LlamaForCausalLM", "MobileLlamaForCausalLM") for a in archs):
         return "llama"
     raise CheckpointError(f"cannot tell the format of {where} (model_type {model_type!r}, architectures "
-                          f"{archs or 'none'}); supported: {', '.join(FORMATS[1:])}. Pass --format if you know it")
+                          f"{archs or 'none'}); supported: {', '.join(SOURCE_LAYOUTS[1:])}. Pass --format if you know it")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 
-FORMATS = ("auto", "mobilevlm", "llava-hf", "llama")
+SOURCE_LAYOUTS = ("auto", "mobilevlm", "llava-hf", "llama")
 # MobileVLM's mm_projector_type -> our connector kind
 PROJECTORS = {"ldpnet": "ldp", "ldpnetv2": "ldpv2", "mlp2x_gelu": "mlp2x_gelu"}
 IMPORT_INFO_NAME = "import.json"

@@ -18,7 +18,7 @@ from mobilemllm.models.importers.keys import shown, source_name
 from mobilemllm.models.importers.llama import plan_llama
 from mobilemllm.models.importers.llava_hf import plan_llava_hf
 from mobilemllm.models.importers.mobilevlm import plan_mobilevlm
-from mobilemllm.models.importers.plan import FORMATS, IMPORT_INFO_NAME, MOBILEVLM_TOWER, TEMPLATE, Plan, V
+from mobilemllm.models.importers.plan import SOURCE_LAYOUTS, IMPORT_INFO_NAME, MOBILEVLM_TOWER, TEMPLATE, Plan, V
 from mobilemllm.models.importers.tokenizer import load_source_tokenizer
 from mobilemllm.models.vlm import MobileVLM
 
@@ -44,8 +44,8 @@ def import_checkpoint(src: str | Path, out: str | Path, vision_tower: str | Path
 def import_checkpoint_with_report(src: str | Path, out: str | Path, vision_tower: str | Path | None = None,
                                   llm_only: bool = False, format: str = "auto", connector: str = "ldpv2",
                                   seed: int = 0) -> ImportResult:
-    if format not in FORMATS:
-        raise ConfigError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
+    if format not in SOURCE_LAYOUTS:
+        raise ConfigError(f"unknown format {format!r}; valid formats: {', '.join(SOURCE_LAYOUTS)}")
     if connector not in CONNECTORS:
         raise ConfigError(f"unknown connector {connector!r}; valid connectors: {', '.join(sorted(CONNECTORS))}")
     src, out = Path(src), Path(out)
