@@ -315,7 +315,8 @@ def onnx_bundle(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.slow
 def test_executorch_runner_backend(et_bundle):
     res = run("executorch", et_bundle, threads=1)
-    check_case(res, image_timed=False)
+    check_case(res)  # the image encode is timed apart from the runner's prefill
+    assert all(r.prefill_s + r.image_encode_s == pytest.approx(r.ttft_s) for r in res.repetitions)
     for r in res.repetitions:  # the C++ runner's own count agrees with ours
         assert r.runner_stats["prompt_tokens"] == PROMPT + VISUAL and r.runner_stats["generated_tokens"] == NEW
 

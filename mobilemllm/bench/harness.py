@@ -72,6 +72,7 @@ class Backend(ABC):
         self.info = CaseInfo()
         self.extra_load_s = 0.0  # load work a runtime defers to its first request (added to load time)
         self.load_s_override: float | None = None  # a load time the runtime reports itself (phone runs)
+        self.planned_requests = 1  # warm-up + timed requests this case will run (set by the harness)
 
     def open(self) -> None:
         """Untimed set-up before the load: imports, manifest and checksum checks, the tokenizer."""
@@ -145,6 +146,7 @@ class CaseRun:
         self.prompt_tokens, self.new_tokens, self.warmup, self.repeat = prompt_tokens, new_tokens, warmup, repeat
         self.warm: list[Repetition] = []
         self.reps: list[Repetition] = []
+        backend.planned_requests = warmup + repeat
 
     @property
     def steps(self) -> int:

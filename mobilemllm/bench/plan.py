@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mobilemllm.bench.backends import BACKENDS, DEFAULT_FOR_FORMAT, backend_format, check_backend
+from mobilemllm.bench.backends.llamacpp import split_pair
 from mobilemllm.errors import ConfigError, UserError
 
 
@@ -42,7 +43,8 @@ def _bundle_format(path: str, device: str) -> str:
     return manifest["format"]
 
 
-def _check_model(target: str) -> None:
+def check_model(target: str) -> None:
+    """A checkpoint folder that loads, or a preset name; one UserError otherwise (before anything loads)."""
     from mobilemllm.config import PRESETS
 
     p = Path(target)
@@ -55,17 +57,34 @@ def _check_model(target: str) -> None:
                         f"(presets: {', '.join(sorted(PRESETS))})")
 
 
-def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence[str], device: str = "host") -> list[Case]:
+def _gguf_case(pair: str) -> Case:
+    """A bare GGUF pair (``MODEL.gguf,MMPROJ.gguf``), checked for files before anything loads."""
+    text, mmproj = split_pair(pair)
+    if mmproj is None:
+        raise UserError(f"--gguf {pair}: the benchmark encodes an image; give MODEL.gguf,MMPROJ.gguf")
+    missing = [str(p) for p in (text, mmproj) if not p.is_file()]
+    if missing:
+        raise UserError(f"--gguf: no such file: {', '.join(missing)}")
+    return Case("llamacpp", f"{text},{mmproj}", text.name)
+
+
+def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence[str], device: str = "host",
+               ggufs: Sequence[str] = ()) -> list[Case]:
     for b in backends:
         check_backend(b)
     if "pytorch" in backends and not models:
         raise UserError("--backend pytorch runs a checkpoint: add --model CKPT (a checkpoint folder or a preset name)")
+    gguf_cases = [_gguf_case(g) for g in ggufs]
+    if gguf_cases and device != "host":
+        raise UserError(f"--gguf runs llama.cpp on this host, not on --device {device}")
+    if gguf_cases and not bundles and not models:
+        return gguf_cases
     if not bundles and not models:
         raise UserError("nothing to benchmark: give --bundle DIR (an exported bundle) and/or --model CKPT "
                         "(a checkpoint folder or preset, run eagerly with --backend pytorch)")
     cases: list[Case] = []
     for m in models:
-        _check_model(m)
+        check_model(m)
         cases.append(Case("pytorch", m, Path(m).name if Path(m).is_dir() else m))
     bundle_backends = [b for b in backends if backend_format(b) is not None]
     for b in bundles:
@@ -82,6 +101,7 @@ def plan_cases(bundles: Sequence[str], models: Sequence[str], backends: Sequence
                             f"(use one of: {', '.join(n for n in BACKENDS if backend_format(n) == fmt)})")
         for x in fitting:
             cases.append(Case(x, b, Path(b).resolve().name))
+    cases += gguf_cases
     if device != "host":
         bad = [c for c in cases if c.backend != "executorch"]
         if bad:

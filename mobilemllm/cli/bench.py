@@ -2,6 +2,8 @@
 
     mobilemllm bench --model runs/tiny --bundle bundles/tiny-android --bundle bundles/tiny-onnx \
         --prompt-tokens 64 --new-tokens 128 --json bench.json --csv bench.csv --plot bench.png
+    mobilemllm bench --model runs/tiny --compare executorch:group=128,onnx:decoder=genai,gguf:q4_0,gguf:q4_k_m \
+        --threads 2 --json compare.json --csv compare.csv --plot compare.png
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ import typer
 
 def bench(
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="An exported bundle folder (repeat for a matrix)."),
+    compare: Optional[str] = typer.Option(
+        None, help="Runtimes to compare on the --model checkpoint, comma-separated, each RUNTIME[:OPTION...] with "
+                   "RUNTIME executorch | onnx | gguf and OPTION key=value or a bare quant (e.g. executorch:group=128,"
+                   "onnx:decoder=genai,gguf:q4_0,gguf:q4_k_m): their bundles are exported into --cache (or reused) "
+                   "and measured interleaved in one run. See docs/benchmarking.md."),
+    gguf: List[str] = typer.Option([], "--gguf", help="A GGUF pair made elsewhere, MODEL.gguf,MMPROJ.gguf, run by "
+                                                      "llama.cpp (repeatable; joins --compare)."),
+    cache: Path = typer.Option(Path("bundles/compare"), help="Where --compare keeps its bundles (one folder per "
+                                                               "checkpoint and runtime; reused while they match)."),
     model: List[str] = typer.Option([], "--model", "-m",
                                     help="A checkpoint folder or preset for the eager pytorch backend (repeatable)."),
     backend: List[str] = typer.Option([], "--backend",
-                                      help="executorch | executorch-methods | onnxruntime | pytorch (repeatable); "
+                                      help="executorch | executorch-methods | onnxruntime | llamacpp | pytorch "
+                                           "(repeatable); "
                                            "default: the bundle format's runner, pytorch for --model."),
     prompt_tokens: int = typer.Option(128, help="Text tokens in the prompt (the image's visual tokens come on top)."),
     new_tokens: int = typer.Option(128, help="Tokens to decode per run (EOS ignored)."),
@@ -33,8 +45,11 @@ def bench(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write every repetition as CSV."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency breakdown and decode vs ceiling."),
     quiet: bool = typer.Option(False, "--quiet/--no-quiet", help="No progress bar."),
+    force: bool = typer.Option(False, "--force/--no-force", help="--compare: write a bundle that fails parity at "
+                                                                 "export anyway (marked in its manifest and the table)."),
 ) -> None:
     """Benchmark load time, image encode, prefill, time to first token, decode tokens/s and peak memory."""
+    # imported when the command runs: the command table stays light for every other command's start-up
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -48,6 +63,8 @@ def bench(
                         threads=threads, device=device, bandwidth_gbps=bandwidth,
                         runner=str(runner) if runner else None)
     settings.check()
+    from mobilemllm.errors import UserError
+
     kind, _ = parse_device(device)
     if kind == "adb":
         from mobilemllm.bench.adb import find_adb, find_runner
@@ -61,8 +78,22 @@ def bench(
             from mobilemllm.errors import BackendUnavailable
 
             raise BackendUnavailable("--plot needs matplotlib: pip install 'matplotlib>=3.8'") from None
-    cases = plan_cases([str(b) for b in bundle], model, backend, device)
     console = Console(stderr=True)
+    if compare is not None:
+        from mobilemllm.bench.compare import run_interleaved
+
+        if len(model) != 1 or backend:
+            raise UserError("--compare exports one checkpoint for each runtime: give exactly one --model CKPT (a "
+                            "checkpoint folder or preset) and no --backend")
+        if kind != "host":
+            raise UserError("--compare measures on this host; for a phone use --device adb --bundle DIR")
+        specs = compare_specs(model[0], compare)
+        cases = plan_cases([str(b) for b in bundle], [], [], device, gguf) if bundle or gguf else []
+        cases = export_for_compare(model[0], specs, cache, console, quiet, force) + cases
+        runner = run_interleaved
+    else:
+        cases = plan_cases([str(b) for b in bundle], model, backend, device, gguf)
+        runner = run_benchmark
     steps_per_case = 1 + warmup + repeat
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet, transient=True) as progress:
@@ -71,14 +102,17 @@ def bench(
         def on_step(case, msg):
             progress.update(task, advance=1, description=f"{case.label} ({case.backend}): {msg}")
 
-        results = run_benchmark(cases, settings, on_step)
+        results = runner(cases, settings, on_step)
     machine = describe(threads, device)
-    doc = report.result_document(results, machine, settings.to_dict())
+    run_settings = settings.to_dict()
+    if compare is not None:  # the comparison as asked, and how its requests were ordered
+        run_settings.update(compare=compare, order="interleaved (round-robin across cases)")
+    doc = report.result_document(results, machine, run_settings)
     out = Console()
     if not out.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         out = Console(width=200)
     out.print(report.table(results, machine))
-    for line in report.footnotes(results, settings.to_dict(), machine):
+    for line in report.footnotes(results, run_settings, machine):
         out.print(f"[dim]{line}[/]", highlight=False)
     for path, write in ((json_out, report.write_json), (csv_out, report.write_csv)):
         if path is not None:
@@ -87,3 +121,59 @@ def bench(
     if plot is not None:
         report.write_plot(results, machine, plot)
         out.print(f"wrote {plot}")
+
+
+def compare_specs(model: str, text: str):
+    """Parse --compare and check, before any export, that every runtime can take ``model``: its recipe with the
+    options, the backend installed, the model config (gguf: llama.cpp's projectors). One line for all problems."""
+    # imported when the command runs (export pulls in torch)
+    from mobilemllm import api
+    from mobilemllm.bench.compare import apply_options, parse_compare
+    from mobilemllm.bench.plan import check_model
+    from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
+    from mobilemllm.export.pipeline import preflight
+    from mobilemllm.export.recipes import load_recipe
+
+    specs = parse_compare(text)
+    check_model(model)
+    config = api.load_config(model)
+    problems = []
+    for spec in specs:
+        try:
+            fmt = preflight(apply_options(load_recipe(target=spec.target), spec))
+        except (ConfigError, BackendUnavailable) as e:
+            problems.append(f"{spec.label}: {e}")
+            continue
+        check = getattr(fmt, "check_model", None)
+        problems += [f"{spec.label} cannot take {model}: {p}" for p in (check(config) if check else [])]
+    if problems:
+        raise UserError("--compare: " + "; ".join(problems))
+    return specs
+
+
+def export_for_compare(model: str, specs, cache: Path, console, quiet: bool, force: bool = False) -> list:
+    """Export (or reuse) each spec's bundle of ``model`` under ``cache``, with progress; the cases to measure."""
+    # imported when the command runs (export pulls in torch)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mobilemllm.bench.compare import apply_options, bundle_dir, reusable
+    from mobilemllm.bench.plan import Case
+    from mobilemllm.export.pipeline import export_bundle
+    from mobilemllm.export.recipes import load_recipe
+
+    cases = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=quiet) as progress:
+        for i, spec in enumerate(specs, 1):
+            recipe = apply_options(load_recipe(target=spec.target), spec)
+            out = bundle_dir(cache, model, spec)
+            head = f"[{i}/{len(specs)}] {spec.label}"
+            if reusable(out, recipe, model):
+                console.print(f"{head}: reusing {out}", highlight=False)
+            else:
+                task = progress.add_task(f"{head}: exporting to {out}", total=None)
+                export_bundle(model, recipe, out, force=force, log=lambda line, t=task, h=head: progress.update(
+                    t, description=f"{h}: {line[:120]}"))
+                progress.update(task, description=f"{head}: exported to {out}", completed=1, total=1)
+            cases.append(Case(spec.backend, str(out), spec.label))
+    return cases

@@ -65,13 +65,13 @@ class OnnxRuntimeBackend(Backend):
         from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
         r, p = self.runner, self.prompt
-        timing = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}
+        spent = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}
 
         def timed(name, fn, *args):
             t = timing.now()
             out = fn(*args)
-            timing[name]["seconds"] += timing.now() - t
-            timing[name]["calls"] += 1
+            spent[name]["seconds"] += timing.now() - t
+            spent[name]["calls"] += 1
             return out
 
         ids = p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids
@@ -89,7 +89,7 @@ class OnnxRuntimeBackend(Backend):
         t3 = timing.now()
         return Repetition(prefill_tokens=p.prefill_tokens, decode_tokens=self.new_tokens,
                           ttft_s=timing.time_to_first_token(t0, t2), prefill_s=t2 - t1, decode_s=t3 - t2,
-                          total_s=t3 - t0, image_encode_s=t1 - t0, methods=timing)
+                          total_s=t3 - t0, image_encode_s=t1 - t0, methods=spent)
 
     def close(self) -> None:
         self.runner = None
