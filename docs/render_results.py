@@ -103,6 +103,36 @@ def _tiny_alignment(files: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _tiny_seeds(files: dict[str, Any]) -> list[str]:
+    """The tiny recipe on several seeds: DPO and PPO side by side, and which targets each seed meets."""
+    splits = ("random", "popular", "adversarial")
+    rows = ["| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
+            "caption halluc. objects | captions with one | targets met |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = files["seeds"]["runs"]
+    for run in runs:
+        for stage in ("instruct", "dpo", "ppo"):
+            s = run["stages"].get(stage)
+            if s is None:
+                continue
+            pope = s["pope"]
+            three = {k: " / ".join(f"{100 * pope[p][k]:.1f}" for p in splits) + " %"
+                     for k in ("accuracy", "f1", "yes_ratio")}
+            met = [k.split("_", 1)[1].replace("_", " ") for k, v in run["targets"].items()
+                   if k.startswith(stage + "_") and v]
+            rows.append(f"| {run['seed']} | {stage} | {_pct(s['vqa'])} | {_pct(s['paraphrase'])} | "
+                        f"{three['accuracy']} | {three['f1']} | {three['yes_ratio']} | "
+                        f"{_pct(s['caption_object_halluc'])} | {_pct(s['caption_halluc_captions'])} | "
+                        f"{', '.join(met) if stage != 'instruct' else '–'} |")
+    every = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
+    rows += ["", f"{len(runs)} seed(s) tried; seeds meeting each target: "
+             + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in every.items()) + ". "
+             + "Training time per seed (all stages): "
+             + ", ".join(f"{r['train_wall_s']:.0f} s wall / {r['train_cpu_s']:.0f} CPU-s "
+                         f"({r['torch_threads']} thread{'s' if r['torch_threads'] != 1 else ''})" for r in runs) + "."]
+    return rows
+
+
 def _bench_table(report: dict[str, Any]) -> list[str]:
     """One row per case of a `mobilemllm bench --json` report (medians; × = decode speed-up over the
     report's reference case, eager PyTorch when it ran)."""
@@ -139,6 +169,95 @@ def _bench_preset(files: dict[str, Any]) -> list[str]:
     return _bench_table(files["bench"])
 
 
+def _med(case: dict[str, Any], metric: str) -> float | None:
+    s = case["summary"].get(metric)
+    return None if not s else s["median"]
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def _compare_rows(report: dict[str, Any]) -> list[str]:
+    """One row per runtime of a `bench --compare` report: medians, decode with (p10–p90)."""
+    rows = ["| runtime | quantization | size MiB | load s | image encode ms | prefill tok/s | TTFT ms | "
+            "decode tok/s (p10–p90) | of bandwidth ceiling | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        info, dec, roof = c["info"], c["summary"].get("decode_tok_s"), c.get("roofline") or {}
+        enc, ttft = _med(c, "image_encode_s"), _med(c, "ttft_s")
+        spread = "" if not dec else f" ({dec['p10']:.1f}–{dec['p90']:.1f})"
+        rows.append(f"| {c['label']} ({c['backend']}) | {info['quantization']} | "
+                    f"{_num(info['size_bytes'] / 2**20 if info.get('size_bytes') else None, '{:,.0f}')} | "
+                    f"{_num(c['load_s'], '{:.2f}')} | {_num(None if enc is None else enc * 1e3, '{:,.0f}')} | "
+                    f"{_num(_med(c, 'prefill_tok_s'), '{:,.1f}')} | {_num(None if ttft is None else ttft * 1e3, '{:,.0f}')} | "
+                    f"{_num(_med(c, 'decode_tok_s'), '{:.1f}')}{spread} | "
+                    f"{_num(None if roof.get('fraction') is None else roof['fraction'] * 100, '{:.0f} %')}"
+                    f"{_num(roof.get('ceiling_tok_s'), ' of {:.0f}')} | "
+                    f"{_num(c['peak_rss_bytes'] / 2**20 if c.get('peak_rss_bytes') else None, '{:,.0f}')} |")
+    return rows
+
+
+def _compare_targets(report: dict[str, Any]) -> list[str]:
+    """The issue's targets for our ExecuTorch bundle, checked against the same run's numbers."""
+    cases = report["cases"]
+    ours = next((c for c in cases if c["backend"] == "executorch"), None)
+    if ours is None:
+        return []
+    peers = [c for c in cases if c is not ours]
+    llama = [c for c in peers if c["backend"] == "llamacpp" and _med(c, "image_encode_s")]
+
+    def best(metric: str, pick=max) -> tuple[float | None, str]:
+        got = [(_med(c, metric), c["label"]) for c in peers if _med(c, metric)]
+        return pick(got) if got else (None, "—")
+
+    dec, pre, enc = _med(ours, "decode_tok_s"), _med(ours, "prefill_tok_s"), _med(ours, "image_encode_s")
+    peer_dec, peer_pre = best("decode_tok_s"), best("prefill_tok_s")
+    llama_enc = min(((_med(c, "image_encode_s"), c["label"]) for c in llama), default=(None, "—"))
+
+    def row(target: str, value: str, met: bool | None) -> str:
+        return f"| {target} | {value} | {'—' if met is None else 'met' if met else '**missed**'} |"
+
+    return ["", f"Targets for {ours['label']}, in this run:", "", "| target | measured | |", "|---|---|---|",
+            row("decode ≥ 60 tok/s", _num(dec, "{:.1f} tok/s"), None if dec is None else dec >= 60),
+            row("prefill ≥ 450 tok/s", _num(pre, "{:.1f} tok/s"), None if pre is None else pre >= 450),
+            row("image encode faster than llama.cpp's",
+                f"{_num(enc and enc * 1e3, '{:,.0f} ms')} vs {_num(llama_enc[0] and llama_enc[0] * 1e3, '{:,.0f} ms')} "
+                f"({llama_enc[1]})", None if enc is None or llama_enc[0] is None else enc < llama_enc[0]),
+            row("decode ahead of every peer", f"{_num(dec, '{:.1f}')} vs best peer {_num(peer_dec[0], '{:.1f}')} "
+                f"({peer_dec[1]})", None if dec is None or peer_dec[0] is None else dec > peer_dec[0]),
+            row("prefill ahead of every peer", f"{_num(pre, '{:.1f}')} vs best peer {_num(peer_pre[0], '{:.1f}')} "
+                f"({peer_pre[1]})", None if pre is None or peer_pre[0] is None else pre > peer_pre[0])]
+
+
+def _compare_profile(prof: dict[str, Any] | None, top: int = 4) -> list[str]:
+    """The ExecuTorch bundle's phases, op kind by op kind (ETDump), and the decode step's bandwidth bound."""
+    if not prof:
+        return []
+    rows = ["", f"Where the ExecuTorch bundle's time goes (ETDump through the devtools Inspector, "
+                f"{prof['threads']} thread(s); each phase's {top} costliest operator kinds):", "",
+            "| phase | wall ms | operator kinds (ms, share of the phase) |", "|---|---|---|"]
+    for name, phase in prof["phases"].items():
+        wall = phase["wall_ms"]
+        ops = "; ".join(f"{op} {ms:,.1f} ({100 * ms / wall:.0f} %)" for op, ms in list(phase["ops_ms"].items())[:top])
+        rows.append(f"| {name} | {wall:,.1f} | {ops} |")
+    frac = prof.get("decode_fraction_of_bandwidth_bound")
+    rows += ["", f"A decode step reads {prof['decode_bytes_per_token'] / 2**20:,.0f} MiB (weights + KV cache); at "
+                 f"{prof['bandwidth_bytes_s'] / 1e9:.1f} GB/s that takes {prof['decode_bandwidth_bound_ms']:.1f} ms: "
+                 f"the measured step runs at {_num(frac and frac * 100, '{:.0f} %')} of the bandwidth bound."]
+    return rows
+
+
+def _bench_compare(files: dict[str, Any]) -> list[str]:
+    report = files["bench"]
+    m, st = report["machine"], report["settings"]
+    rows = _compare_rows(report)
+    rows += ["", f"Run of {report['created'][:10]}: `--compare {st.get('compare', '?')}`, {st['order'] if 'order' in st else ''}; "
+                 f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads; {st['prompt_tokens']} prompt tokens + the "
+                 f"image, {st['new_tokens']} new tokens, {st['warmup']} warm-up + {st['repeat']} runs per runtime."]
+    return rows + _compare_targets(report) + _compare_profile(files.get("profile"))
+
+
 SPECS: dict[str, Spec] = {
     "train-bench-h100": Spec(
         "train_bench_h100", "OUT=docs/results/train_bench_h100 bash benchmarks/gpu_train_bench.sh",
@@ -147,6 +266,11 @@ SPECS: dict[str, Spec] = {
     "tiny-pipeline": Spec(
         "tiny_pipeline", "mobilemllm train --recipe tiny --stage all --out runs/tiny  (results: runs/tiny/results.json)",
         "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
+    "tiny-seeds": Spec(
+        "tiny_pipeline", "for s in 0 1; do mobilemllm train --recipe tiny --out runs/seed$s seed=$s num_threads=1; "
+        "done; python -m mobilemllm.training.seeds runs/seed0 runs/seed1 > docs/results/tiny_pipeline/seeds.json",
+        "x86_64 AMD EPYC VM, 2 cores shared with other jobs (two seeds at once, one thread each), no GPU; "
+        "torch 2.13.0", _tiny_seeds),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (load average ~4: "
