@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,22 @@ def test_compare_exports_then_reuses_and_measures_every_runtime(gguf_ready_check
     bare = doc["cases"][-1]
     assert bare["backend"] == "llamacpp" and bare["info"]["quantization"] == "q4_0"
     assert bare["prefill_tokens"] == doc["cases"][2]["prefill_tokens"]  # BOS + filler around the same image
+
+
+def test_gguf_pairs_and_the_bytes_a_decode_step_reads(tmp_path):
+    from mobilemllm.bench.backends.llamacpp import decode_weight_bytes, is_gguf_pair, split_pair
+    from mobilemllm.bench.plan import plan_cases
+
+    assert is_gguf_pair("a/model.gguf,a/mmproj.gguf") and not is_gguf_pair("bundles/tiny-gguf")
+    assert split_pair("m.gguf, p.gguf") == (Path("m.gguf"), Path("p.gguf"))
+    # untied: the output projection is read in full, the token embedding only one row per token
+    assert decode_weight_bytes({"token_embd.weight": 100, "output.weight": 100, "blk.0.attn_q.weight": 10}) == 110
+    assert decode_weight_bytes({"token_embd.weight": 100, "blk.0.attn_q.weight": 10}) == 110  # tied
+    with pytest.raises(UserError, match="MMPROJ"):
+        plan_cases([], [], [], ggufs=[str(tmp_path / "m.gguf")])
+    with pytest.raises(UserError, match="no such file"):
+        plan_cases([], [], [], ggufs=[f"{tmp_path / 'm.gguf'},{tmp_path / 'p.gguf'}"])
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "p.gguf").write_bytes(b"GGUF")
+    cases = plan_cases([], [], [], ggufs=[f"{tmp_path / 'm.gguf'},{tmp_path / 'p.gguf'}"])
+    assert [(c.backend, c.label) for c in cases] == [("llamacpp", "m.gguf")]
