@@ -287,10 +287,11 @@ def f16_bundle(tmp_path_factory, tiny_tokenizer):
     return _BUNDLES["f16"]
 
 
-@pytest.mark.parametrize("connector", ["mlp2x_gelu", "ldp", "ldpv2"])
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "ldp", "ldpv2", "mlp2x_gelu-clip"])
 def test_f16_bundle_matches_eager_through_llama_cpp(tmp_path, tiny_tokenizer, connector):
-    """clip.cpp's image embeddings equal eager's within fp16 rounding for each projector it runs, and llama.cpp
-    answers with eager's greedy tokens; the manifest records both."""
+    """clip.cpp's image embeddings equal eager's within fp16 rounding for each projector it runs and for a CLIP
+    tower (class token; needs the fixed llama.cpp), and llama.cpp answers with eager's greedy tokens; the manifest
+    records both."""
     need_llama_cpp()
     from mobilemllm.bundle import load_manifest
     from mobilemllm.data.images import preprocess
@@ -299,7 +300,8 @@ def test_f16_bundle_matches_eager_through_llama_cpp(tmp_path, tiny_tokenizer, co
     from mobilemllm.runtime import open_runner
     from mobilemllm.runtime.base import bundle_views
 
-    model = gguf_model(connector)
+    connector, _, tower = connector.partition("-")
+    model = gguf_model(connector, **({"vision": {}} if tower == "clip" else {}))  # {}: the tiny preset's CLIP
     out = export(model, tiny_tokenizer, tmp_path / "b")
     manifest = load_manifest(out)
     checks = _checks(manifest)
@@ -344,21 +346,88 @@ def test_quantized_bundles_record_llama_cpp_types_and_agreement(tmp_path, tiny_t
         assert (out / "model.gguf").stat().st_size < f16_size
 
 
-def test_clip_tower_fails_parity_and_names_the_llama_cpp_issue(tmp_path, tiny_tokenizer):
-    """This llama.cpp's clip.cpp misplaces a CLIP tower's class token: the export says so and writes nothing,
-    unless --force, which writes the bundle marked as failing."""
+@pytest.fixture
+def unfixed_llama_cpp(monkeypatch):
+    """The class-token probe answering as llama-cpp-python 0.3.36 from PyPI does (ggml-org/llama.cpp#25814)."""
+    from mobilemllm.export.gguf import probe
+
+    probe.class_token_first.cache_clear()
+    monkeypatch.setattr(probe, "probe_rows", lambda: probe.expected_rows(class_first=False))
+    yield
+    probe.class_token_first.cache_clear()
+
+
+def test_class_token_probe_tells_the_graphs_apart(monkeypatch):
+    """The probe's two expected outputs differ in every patch row's input (the broken graph drops patch 0 and feeds
+    the class token last), and the answer follows clip.cpp's output; anything else is not taken for either."""
+    from mobilemllm.export.gguf import probe
+
+    right, broken = probe.expected_rows(True), probe.expected_rows(False)
+    assert right.shape == broken.shape == (4, 8) and (np.abs(right - broken).min(axis=1) > 0.1).all()
+    try:
+        for rows, want in ((right, True), (broken, False)):
+            probe.class_token_first.cache_clear()
+            monkeypatch.setattr(probe, "probe_rows", lambda rows=rows: rows + 1e-3)  # fp16 rounding
+            assert probe.class_token_first() is want
+        probe.class_token_first.cache_clear()
+        monkeypatch.setattr(probe, "probe_rows", lambda: right[::-1])
+        with pytest.raises(RuntimeError, match="unexpected output"):
+            probe.class_token_first()
+        assert probe.clip_problem() is None  # not this issue: the parity check decides
+    finally:
+        probe.class_token_first.cache_clear()
+
+
+def test_unfixed_llama_cpp_refuses_a_clip_tower_in_one_line(tmp_path, tiny_tokenizer, unfixed_llama_cpp, capsys):
+    """Without llama.cpp's class-token fix, a CLIP-tower model is refused before anything is written, in one line
+    naming the issue and the command that installs the fixed build; --force writes it with a warning. SigLIP
+    towers (no class token) are not affected."""
     need_llama_cpp()
     from mobilemllm.bundle import load_manifest
-    from mobilemllm.errors import UserError
+    from mobilemllm.cli import main
+    from mobilemllm.errors import ConfigError
+    from mobilemllm.models.checkpoint import save_checkpoint
 
     model = gguf_model("mlp2x_gelu", vision={})
-    lines: list[str] = []
-    with pytest.raises(UserError, match="failed parity against eager: image_embedding_max_rel_diff"):
-        export(model, tiny_tokenizer, tmp_path / "b", log=lines.append)
-    assert any("ggml-org/llama.cpp#25814" in line and "SigLIP" in line for line in lines)
+    with pytest.raises(ConfigError) as e:
+        export(model, tiny_tokenizer, tmp_path / "b")
+    msg = str(e.value)
+    assert "\n" not in msg and "ggml-org/llama.cpp#25814" in msg and "python scripts/install_llama_cpp.py" in msg
     assert not (tmp_path / "b").exists()
-    manifest = load_manifest(export(model, tiny_tokenizer, tmp_path / "b", force=True))
-    assert manifest["parity"]["forced"] and not manifest["parity"]["passed"]
+    save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt")
+    assert main(["export", "--target", "gguf", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c"),
+                 "--decoder-quant", "f16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "#25814" in err[0] and not (tmp_path / "c").exists()
+    lines: list[str] = []
+    out = export(model, tiny_tokenizer, tmp_path / "b", log=lines.append, force=True)
+    assert load_manifest(out)["format"] == "gguf"
+    assert any(line.startswith("warning: ") and "#25814" in line and "--force" in line for line in lines)
+    export(gguf_model("mlp2x_gelu"), tiny_tokenizer, tmp_path / "siglip")  # no class token: no refusal
+
+
+def test_install_script_patches_the_class_token_order():
+    """scripts/install_llama_cpp.py puts the class embedding before the patches in llava.cpp (the order clip.cpp's
+    inputs assume), labels the build, and refuses a source that is not the one it was written for."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "install_llama_cpp.py"
+    spec = importlib.util.spec_from_file_location("install_llama_cpp", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    graph = ("    // concat class_embeddings and patch_embeddings\n    if (model.class_embedding) {\n"
+             "        inp = ggml_concat(ctx0, inp, model.class_embedding, 1);\n    }\n")
+    fixed = script.patch_graph(graph)
+    assert "ggml_concat(ctx0, model.class_embedding, inp, 1);" in fixed and fixed.count("\n") == graph.count("\n")
+    with pytest.raises(script.PatchError, match="already has the class embedding first"):
+        script.patch_graph(fixed)
+    with pytest.raises(script.PatchError, match="no line to patch"):
+        script.patch_graph("int main() {}\n")
+    assert script.patch_version('__version__ = "0.3.36"\n') == '__version__ = "0.3.36+clsfix"\n'
+    from packaging.specifiers import SpecifierSet
+
+    assert script.LOCAL_VERSION in SpecifierSet("==0.3.36")  # the extras' pin accepts the fixed build
 
 
 def test_damaged_gguf_is_one_line(tmp_path, f16_bundle):

@@ -29,7 +29,7 @@ F16_TEXT = "_model-f16.gguf"  # the converter's output before llama.cpp quantize
 PARITY_QUESTION = "What is in the image?"
 # f16 gates: the mmproj's embeddings and the logits within fp16 rounding of eager's, the same greedy answer.
 F16_GATES = {"image_max_rel_diff": 2e-2, "logits_max_rel_diff": 2e-2, "min_cosine": 0.9999, "min_greedy": 1.0}
-INSTALL = "pip install 'mobilemllm[gguf]'"
+INSTALL = "python scripts/install_llama_cpp.py (llama.cpp with the CLIP fix), then pip install 'mobilemllm[gguf]'"
 
 
 def scheme_of(job_or_plan) -> str:
