@@ -1,8 +1,9 @@
 """GGUF export (`mobilemllm export --target gguf`): the writers read back with the gguf package, what llama.cpp
 refuses, and the bundles run through llama.cpp itself (llama-cpp-python) against eager.
 
-Tests that run llama.cpp skip on a developer machine without llama-cpp-python and fail in CI, where
-``pip install -e '.[dev]'`` brings it.
+Tests that run llama.cpp skip on a developer machine without llama-cpp-python and fail in CI, where the README's
+test command installs it (``scripts/install_llama_cpp.py``: 0.3.36 with llama.cpp's CLIP class-token fix, which
+the CLIP-tower tests need).
 """
 
 from __future__ import annotations
