@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -63,9 +64,17 @@ def patch_source(root: Path) -> None:
         path.write_text(fix(path.read_text(encoding="utf-8")), encoding="utf-8")
 
 
+def for_this_machine(wheel: Path) -> bool:
+    """Whether a wheel's platform tag (``linux_x86_64``, ``macosx_11_0_arm64``, ``win_amd64``) is this machine's
+    (a shared cache folder may hold other machines' wheels; the libraries inside are native)."""
+    plat = wheel.stem.rsplit("-", 1)[-1].lower()
+    system = {"linux": "linux", "darwin": "macosx", "win32": "win"}.get(sys.platform, sys.platform)
+    return plat.startswith(system) and plat.endswith(platform.machine().lower())
+
+
 def cached_wheel(wheel_dir: Path) -> Path | None:
-    """The patched wheel already built in ``wheel_dir`` (None when there is none)."""
-    found = sorted(wheel_dir.glob(f"llama_cpp_python-{LOCAL_VERSION}-*.whl"))
+    """The patched wheel already built in ``wheel_dir`` for this machine (None when there is none)."""
+    found = sorted(w for w in wheel_dir.glob(f"llama_cpp_python-{LOCAL_VERSION}-*.whl") if for_this_machine(w))
     return found[-1] if found else None
 
 

@@ -407,7 +407,7 @@ def test_unfixed_llama_cpp_refuses_a_clip_tower_in_one_line(tmp_path, tiny_token
     export(gguf_model("mlp2x_gelu"), tiny_tokenizer, tmp_path / "siglip")  # no class token: no refusal
 
 
-def test_install_script_patches_the_class_token_order():
+def test_install_script_patches_the_class_token_order(tmp_path):
     """scripts/install_llama_cpp.py puts the class embedding before the patches in llava.cpp (the order clip.cpp's
     inputs assume), labels the build, and refuses a source that is not the one it was written for."""
     import importlib.util
@@ -429,6 +429,15 @@ def test_install_script_patches_the_class_token_order():
     from packaging.specifiers import SpecifierSet
 
     assert script.LOCAL_VERSION in SpecifierSet("==0.3.36")  # the extras' pin accepts the fixed build
+    import platform
+    import sys
+
+    (tmp_path / "llama_cpp_python-0.3.36+clsfix-py3-none-plan9_mips.whl").touch()  # another machine's
+    assert script.cached_wheel(tmp_path) is None
+    system = {"linux": "linux", "darwin": "macosx_11_0", "win32": "win"}.get(sys.platform, sys.platform)
+    mine = tmp_path / f"llama_cpp_python-0.3.36+clsfix-py3-none-{system}_{platform.machine().lower()}.whl"
+    mine.touch()
+    assert script.cached_wheel(tmp_path) == mine
 
 
 def test_damaged_gguf_is_one_line(tmp_path, f16_bundle):
