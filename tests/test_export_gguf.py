@@ -8,11 +8,18 @@ the CLIP-tower tests need).
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
 
 from conftest import make_tiny_config
+from mobilemllm.export.gguf import probe
 
 # Tiny towers llama.cpp's clip.cpp runs exactly: SigLIP (no class token; see docs/gguf.md for CLIP's) at 32 px
 # for mlp2x_gelu, and at the 24x24 patch grid clip.cpp's MobileVLM projectors are built for (48 px, 2 px patches).
@@ -221,8 +228,6 @@ def test_unrunnable_model_is_refused_before_anything_is_written(tmp_path, tiny_t
 
 def test_missing_llama_cpp_is_one_line(tmp_path, monkeypatch, capsys):
     """Without llama-cpp-python, export stops before loading weights and the runner says what to install."""
-    import sys
-
     from mobilemllm.cli import main
     from mobilemllm.errors import BackendUnavailable
     from mobilemllm.runtime.llamacpp_runner import import_llama_cpp
@@ -350,8 +355,6 @@ def test_quantized_bundles_record_llama_cpp_types_and_agreement(tmp_path, tiny_t
 @pytest.fixture
 def unfixed_llama_cpp(monkeypatch):
     """The class-token probe answering as llama-cpp-python 0.3.36 from PyPI does (ggml-org/llama.cpp#25814)."""
-    from mobilemllm.export.gguf import probe
-
     probe.class_token_first.cache_clear()
     monkeypatch.setattr(probe, "probe_rows", lambda: probe.expected_rows(class_first=False))
     yield
@@ -361,8 +364,6 @@ def unfixed_llama_cpp(monkeypatch):
 def test_class_token_probe_tells_the_graphs_apart(monkeypatch):
     """The probe's two expected outputs differ in every patch row's input (the broken graph drops patch 0 and feeds
     the class token last), and the answer follows clip.cpp's output; anything else is not taken for either."""
-    from mobilemllm.export.gguf import probe
-
     right, broken = probe.expected_rows(True), probe.expected_rows(False)
     assert right.shape == broken.shape == (4, 8) and (np.abs(right - broken).min(axis=1) > 0.1).all()
     try:
@@ -410,9 +411,6 @@ def test_unfixed_llama_cpp_refuses_a_clip_tower_in_one_line(tmp_path, tiny_token
 def test_install_script_patches_the_class_token_order(tmp_path):
     """scripts/install_llama_cpp.py puts the class embedding before the patches in llava.cpp (the order clip.cpp's
     inputs assume), labels the build, and refuses a source that is not the one it was written for."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "scripts" / "install_llama_cpp.py"
     spec = importlib.util.spec_from_file_location("install_llama_cpp", path)
     script = importlib.util.module_from_spec(spec)
@@ -426,12 +424,7 @@ def test_install_script_patches_the_class_token_order(tmp_path):
     with pytest.raises(script.PatchError, match="no line to patch"):
         script.patch_graph("int main() {}\n")
     assert script.patch_version('__version__ = "0.3.36"\n') == '__version__ = "0.3.36+clsfix"\n'
-    from packaging.specifiers import SpecifierSet
-
     assert script.LOCAL_VERSION in SpecifierSet("==0.3.36")  # the extras' pin accepts the fixed build
-    import platform
-    import sys
-
     (tmp_path / "llama_cpp_python-0.3.36+clsfix-py3-none-plan9_mips.whl").touch()  # another machine's
     assert script.cached_wheel(tmp_path) is None
     system = {"linux": "linux", "darwin": "macosx_11_0", "win32": "win"}.get(sys.platform, sys.platform)
