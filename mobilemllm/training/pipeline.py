@@ -30,14 +30,30 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from filelock import FileLock, Timeout
+from rich.console import Console
 
+from mobilemllm.config import ModelConfig
+from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate
+from mobilemllm.data.shapes import write_synthetic
+from mobilemllm.data.tokenizer import eos_ids, load_tokenizer, tiny_tokenizer
 from mobilemllm.errors import ConfigError, UserError
-from mobilemllm.models.checkpoint import record_run_stage
+from mobilemllm.evaluation import evaluate
+from mobilemllm.evaluation.run import format_table, summarize
+from mobilemllm.models.checkpoint import load_checkpoint, record_run_stage, save_checkpoint
+from mobilemllm.models.vlm import MobileVLM
 from mobilemllm.training.distributed import barrier, dist_env
-from mobilemllm.training.recipes import (foundations_config, foundations_image_features, load_recipe, stage_options,
-                                         stage_train_config)
+from mobilemllm.training.foundations import CONTRASTIVE_NAME, train_foundations
+from mobilemllm.training.losses import DPOObjective, LMObjective
+from mobilemllm.training.ppo import (PolicyWithValue, PPOConfig, PPOObjective, PPOTrainer, PromptDataset,
+                                     save_value_head)
+from mobilemllm.training.recipes import (PPO_KEYS, foundations_config, foundations_image_features, load_recipe,
+                                         stage_options, stage_train_config)
+from mobilemllm.training.reward import (HEAD_NAME, RewardModel, RewardObjective, load_reward_model, pair_accuracy,
+                                        save_reward_head)
 from mobilemllm.training.stages import ALIGNMENT, ORDER, get_stage, trainable_parts
 from mobilemllm.training.threads import adaptive_threads, busy_cores, cpu_threads  # noqa: F401 (busy_cores: API)
+from mobilemllm.training.trainer import Trainer
 
 STATE_NAME = "training_state.json"
 EVAL_NAME = "eval.json"
@@ -67,12 +83,11 @@ def prepare_data(recipe: dict[str, Any], out_dir: Path, log: Callable[[str], Non
 
 # The synthetic world's options a recipe may set (``synthetic:``), with write_synthetic's defaults; a data
 # folder is reused only when its meta.json records the same values.
-SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "single_turn": False, "question_wordings": "canonical"}
+SYNTHETIC_OPTIONS = {"hallucination_rate": 0.3, "single_turn": False, "question_wordings": "canonical",
+                     "question_copies": 1}
 
 
 def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
-    from mobilemllm.data.shapes import write_synthetic
-
     opts = {k: syn.get(k, default) for k, default in SYNTHETIC_OPTIONS.items()}
     meta = path / "meta.json"
     if meta.exists():
@@ -94,10 +109,6 @@ def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
 # ----------------------------------------------------------------------------------------- models
 def initial_model(recipe: dict[str, Any]):
     """(model, tokenizer) the first stage starts from: a checkpoint folder or a preset (+ tokenizer)."""
-    from mobilemllm.config import ModelConfig
-    from mobilemllm.models.checkpoint import load_checkpoint
-    from mobilemllm.models.vlm import MobileVLM
-
     name = recipe.get("model", "tiny")
     if Path(str(name)).is_dir():
         model, tok = load_checkpoint(name)
@@ -105,15 +116,11 @@ def initial_model(recipe: dict[str, Any]):
         cfg = ModelConfig.from_preset(str(name), **(recipe.get("model_overrides") or {}))
         tok = None
         if recipe.get("tokenizer") is None and cfg.name == "tiny":
-            from mobilemllm.data.tokenizer import tiny_tokenizer
-
             tok = tiny_tokenizer(cfg.llm.vocab_size)
         # the recipe's seed fixes the random initial weights too: a rerun starts from the same model
         torch.manual_seed(int(recipe.get("seed", 0)))
         model = MobileVLM(cfg)
     if recipe.get("tokenizer"):
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(recipe["tokenizer"])
     if tok is None:
         raise ConfigError(f"model {name!r} has no tokenizer; set `tokenizer:` in the recipe to a tokenizer folder")
@@ -145,8 +152,6 @@ def stage_state(out_dir: Path, stage: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if stage == "rm":
-        from mobilemllm.training.reward import HEAD_NAME
-
         if not (out_dir / stage / HEAD_NAME).is_file():  # killed between the checkpoint and its head
             return None
     return state if state.get("complete") else None
@@ -231,8 +236,6 @@ def _run_keys(recipe: dict[str, Any], stage: str, cfg, opts: dict[str, Any], dat
 
 def _ppo_keys(opts: dict[str, Any]) -> dict[str, Any]:
     """ppo's options and its reward model (by fingerprint) decide its result too."""
-    from mobilemllm.training.recipes import PPO_KEYS
-
     rm = opts.get("reward_model")
     try:
         rm_fp = json.loads((Path(rm) / STATE_NAME).read_text()).get("fingerprint") if rm else None
@@ -247,139 +250,167 @@ def run_stage(recipe: dict[str, Any], stage: str, out_dir: str | Path, *, data_d
     """Train one stage from ``init`` (a checkpoint folder; None: the recipe's model) into ``out_dir/stage``.
 
     ``resume_changed``: continue an interrupted run of the stage even though its settings changed."""
-    from mobilemllm.data.dataset import ConversationDataset, PreferenceDataset, collate
-    from mobilemllm.models.checkpoint import load_checkpoint, save_checkpoint
-    from mobilemllm.training.losses import DPOObjective, LMObjective
-    from mobilemllm.training.trainer import Trainer
-
     out_dir = Path(out_dir)
-    st = get_stage(stage)
-    env = dist_env()
-    heads = None
     t0, cpu0 = time.perf_counter(), time.process_time()
-    if init is not None:
-        model, tok = load_checkpoint(init)
-        if tok is None:
-            raise UserError(f"{init} has no tokenizer files; every stage folder needs one")
-    else:
-        model, tok = initial_model(recipe)
+    model, tok = _start_model(recipe, init)
     run_dir = out_dir / "logs" / stage
-    summary: dict[str, Any]
+    fit = dict(resume=resume, progress=progress, resume_changed=resume_changed)
     if stage == "foundations":
-        from mobilemllm.training.foundations import train_foundations
-
-        summary = train_foundations(model, tok, data_dir, run_dir, foundations_config(recipe, "text"),
-                                    foundations_config(recipe, "vision"), resume=resume, progress=progress,
-                                    resume_changed=resume_changed,
-                                    image_features=foundations_image_features(recipe),
-                                    allow_outside_images=bool(recipe.get("allow_outside_images")))
-        cfg_dump: dict[str, Any] = {"text": vars(foundations_config(recipe, "text")),
-                                    "vision": {**vars(foundations_config(recipe, "vision")),
-                                               "image_features": foundations_image_features(recipe)}}
+        summary, cfg_dump = _train_foundations(recipe, model, tok, data_dir, run_dir, **fit)
+        heads = None
     else:
-        cfg = stage_train_config(recipe, stage)
-        opts = stage_options(recipe, stage)
-        files = opts.get("data") or st.data
-        data_paths = [Path(f) if Path(f).is_absolute() else data_dir / f
-                      for f in ([files] if isinstance(files, str) else files)]
-        image_folder = opts.get("image_folder")
-        template = opts.get("template") or st.template
-        parts = trainable_parts(st, opts.get("train_vision"), opts.get("train_connector"), opts.get("train_llm"))
-        model.set_trainable(**parts)
-        lora = opts.get("lora") if stage == "instruct" else None
-        if lora and cfg.fsdp:
-            raise ConfigError("instruct: lora and fsdp cannot be combined yet; use DDP (fsdp: false) for LoRA")
-        if lora:
-            model.set_trainable(llm=False)
-            _apply_lora(model, lora)
-        pad = tok.pad_token_id
-        if st.objective in ("rm", "ppo"):
-            if init is None:
-                raise ConfigError(f"the {stage} stage starts from the instruct checkpoint: run instruct first "
-                                  "(or pass --init FOLDER)")
-            if cfg.fsdp:
-                raise ConfigError(f"{stage}: fsdp is not supported for this stage; set {stage}.fsdp=false")
-        if st.objective == "rm":
-            from mobilemllm.training.reward import RewardModel, RewardObjective
-
-            torch.manual_seed(cfg.seed)  # the head's initial weights
-            model = RewardModel(model)
-            model.set_trainable(**parts)
-            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template,
-                                                 allow_outside_images=bool(recipe.get("allow_outside_images")))
-                               for p in data_paths])
-            objective = RewardObjective()
-            collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
-        elif st.objective == "ppo":
-            opts["reward_model"] = str(opts.get("reward_model") or out_dir / "rm")
-            trainer = _ppo_trainer(recipe, stage, model, tok, init, cfg, opts, data_paths, image_folder, template,
-                                   parts, run_dir, progress)
-        elif st.objective == "dpo":
-            if init is None:
-                raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
-            reference, _ = load_checkpoint(init, with_tokenizer=False)
-            dataset = _concat([PreferenceDataset(p, image_folder, tok, model.config, template=template,
-                                                 allow_outside_images=bool(recipe.get("allow_outside_images")))
-                               for p in data_paths])
-            objective = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
-            collate_fn = lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)  # noqa: E731
-        else:
-            dataset = _concat([ConversationDataset(p, image_folder, tok, model.config, template=template,
-                                                   max_length=opts.get("max_length"),
-                                                   allow_outside_images=bool(recipe.get("allow_outside_images")))
-                               for p in data_paths])
-            objective = LMObjective()
-            collate_fn = lambda items: collate(items, pad)  # noqa: E731
-        if st.objective != "ppo":
-            trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
-                              param_groups=_param_groups(cfg.connector_lr),
-                              curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir),
-                              run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
-        summary = trainer.fit(resume=resume, resume_changed=resume_changed)
-        if st.objective in ("rm", "ppo"):
-            heads, model = trainer.model, trainer.model.vlm  # the checkpoint is the VLM; the head goes beside it
-        if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
-            from mobilemllm.models.vlm import MobileVLM
-
-            full = trainer.full_state_dict()
-            model = MobileVLM(model.config, load_weights=False)
-            if env.is_main:
-                model.load_state_dict(full)
-        if lora:
-            merge_lora(model, run_dir / "lora_adapter" if env.is_main else None)
-        model.set_trainable(vision=True, connector=True, llm=True)
-        trainer.model = model
-        cfg_dump = {**vars(cfg), **opts, "trainable": parts}
+        model, heads, summary, cfg_dump = _train_stage(recipe, stage, model, tok, out_dir, data_dir, init, run_dir,
+                                                       **fit)
     model = model.cpu().float()
     state = {"stage": stage, "complete": True, "fingerprint": fingerprint, "recipe": recipe.get("name"),
              "init": str(init) if init else recipe.get("model"), "data": str(data_dir), "config": cfg_dump,
              "train": summary, "wall_s": round(time.perf_counter() - t0, 2),
              "cpu_s": round(time.process_time() - cpu0, 2)}
-    if env.is_main:
-        save_checkpoint(model, tok, out_dir / stage, extra=state)
-        _save_heads(stage, heads, out_dir / stage)
-        if stage == "foundations":  # the text tower beside the vision tower: `mobilemllm data filter` scores with them
-            from mobilemllm.training.foundations import CONTRASTIVE_NAME
-
-            if (run_dir / "vision" / CONTRASTIVE_NAME).is_file():
-                shutil.copyfile(run_dir / "vision" / CONTRASTIVE_NAME, out_dir / stage / CONTRASTIVE_NAME)
-        shutil.rmtree(run_dir / "last", ignore_errors=True)
-        for sub in ("text", "vision"):
-            shutil.rmtree(run_dir / sub / "last", ignore_errors=True)
-    barrier(env)
+    if dist_env().is_main:
+        _save_stage(model, tok, heads, state, out_dir / stage, run_dir)
+    barrier(dist_env())
     return state
+
+
+def _start_model(recipe: dict[str, Any], init: str | Path | None):
+    """(model, tokenizer) of the starting checkpoint, or of the recipe's model for the first stage. Every stage
+    folder carries its tokenizer, so one without is refused here rather than at the first batch."""
+    if init is None:
+        return initial_model(recipe)
+    model, tok = load_checkpoint(init)
+    if tok is None:
+        raise UserError(f"{init} has no tokenizer files; every stage folder needs one")
+    return model, tok
+
+
+def _train_foundations(recipe: dict[str, Any], model, tok, data_dir: Path, run_dir: Path, *, resume: bool,
+                       progress: bool, resume_changed: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The foundations stage (text LM and contrastive vision pretraining; two trainers of their own):
+    (summary, the settings recorded in the checkpoint's state)."""
+    text, vision = foundations_config(recipe, "text"), foundations_config(recipe, "vision")
+    features = foundations_image_features(recipe)
+    summary = train_foundations(model, tok, data_dir, run_dir, text, vision, resume=resume, progress=progress,
+                                resume_changed=resume_changed, image_features=features,
+                                allow_outside_images=bool(recipe.get("allow_outside_images")))
+    return summary, {"text": vars(text), "vision": {**vars(vision), "image_features": features}}
+
+
+def _train_stage(recipe: dict[str, Any], stage: str, model, tok, out_dir: Path, data_dir: Path,
+                 init: str | Path | None, run_dir: Path, *, resume: bool, progress: bool, resume_changed: bool):
+    """One trainer-loop stage (pretrain, instruct, dpo, rm, ppo): (model, heads, summary, settings). ``heads``:
+    the reward or value head that goes beside an rm/ppo checkpoint (None otherwise)."""
+    st = get_stage(stage)
+    cfg, opts = stage_train_config(recipe, stage), stage_options(recipe, stage)
+    files = opts.get("data") or st.data
+    data_paths = [Path(f) if Path(f).is_absolute() else data_dir / f
+                  for f in ([files] if isinstance(files, str) else files)]
+    template = opts.get("template") or st.template
+    parts = trainable_parts(st, opts.get("train_vision"), opts.get("train_connector"), opts.get("train_llm"))
+    lora = _set_trainable(model, stage, cfg, opts, parts)
+    _check_start(st, stage, init, cfg)
+    if st.objective == "ppo":
+        opts["reward_model"] = str(opts.get("reward_model") or out_dir / "rm")
+        trainer = _ppo_trainer(recipe, stage, model, tok, init, cfg, opts, data_paths, opts.get("image_folder"),
+                               template, parts, run_dir, progress)
+    else:
+        if st.objective == "rm":
+            torch.manual_seed(cfg.seed)  # the head's initial weights
+            model = RewardModel(model)
+            model.set_trainable(**parts)
+        dataset, objective, collate_fn = _stage_data(recipe, st.objective, model, tok, init, opts, data_paths,
+                                                     template)
+        trainer = Trainer(model, objective, dataset, collate_fn, cfg, run_dir, progress=progress, desc=stage,
+                          param_groups=_param_groups(cfg.connector_lr),
+                          curriculum=_curriculum_indices(stage, cfg, opts, dataset, data_paths, data_dir),
+                          run_keys=_run_keys(recipe, stage, cfg, opts, data_paths, template, parts, init))
+    summary = trainer.fit(resume=resume, resume_changed=resume_changed)
+    model, heads = _trained_model(trainer, model, st.objective, cfg, lora, run_dir)
+    return model, heads, summary, {**vars(cfg), **opts, "trainable": parts}
+
+
+def _set_trainable(model, stage: str, cfg, opts: dict[str, Any], parts: dict[str, bool]) -> dict[str, Any] | None:
+    """Freeze what the stage does not train; with ``lora`` (instruct only) the LLM gets adapters instead.
+    Returns the LoRA settings (None: none)."""
+    model.set_trainable(**parts)
+    lora = opts.get("lora") if stage == "instruct" else None
+    if lora and cfg.fsdp:
+        raise ConfigError("instruct: lora and fsdp cannot be combined yet; use DDP (fsdp: false) for LoRA")
+    if lora:
+        model.set_trainable(llm=False)
+        _apply_lora(model, lora)
+    return lora
+
+
+def _check_start(st, stage: str, init: str | Path | None, cfg) -> None:
+    """The alignment stages start from (and compare against) the instruct model: refuse to start without it,
+    in one line, before any data is read."""
+    if st.objective in ("rm", "ppo"):
+        if init is None:
+            raise ConfigError(f"the {stage} stage starts from the instruct checkpoint: run instruct first "
+                              "(or pass --init FOLDER)")
+        if cfg.fsdp:
+            raise ConfigError(f"{stage}: fsdp is not supported for this stage; set {stage}.fsdp=false")
+    if st.objective == "dpo" and init is None:
+        raise ConfigError("the dpo stage needs the instruct checkpoint as its reference: run instruct first")
+
+
+def _stage_data(recipe: dict[str, Any], objective: str, model, tok, init, opts: dict[str, Any],
+                data_paths: list[Path], template: str | None):
+    """(dataset, objective, collate function) of a trainer-loop stage: preference pairs for rm and dpo (chosen
+    and rejected in one batch), conversations for the language-model stages."""
+    pad = tok.pad_token_id
+    allow = bool(recipe.get("allow_outside_images"))
+    if objective in ("rm", "dpo"):
+        dataset = _concat([PreferenceDataset(p, opts.get("image_folder"), tok, model.config, template=template,
+                                             allow_outside_images=allow) for p in data_paths])
+        if objective == "rm":
+            loss = RewardObjective()
+        else:
+            reference, _ = load_checkpoint(init, with_tokenizer=False)
+            loss = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
+        return dataset, loss, lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)
+    dataset = _concat([ConversationDataset(p, opts.get("image_folder"), tok, model.config, template=template,
+                                           max_length=opts.get("max_length"), allow_outside_images=allow)
+                       for p in data_paths])
+    return dataset, LMObjective(), lambda items: collate(items, pad)
+
+
+def _trained_model(trainer, model, objective: str, cfg, lora, run_dir: Path):
+    """(the plain VLM to save, the rm/ppo head or None) after training: the head split off, FSDP shards gathered,
+    LoRA merged, every part trainable again (as a loaded checkpoint is)."""
+    heads = None
+    if objective in ("rm", "ppo"):
+        heads, model = trainer.model, trainer.model.vlm  # the checkpoint is the VLM; the head goes beside it
+    env = dist_env()
+    if cfg.fsdp and env.distributed:  # gather the shards into a plain model for the checkpoint
+        full = trainer.full_state_dict()
+        model = MobileVLM(model.config, load_weights=False)
+        if env.is_main:
+            model.load_state_dict(full)
+    if lora:
+        merge_lora(model, run_dir / "lora_adapter" if env.is_main else None)
+    model.set_trainable(vision=True, connector=True, llm=True)
+    trainer.model = model
+    return model, heads
+
+
+def _save_stage(model, tok, heads, state: dict[str, Any], folder: Path, run_dir: Path) -> None:
+    """The checkpoint folder (weights, tokenizer, state), the heads and foundations' text tower beside it;
+    then the resumable state is dropped, since the stage is complete."""
+    save_checkpoint(model, tok, folder, extra=state)
+    _save_heads(state["stage"], heads, folder)
+    if state["stage"] == "foundations" and (run_dir / "vision" / CONTRASTIVE_NAME).is_file():
+        # the text tower beside the vision tower: `mobilemllm data filter` scores with them
+        shutil.copyfile(run_dir / "vision" / CONTRASTIVE_NAME, folder / CONTRASTIVE_NAME)
+    shutil.rmtree(run_dir / "last", ignore_errors=True)
+    for sub in ("text", "vision"):
+        shutil.rmtree(run_dir / sub / "last", ignore_errors=True)
 
 
 def _ppo_trainer(recipe, stage, model, tok, init, cfg, opts, data_paths, image_folder, template, parts, run_dir,
                  progress):
     """The ppo stage's trainer: policy + value head from ``init``, frozen reference (``init`` again), the
     reward model of ``opts["reward_model"]``, rollout prompts from the stage's data."""
-    from mobilemllm.data.tokenizer import eos_ids
-    from mobilemllm.models.checkpoint import load_checkpoint
-    from mobilemllm.training.ppo import PolicyWithValue, PPOConfig, PPOObjective, PPOTrainer, PromptDataset
-    from mobilemllm.training.recipes import PPO_KEYS
-    from mobilemllm.training.reward import load_reward_model
-
     reward_model, _ = load_reward_model(opts["reward_model"])
     reference, _ = load_checkpoint(init, with_tokenizer=False)
     torch.manual_seed(cfg.seed)  # the value head's initial weights
@@ -401,21 +432,14 @@ def _save_heads(stage: str, heads, folder: Path) -> None:
     if heads is None:
         return
     if stage == "rm":
-        from mobilemllm.training.reward import save_reward_head
-
         save_reward_head(heads.cpu().float(), folder)
     else:
-        from mobilemllm.training.ppo import save_value_head
-
         save_value_head(heads.cpu().float(), folder)
 
 
 def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[str, Any],
                    reuse: bool = True) -> dict[str, Any]:
     """Evaluate ``out_dir/stage`` on ``eval_dir`` (cached in the stage folder's eval.json)."""
-    from mobilemllm.evaluation import evaluate
-    from mobilemllm.models.checkpoint import load_checkpoint
-
     folder = out_dir / stage
     state = json.loads((folder / STATE_NAME).read_text())
     key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(eval_dir), "opts": eval_opts}
@@ -437,9 +461,6 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
 
 def _evaluate_reward_model(folder: Path, eval_dir: Path, state: dict[str, Any], eval_opts: dict[str, Any]):
     """Held-out pair accuracy of an rm stage folder on the evaluation data's preference pairs."""
-    from mobilemllm.data.dataset import PreferenceDataset
-    from mobilemllm.training.reward import load_reward_model, pair_accuracy
-
     rm, tok = load_reward_model(folder)
     name = (state.get("config") or {}).get("eval_pairs") or "dpo.json"
     path = Path(name) if Path(name).is_absolute() else eval_dir / name
@@ -470,8 +491,6 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/.lock`` while a run writes into ``out_dir``: a second run into the same folder fails at
     once instead of interleaving its checkpoints and logs with this one's. Advisory (``filelock``: flock on
     POSIX), so the operating system releases it when the process dies, however it dies."""
-    from filelock import FileLock, Timeout
-
     lock = FileLock(str(out_dir / LOCK_NAME))
     try:
         lock.acquire(blocking=False)
@@ -515,8 +534,6 @@ def run_recipe(recipe: dict[str, Any] | str, out_dir: str | Path, *, stages: lis
 def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | None, resume: bool, fresh: bool,
                 evaluate_stages: bool, init: str | Path | None, progress: bool, log: Callable[[str], None],
                 resume_changed: bool) -> dict[str, Any]:
-    from mobilemllm.evaluation.run import summarize
-
     env = dist_env()
     if not env.is_main:
         log = lambda _m: None  # noqa: E731
@@ -590,10 +607,6 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
 
 
 def print_results(results: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-
-    from mobilemllm.evaluation.run import format_table
-
     rows = {s: e["eval"] for s, e in results["stages"].items() if "eval" in e}
     if rows:
         (console or Console()).print(format_table(rows, title=f"{results.get('recipe')}: per-stage evaluation"))
