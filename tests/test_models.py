@@ -532,18 +532,33 @@ def test_a_run_folder_without_a_finished_model_is_a_clear_error(tmp_path, tiny_c
 # ------------------------------------------------------------------------------------- inference
 
 
-def test_text_streamer_holds_back_incomplete_utf8(tiny_tokenizer):
-    from mobilemllm.inference import TextStreamer
+def test_token_stream_holds_back_incomplete_utf8(tiny_tokenizer):
+    from mobilemllm.inference import TokenStream
 
     text = "a red ✓ circle — é"
     ids = tiny_tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split())  # the symbols are split into byte tokens
     pieces: list[str] = []
-    streamer = TextStreamer(tiny_tokenizer, pieces.append)
+    stream = TokenStream(tiny_tokenizer, pieces.append, skip=[tiny_tokenizer.eos_token_id])
     for t in ids + [tiny_tokenizer.eos_token_id]:
-        streamer.put(t)
-    assert "".join(pieces) == text
+        stream.put(t)
+    assert stream.finish(tiny_tokenizer.decode(ids)) == text == "".join(pieces)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_stream_returns_the_final_decode_when_the_decoder_rewrites_earlier_bytes():
+    """A byte-fallback decoder turns "\\x1b" into U+FFFD once an invalid continuation byte follows: the
+    control character is held back, and the answer is the final decode, not the text shown first."""
+    from mobilemllm.inference import TextStream
+
+    pieces: list[str] = []
+    s = TextStream(pieces.append)
+    for decoded in ["\x1b", "\ufffd\ufffd", "\ufffd\ufffd a"]:
+        s.update(decoded)
+    assert s.finish("\ufffd\ufffd a") == "\ufffd\ufffd a" == "".join(pieces)
+    shown_first = TextStream(pieces.append)
+    shown_first.update("x")
+    assert shown_first.finish("y") == "y"  # a rewrite of text already shown: the final decode wins
 
 
 def test_answer_streams_the_same_text_it_returns(tiny_model, tiny_tokenizer, shapes_image):

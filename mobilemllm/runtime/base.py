@@ -35,6 +35,7 @@ from mobilemllm.bundle.app_inputs import check_preprocessing
 from mobilemllm.data.images import load_image, to_rgb
 from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import BackendUnavailable, UserError
+from mobilemllm.inference import TextStream
 from mobilemllm.runtime.conversation import conversation_ids
 from mobilemllm.runtime.rates import wall_rates
 
@@ -149,56 +150,6 @@ def resize_note(manifest: dict[str, Any], image, image_path=None) -> str | None:
     name = f" {image_path}" if image_path else ""
     how = "padded to square and " if pre.get("aspect") == "pad" and image.width != image.height else ""
     return f"note: image{name} is {image.width}x{image.height}; {how}resized to {s}x{s} as the bundle expects"
-
-
-class TextStream:
-    """Decoded answer text in, the part that is safe to show out.
-
-    Leading whitespace is dropped (the template puts a space before every answer), trailing whitespace and
-    an incomplete UTF-8 character are held back until more text follows, and so is a tail that may be the
-    start of a stop string; a stop string ends the answer before it. The pieces sent to ``on_text`` join
-    to :attr:`text`.
-    """
-
-    def __init__(self, on_text: Callable[[str], None] | None, stop: Sequence[str] = ()):
-        self.on_text = on_text
-        self.stop = tuple(stop)
-        self.shown = ""
-        self.stopped = False
-
-    def update(self, decoded: str) -> bool:
-        """Show what is safe of ``decoded`` (the whole answer so far); True once a stop string appeared."""
-        text, hit = self._cut(decoded.lstrip())
-        if hit:
-            self.stopped = True
-            self._show(text.rstrip())
-            return True
-        safe = text.rstrip().rstrip("\ufffd")
-        for s in self.stop:  # hold back a tail that could grow into a stop string
-            for k in range(min(len(s) - 1, len(safe)), 0, -1):
-                if safe.endswith(s[:k]):
-                    safe = safe[:-k]
-                    break
-        self._show(safe.rstrip())
-        return False
-
-    def finish(self, decoded: str) -> str:
-        """The final text of the answer; shows the rest of it."""
-        if not self.stopped:
-            text, _ = self._cut(decoded.strip())
-            self._show(text.strip())
-        return self.shown
-
-    def _cut(self, text: str) -> tuple[str, bool]:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return (text[:min(hits)], True) if hits else (text, False)
-
-    def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            piece = text[len(self.shown):]
-            self.shown = text
-            if self.on_text is not None:
-                self.on_text(piece)
 
 
 @dataclass

@@ -4,7 +4,7 @@ The prompt is built exactly as eager inference builds it (``mobilemllm.inference
 text ids with IMAGE_TOKEN_ID at the visual-token positions; ``embed.onnx`` embeds the ids and the
 image embeddings from ``vision.onnx`` overwrite the placeholder rows. One prefill call of
 ``decoder.onnx`` over the whole prompt, then one call per generated token, feeding ``present.*``
-back as ``past_key_values.*``. Text streams through ``TextStreamer`` (UTF-8 safe).
+back as ``past_key_values.*``. Text streams through ``TokenStream`` (UTF-8 safe).
 
 The execution providers are a list (default ``CPUExecutionProvider``) so NNAPI, CoreML or QNN can be
 named on devices whose onnxruntime build has them; unknown names fail with the list that exists.
@@ -29,7 +29,7 @@ from mobilemllm.config import ModelConfig
 from mobilemllm.data.images import load_image, to_uint8_views
 from mobilemllm.data.tokenizer import eos_ids, load_tokenizer
 from mobilemllm.errors import BackendUnavailable, CheckpointError, UserError
-from mobilemllm.inference import TextStreamer, prompt_ids
+from mobilemllm.inference import TokenStream, prompt_ids
 from mobilemllm.runtime.base import Runner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -345,12 +345,11 @@ class OnnxRunner:
             image = load_image(image)
         ids = self.prompt_ids(question)
         eos = eos_ids(self.tokenizer)
-        streamer = TextStreamer(self.tokenizer, on_text) if on_text else None
+        stream = TokenStream(self.tokenizer, on_text, skip=eos)
         tokens, ttft, decode = self.generate_ids(ids, image, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 top_p=top_p, seed=seed, eos_ids=eos,
-                                                 on_token=streamer.put if streamer else None)
-        text = self.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-        return GenerationResult(tokens, text.strip(), len(ids), ttft, decode)
+                                                 top_p=top_p, seed=seed, eos_ids=eos, on_token=stream.put)
+        text = stream.finish(self.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True))
+        return GenerationResult(tokens, text, len(ids), ttft, decode)
 
 
 def read_manifest(bundle: str | Path) -> dict:
