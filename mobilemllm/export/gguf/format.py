@@ -16,12 +16,29 @@ must give eager's greedy tokens; quantized files are held to the scheme's logit-
 
 from __future__ import annotations
 
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from mobilemllm import quantization as Q
+from mobilemllm.data.images import preprocess
 from mobilemllm.errors import BackendUnavailable, ConfigError
+from mobilemllm.export import manifest_sections as S, parity as P
+from mobilemllm.export.gguf.mmproj import write_mmproj_gguf
 from mobilemllm.export.gguf.probe import clip_problem
+from mobilemllm.export.gguf.quantize import quantize_text_gguf, tensor_type, tensor_types
+from mobilemllm.export.gguf.support import problems
+from mobilemllm.export.gguf.text import write_text_gguf
+from mobilemllm.export.gguf.vocab import chat_template, tokenizer_kind, tokenizer_spec
 from mobilemllm.export.plugin import PARITY_KEYS, ExportFormat, Job
+from mobilemllm.inference import prompt_ids
+from mobilemllm.runtime.base import bundle_views
+from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -47,8 +64,6 @@ class GgufFormat(ExportFormat):
     # ---- preflight -----------------------------------------------------------------------------------
     def check(self, recipe: dict[str, Any]) -> list[str]:
         """One llama.cpp file type for the whole text model; the mmproj stays f16; no group sizes."""
-        from mobilemllm import quantization as Q
-
         plan_errors = Q.check(recipe)
         if plan_errors:
             return []  # the registry names them
@@ -78,16 +93,11 @@ class GgufFormat(ExportFormat):
     def check_model(self, config) -> list[str]:
         """What llama.cpp cannot run in this model config, one line each: enough to refuse a model before its
         weights load (connector, patch grid, views); :meth:`prepare` adds what needs the loaded model."""
-        from mobilemllm.export.gguf.support import problems
-
         return problems(config)
 
     # ---- export --------------------------------------------------------------------------------------
     def prepare(self, job: Job) -> None:
         """Refuse, in one line, a model llama.cpp cannot run, before anything is written."""
-        from mobilemllm.export.gguf.support import problems
-        from mobilemllm.export.gguf.vocab import tokenizer_kind, tokenizer_spec
-
         model = job.model
         found = problems(model.config, model.vision.model.config, type(model.llm).__name__)
         try:
@@ -118,13 +128,6 @@ class GgufFormat(ExportFormat):
 
     def convert(self, job: Job, modules: dict[str, Any]) -> None:
         """The fp16 text GGUF (with tokenizer and chat template) and the fp16 mmproj, into the staging folder."""
-        import time
-
-        from mobilemllm.export import manifest_sections as S
-        from mobilemllm.export.gguf.mmproj import write_mmproj_gguf
-        from mobilemllm.export.gguf.text import write_text_gguf
-        from mobilemllm.export.gguf.vocab import chat_template
-
         t0 = time.perf_counter()
         model, cfg = job.model, job.model.config
         prompt = S.prompt_section(cfg, job.tokenizer)
@@ -137,11 +140,6 @@ class GgufFormat(ExportFormat):
 
     def quantize_files(self, job: Job) -> None:
         """llama.cpp's quantizer on the text model; ``job.qinfo`` from the types the files hold."""
-        import os
-        import time
-
-        from mobilemllm.export.gguf.quantize import quantize_text_gguf, tensor_type, tensor_types
-
         scheme = scheme_of(job)
         text = job.staging / TEXT_FILE
         if scheme != "f16":
@@ -161,8 +159,6 @@ class GgufFormat(ExportFormat):
         }
 
     def manifest(self, job: Job) -> dict[str, Any]:
-        from importlib.metadata import PackageNotFoundError, version
-
         versions = {}
         for package in ("gguf", "llama-cpp-python"):
             try:
@@ -179,8 +175,6 @@ class GgufFormat(ExportFormat):
         }
 
     def parity(self, job: Job, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-        from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
-
         cfg = job.model.config
         engine = LlamaCppEngine(job.staging / TEXT_FILE, job.staging / MMPROJ_FILE, cfg.llm.max_position_embeddings)
         try:
@@ -202,8 +196,6 @@ class GgufFormat(ExportFormat):
 
 def gates(scheme: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parity gates of a text-model scheme, with a recipe's ``parity`` overrides."""
-    from mobilemllm import quantization as Q
-
     overrides = overrides or {}
     if scheme == "f16":
         out = dict(F16_GATES)
@@ -217,8 +209,6 @@ def gates(scheme: str, overrides: dict[str, Any] | None = None) -> dict[str, Any
 
 def teacher_forced(engine, ids: list[int], image_embeds, tokens: list[int]):
     """llama.cpp's logits (len(tokens), V) when fed the reference tokens one by one after the prompt."""
-    import numpy as np
-
     engine.clear()
     rows = [engine.prefill(ids, image_embeds)]
     for tok in tokens[:-1]:
@@ -228,8 +218,6 @@ def teacher_forced(engine, ids: list[int], image_embeds, tokens: list[int]):
 
 def greedy(engine, ids: list[int], image_embeds, num_tokens: int) -> list[int]:
     """llama.cpp's own greedy answer (argmax, no stop token), ``num_tokens`` long."""
-    import numpy as np
-
     engine.clear()
     logits = engine.prefill(ids, image_embeds)
     out = []
@@ -243,13 +231,6 @@ def greedy(engine, ids: list[int], image_embeds, num_tokens: int) -> list[int]:
 def measure_parity(model, tokenizer, engine, manifest: dict[str, Any], scheme: str, num_tokens: int = 16,
                    overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Parity checks of the GGUF files (through ``engine``, a LlamaCppEngine) against the eager model."""
-    import torch
-
-    from mobilemllm.data.images import preprocess
-    from mobilemllm.export import parity as P
-    from mobilemllm.inference import prompt_ids
-    from mobilemllm.runtime.base import bundle_views
-
     cfg = model.config
     image = P.parity_image(cfg.vision)  # at the encoder's size: clip.cpp's resize is then a copy
     ids = prompt_ids(cfg, tokenizer, PARITY_QUESTION)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mobilemllm.errors import ConfigError
+from mobilemllm.export.gguf.vocab import add_vocab
 
 
 def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -61,8 +62,6 @@ def write_text_gguf(model, tokenizer, path: str | Path, prompt: dict[str, Any], 
                     name: str) -> dict[str, Any]:
     """Write ``model``'s LLM as an fp16 LLaMA GGUF at ``path``; returns facts for the manifest."""
     import gguf
-
-    from mobilemllm.export.gguf.vocab import add_vocab
 
     cfg = model.config.llm
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])

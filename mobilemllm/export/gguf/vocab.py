@@ -21,6 +21,9 @@ import json
 import re
 from typing import Any
 
+from tokenizers import pre_tokenizers
+
+from mobilemllm.bundle.layout import QUESTION
 from mobilemllm.errors import ConfigError
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: where an image goes in the text llama.cpp tokenizes
@@ -99,8 +102,6 @@ def _check_bytes(kind: str, texts: set[str]) -> None:
     if kind == "llama":
         missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in texts]
     else:
-        from tokenizers import pre_tokenizers
-
         missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in texts]
     if missing:
         raise ConfigError(f"the tokenizer has no token for {len(missing)} of the 256 bytes (e.g. {missing[0]!r}); "
@@ -160,8 +161,6 @@ def chat_template(prompt: dict[str, Any]) -> str:
     The marker the user's text holds (llama.cpp puts it there for each image) is moved to the template's own
     image position; the BOS text is left out (the GGUF's ``add_bos_token`` adds BOS as llama.cpp tokenizes).
     """
-    from mobilemllm.bundle.layout import QUESTION
-
     question = "(message['content'] | replace('" + MEDIA_MARKER + "', '') | trim)"
     bos = prompt.get("bos_text") if prompt.get("bos_in_first_text") else None
     first = []
