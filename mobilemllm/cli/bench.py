@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import typer
 
+from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
+
 
 def bench(
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="An exported bundle folder (repeat for a matrix)."),
@@ -63,8 +65,6 @@ def bench(
                         threads=threads, device=device, bandwidth_gbps=bandwidth,
                         runner=str(runner) if runner else None)
     settings.check()
-    from mobilemllm.errors import UserError
-
     kind, _ = parse_device(device)
     if kind == "adb":
         from mobilemllm.bench.adb import find_adb, find_runner
@@ -75,8 +75,6 @@ def bench(
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            from mobilemllm.errors import BackendUnavailable
-
             raise BackendUnavailable("--plot needs matplotlib: pip install 'matplotlib>=3.8'") from None
     console = Console(stderr=True)
     if compare is not None:
@@ -130,7 +128,6 @@ def compare_specs(model: str, text: str):
     from mobilemllm import api
     from mobilemllm.bench.compare import apply_options, parse_compare
     from mobilemllm.bench.plan import check_model
-    from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
     from mobilemllm.export.pipeline import preflight
     from mobilemllm.export.recipes import load_recipe
 
