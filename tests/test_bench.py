@@ -10,6 +10,7 @@ image? ASSISTANT:"], GenerationConfig(max_new_tokens=8 then 16, temperature=0, n
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import struct
@@ -454,7 +455,9 @@ def test_runner_pieces_are_ascii_and_carry_the_bytes(tiny_tokenizer):
 
     from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir
 
-    folder = decode_only_tokenizer_dir(tiny_tokenizer, f"test-{len(tiny_tokenizer)}-{tiny_tokenizer.name_or_path}")
+    # keyed by the tokenizer's content, as the runners key it (by tokenizer.json's hash): the folder is cached
+    key = hashlib.sha256(tiny_tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    folder = decode_only_tokenizer_dir(tiny_tokenizer, key)
     pieces_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     text = "a red ✓ circle — é"
     ids = tiny_tokenizer.encode(text, add_special_tokens=False)
