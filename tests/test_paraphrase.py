@@ -58,13 +58,15 @@ def splits(tmp_path_factory):
     opts = {k: syn[k] for k in SYNTHETIC_OPTIONS}
     write_synthetic(root / "train", num_images=120, seed=0, split="train", **opts)
     write_synthetic(root / "canonical", num_images=120, seed=0, split="train")
+    write_synthetic(root / "compositional", num_images=120, seed=0, split="train", single_turn=True,
+                    question_wordings="compositional", question_copies=4)
     write_synthetic(root / "eval", num_images=30, seed=1, split="eval", **opts)
     return root
 
 
 def test_held_out_wordings_are_in_no_training_file(splits):
     held = _held_out_questions()
-    for folder in ("train", "canonical"):
+    for folder in ("train", "canonical", "compositional"):
         texts = _texts(splits / folder)
         whole = set(texts)
         assert not held & whole, sorted(held & whole)[:5]
