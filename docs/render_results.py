@@ -103,34 +103,14 @@ def _tiny_alignment(files: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _tiny_seeds(files: dict[str, Any]) -> list[str]:
-    """The tiny recipe on several seeds: DPO and PPO side by side, and which targets each seed meets."""
-    splits = ("random", "popular", "adversarial")
-    rows = ["| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
-            "caption halluc. objects | captions with one | targets met |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+def _tiny_robust(files: dict[str, Any]) -> list[str]:
+    """The tiny pipeline's table for a run whose instruct stage continued on compositional wordings, then
+    which of the targets each seed of seeds.json (mobilemllm.training.seeds) meets."""
     runs = files["seeds"]["runs"]
-    for run in runs:
-        for stage in ("instruct", "dpo", "ppo"):
-            s = run["stages"].get(stage)
-            if s is None:
-                continue
-            pope = s["pope"]
-            three = {k: " / ".join(f"{100 * pope[p][k]:.1f}" for p in splits) + " %"
-                     for k in ("accuracy", "f1", "yes_ratio")}
-            met = [k.split("_", 1)[1].replace("_", " ") for k, v in run["targets"].items()
-                   if k.startswith(stage + "_") and v]
-            rows.append(f"| {run['seed']} | {stage} | {_pct(s['vqa'])} | {_pct(s['paraphrase'])} | "
-                        f"{three['accuracy']} | {three['f1']} | {three['yes_ratio']} | "
-                        f"{_pct(s['caption_object_halluc'])} | {_pct(s['caption_halluc_captions'])} | "
-                        f"{', '.join(met) if stage != 'instruct' else '–'} |")
-    every = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
-    rows += ["", f"{len(runs)} seed(s) tried; seeds meeting each target: "
-             + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in every.items()) + ". "
-             + "Training time per seed (all stages): "
-             + ", ".join(f"{r['train_wall_s']:.0f} s wall / {r['train_cpu_s']:.0f} CPU-s "
-                         f"({r['torch_threads']} thread{'s' if r['torch_threads'] != 1 else ''})" for r in runs) + "."]
-    return rows
+    met = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
+    return _tiny_alignment(files) + [
+        "", f"Seeds tried: {len(runs)} ({', '.join(str(r['seed']) for r in runs)}); seeds meeting each target: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in met.items()) + "."]
 
 
 def _bench_table(report: dict[str, Any]) -> list[str]:
@@ -266,11 +246,12 @@ SPECS: dict[str, Spec] = {
     "tiny-pipeline": Spec(
         "tiny_pipeline", "mobilemllm train --recipe tiny --stage all --out runs/tiny  (results: runs/tiny/results.json)",
         "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
-    "tiny-seeds": Spec(
-        "tiny_pipeline", "for s in 0 1; do mobilemllm train --recipe tiny --out runs/seed$s seed=$s num_threads=1; "
-        "done; python -m mobilemllm.training.seeds runs/seed0 runs/seed1 > docs/results/tiny_pipeline/seeds.json",
-        "x86_64 AMD EPYC VM, 2 cores shared with other jobs (two seeds at once, one thread each), no GPU; "
-        "torch 2.13.0", _tiny_seeds),
+    "tiny-robust": Spec(
+        "tiny_robust", "mobilemllm train --recipe tiny --out runs/tiny-robust --init runs/tiny/instruct "
+        "'stages=[instruct,dpo,rm,ppo]' synthetic.question_wordings=compositional synthetic.question_copies=4 "
+        "instruct.max_steps=1000 instruct.curriculum_steps=0 instruct.warmup_ratio=0 num_threads=2  (results: "
+        "runs/tiny-robust/results.json; seeds.json: python -m mobilemllm.training.seeds runs/tiny-robust)",
+        "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_robust),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (load average ~4: "

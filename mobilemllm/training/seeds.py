@@ -1,0 +1,66 @@
+"""Collect several runs of a recipe (one per seed) into one JSON: the numbers per seed and stage, and which of
+the tiny recipe's targets each seed meets. How reliable a recipe is can only be told across seeds.
+
+    mobilemllm train --recipe tiny --out runs/seed0 seed=0     # ... one run per seed
+    python -m mobilemllm.training.seeds runs/seed0 runs/seed1 > seeds.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mobilemllm.data.shapes import POPE_SPLITS
+
+ALIGNED = ("dpo", "ppo")
+# the tiny recipe's targets after alignment (docs/training.md)
+POPE_MIN, PARAPHRASE_MIN = 0.85, 0.90
+
+
+def stage_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one stage's evaluation report that the seeds table shows."""
+    pope = report.get("pope", {})
+    return {"vqa": report["vqa"]["accuracy"], "paraphrase": report["paraphrase"]["accuracy"],
+            "paraphrase_by_type": report["paraphrase"]["by_type"],
+            "pope": {s: {k: pope[s][k] for k in ("accuracy", "f1", "yes_ratio")} for s in POPE_SPLITS if s in pope},
+            "caption_object_halluc": report["captions"]["object_rate"],
+            "caption_halluc_captions": report["captions"]["caption_rate"]}
+
+
+def targets(stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Which targets a run meets, per aligned stage: POPE accuracy and F1 >= 85 % on every split, paraphrases
+    >= 90 %, and fewer hallucinated caption objects than the instruct model."""
+    out = {}
+    base = stages["instruct"]["caption_object_halluc"]
+    for stage in ALIGNED:
+        s = stages.get(stage)
+        if s is None:
+            continue
+        out[f"{stage}_pope"] = all(p["accuracy"] >= POPE_MIN and p["f1"] >= POPE_MIN for p in s["pope"].values())
+        out[f"{stage}_paraphrase"] = s["paraphrase"] >= PARAPHRASE_MIN
+        out[f"{stage}_lowers_hallucination"] = s["caption_object_halluc"] < base
+    return out
+
+
+def collect(run_dirs: list[Path]) -> dict[str, Any]:
+    """Every run folder's results.json, reduced to the seeds table's numbers."""
+    runs = []
+    for folder in run_dirs:
+        res = json.loads((Path(folder) / "results.json").read_text())
+        state = json.loads((Path(folder) / "instruct" / "training_state.json").read_text())
+        stages = {name: stage_numbers(e["eval"]) for name, e in res["stages"].items()
+                  if e.get("eval") and "vqa" in e["eval"]}
+        rm = ((res["stages"].get("rm") or {}).get("eval") or {}).get("reward") or {}
+        train_wall = sum(e.get("train_wall_s") or 0 for e in res["stages"].values())
+        train_cpu = sum(e.get("train_cpu_s") or 0 for e in res["stages"].values())
+        runs.append({"seed": (state.get("config") or {}).get("seed"), "run": str(folder), "stages": stages,
+                     "rm_pair_accuracy": rm.get("pair_accuracy"), "targets": targets(stages),
+                     "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
+                     "torch_threads": res.get("torch_threads")})
+    return {"runs": runs}
+
+
+if __name__ == "__main__":
+    print(json.dumps(collect([Path(a) for a in sys.argv[1:]]), indent=1))
