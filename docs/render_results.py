@@ -108,7 +108,20 @@ def _tiny_robust(files: dict[str, Any]) -> list[str]:
     which of the targets each seed of seeds.json (mobilemllm.training.seeds) meets."""
     runs = files["seeds"]["runs"]
     met = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
-    return _tiny_alignment(files) + [
+    rows = ["", "Per seed (seeds.json):", "",
+            "| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
+            "caption halluc. objects | captions with one | train s (all stages) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for stage in ("instruct", "dpo", "ppo"):
+            st = run["stages"][stage]
+            three = {k: " / ".join(f"{100 * st['pope'][p][k]:.1f}" for p in ("random", "popular", "adversarial"))
+                     + " %" for k in ("accuracy", "f1", "yes_ratio")}
+            rows.append(f"| {run['seed']} | {stage} | {_pct(st['vqa'])} | {_pct(st['paraphrase'])} | "
+                        f"{three['accuracy']} | {three['f1']} | {three['yes_ratio']} | "
+                        f"{_pct(st['caption_object_halluc'])} | {_pct(st['caption_halluc_captions'])} | "
+                        f"{run['train_wall_s']:.0f} |")
+    return _tiny_alignment(files) + rows + [
         "", f"Seeds tried: {len(runs)} ({', '.join(str(r['seed']) for r in runs)}); seeds meeting each target: "
         + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in met.items()) + "."]
 
@@ -250,7 +263,8 @@ SPECS: dict[str, Spec] = {
         "tiny_robust", "mobilemllm train --recipe tiny --out runs/tiny-robust --init runs/tiny/instruct "
         "'stages=[instruct,dpo,rm,ppo]' synthetic.question_wordings=compositional synthetic.question_copies=4 "
         "instruct.max_steps=1000 instruct.curriculum_steps=0 instruct.warmup_ratio=0 num_threads=2  (results: "
-        "runs/tiny-robust/results.json; seeds.json: python -m mobilemllm.training.seeds runs/tiny-robust)",
+        "runs/tiny-robust/results.json; seed 1: the same with seed=1 into runs/tiny-robust-seed1; seeds.json: "
+        "python -m mobilemllm.training.seeds runs/tiny-robust runs/tiny-robust-seed1)",
         "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_robust),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
