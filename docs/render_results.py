@@ -272,10 +272,10 @@ SPECS: dict[str, Spec] = {
         "absolute numbers are pessimistic, compare within the table); torch 2.13.0, executorch 1.5.1, "
         "onnxruntime 1.32",
         _bench_preset),
-    "bench-compare-1.4b": Spec(
+    "compare-mobilellama": Spec(
         "bench_compare_1.4b",
         "mobilemllm bench --model mobilellama-1.4b --compare executorch:group=128,onnx:decoder=genai,gguf:q4_0,"
-        "gguf:q4_k_m --threads 2 --prompt-tokens 128 --new-tokens 128 --warmup 1 --repeat 3 "
+        "gguf:q4_k_m --threads 2 --prompt-tokens 128 --new-tokens 128 --warmup 1 --repeat 3 --force --cache runs/compare "
         "--json docs/results/bench_compare_1.4b/bench.json  (bundles exported with --force: random weights; "
         "profile: python -m mobilemllm.bench.profile BUNDLE --threads 2 --prompt-tokens 128 --json "
         "docs/results/bench_compare_1.4b/profile.json)",
