@@ -44,7 +44,7 @@ def confident_model(seed: int = 1, scale: float = 0.3):
 
 def mute_stray_bytes(model, tokenizer):
     """``model`` with zero output rows for the tokens that are not text on their own (a lone UTF-8 byte, a
-    control character), so its greedy answers are text that re-tokenizes to the same ids, as a trained model's
+    control character, an id past the tokenizer's vocabulary), so its greedy answers are text that re-tokenizes to the same ids, as a trained model's
     do; a random model otherwise picks such bytes often, and a follow-up could never continue its cache."""
     import unicodedata
 
@@ -52,6 +52,7 @@ def mute_stray_bytes(model, tokenizer):
 
     stray = [i for i in range(len(tokenizer)) if any(
         c == "\ufffd" or (unicodedata.category(c) == "Cc" and c != "\n") for c in tokenizer.decode([i]))]
+    stray += list(range(len(tokenizer), model.config.llm.vocab_size))  # ids the tokenizer does not have
     with torch.no_grad():
         model.llm.get_output_embeddings().weight[stray] = 0.0
     return model

@@ -41,7 +41,9 @@ def _export(model, tokenizer, out: Path, quantization, parity=None, **kw) -> Pat
 
 @pytest.fixture(scope="module")
 def model():
-    return confident_model()
+    # seed 2: the one of seeds 0-5 whose greedy answer to the parity test's question changes token (with the
+    # test tokenizer's vocabulary); the test asserts it, so a tokenizer change that loses it fails loudly
+    return confident_model(seed=2)
 
 
 @pytest.fixture(scope="module")

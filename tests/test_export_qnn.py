@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_config, make_tiny_model
+from conftest_runner import mute_stray_bytes
 from mobilemllm.errors import BackendUnavailable, ConfigError
 
 
@@ -309,7 +310,8 @@ def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_
     from mobilemllm.runtime.executorch_runner import _inputs, _quiet_stdout, image_tensor, load_kernels
     from mobilemllm.runtime.piece_tokenizer import PieceDecoder, decode_only_tokenizer_dir, token_bytes
 
-    model = _model(0, scale=0.15)  # measured: 9 distinct greedy tokens in 12 (0.08 weights repeat one token)
+    # clear winners (0.08 weights repeat one token), and only ids the test tokenizer has text for
+    model = mute_stray_bytes(_model(0, scale=0.3), tiny_tok)
     cfg = model.config
     question, n_new = "What shape is in the image?", 12
     rec = {"backend": "qnn", "max_context_len": 96, "max_seq_len": 32}
@@ -320,7 +322,7 @@ def test_qnn_decoder_design_runs_in_multimodal_runner_like_eager(tmp_path, tiny_
     with torch.no_grad():
         eager = model.generate(torch.tensor([ids]), normalize(views, cfg.vision).unsqueeze(0),
                                max_new_tokens=n_new, eos_ids=[tiny_tok.eos_token_id])
-    assert len(eager) == n_new and len(set(eager)) >= 8  # no early EOS, and not one token repeated
+    assert len(eager) == n_new and len(set(eager)) >= 8, eager  # no early EOS, and not one token repeated
     tbytes = token_bytes(tiny_tok)
     want = [tbytes[t] or b"" for t in eager]
     load_kernels()

@@ -71,7 +71,12 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 def decode_only_tokenizer_dir(tokenizer, cache_key: str) -> Path:
     """A folder with a tokenizer.json whose token i decodes to ``\\x01<hex of token i's bytes>\\x02\\x03<i>\\x04``
     (special tokens decode to their own text)."""
-    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+    pieces = token_bytes(tokenizer)
+    # the key names the tokenizer, and its pieces decide the folder too: a cached folder of another tokenizer
+    # under the same key would decode to the wrong text
+    content = hashlib.sha256(repr(pieces).encode())
+    content.update(cache_key.encode())
+    digest = content.hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"mobilemllm-{FORMAT}-{digest}"
     target = folder / "tokenizer.json"
     if target.exists():
@@ -79,7 +84,7 @@ def decode_only_tokenizer_dir(tokenizer, cache_key: str) -> Path:
     to_char, _ = _byte_level_maps()
     vocab: dict[str, int] = {}
     added = []
-    for i, b in enumerate(token_bytes(tokenizer)):
+    for i, b in enumerate(pieces):
         if b is None:
             content = tokenizer.convert_ids_to_tokens(i)
             added.append({"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
