@@ -66,7 +66,7 @@ def parse_observer_lines(text: str) -> list[dict[str, Any]]:
 
 def stats_to_repetition(stats: dict[str, Any]):
     """A runner stats object -> a :class:`Repetition` (times in seconds; image encode is inside prefill)."""
-    from mobilemllm.bench.harness import Repetition
+    from mobilemllm.bench.harness import Repetition  # lazy: cli startup (push loads this module)
 
     unit = float(stats.get("SCALING_FACTOR_UNITS_PER_SECOND", 1000))
     start, first = stats["inference_start_ms"], stats["first_token_ms"]

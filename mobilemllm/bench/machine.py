@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from mobilemllm.bench.timing import cpu_threads_default
 
 PACKAGES = ("mobilemllm", "torch", "executorch", "torchao", "transformers", "onnxruntime", "numpy")
 
@@ -31,8 +34,6 @@ def memory_bytes() -> int | None:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in PACKAGES:
         try:
@@ -43,8 +44,6 @@ def versions() -> dict[str, str]:
 
 
 def describe(threads: int | None = None, device: str = "host") -> dict[str, Any]:
-    from mobilemllm.bench.timing import cpu_threads_default
-
     try:
         load = list(os.getloadavg())
     except OSError:

@@ -14,7 +14,10 @@ from typing import Sequence
 
 from mobilemllm.bench.backends import BACKENDS, DEFAULT_FOR_FORMAT, backend_format, check_backend
 from mobilemllm.bench.backends.llamacpp import split_pair
-from mobilemllm.errors import ConfigError, UserError
+from mobilemllm.bundle import load_manifest
+from mobilemllm.config import PRESETS
+from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
+from mobilemllm.models.checkpoint import check_checkpoint_dir
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,6 @@ HOST_UNRUNNABLE = {"coreml": "Core ML programs run only on Apple hardware (macOS
 
 
 def _bundle_format(path: str, device: str) -> str:
-    from mobilemllm.errors import BackendUnavailable
-    from mobilemllm.bundle import load_manifest
-
     manifest = load_manifest(path, verify=False)
     delegate = (manifest.get("export") or {}).get("backend")
     if device == "host" and manifest["format"] == "executorch" and delegate in HOST_UNRUNNABLE:
@@ -45,12 +45,8 @@ def _bundle_format(path: str, device: str) -> str:
 
 def check_model(target: str) -> None:
     """A checkpoint folder that loads, or a preset name; one UserError otherwise (before anything loads)."""
-    from mobilemllm.config import PRESETS
-
     p = Path(target)
     if p.is_dir():
-        from mobilemllm.models.checkpoint import check_checkpoint_dir
-
         check_checkpoint_dir(p)
     elif target not in PRESETS:
         raise UserError(f"--model {target}: no such checkpoint folder, and not a preset "

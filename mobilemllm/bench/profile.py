@@ -23,10 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mobilemllm.bench import timing
 from mobilemllm.bench.backends.bundle_common import bundle_config, read_bundle
 from mobilemllm.bench.backends.executorch import _program_path, decode_bytes_per_token, image_input_tensor
 from mobilemllm.bench.roofline import measure_bandwidth
+from mobilemllm.runtime.executorch_runner import load_kernels, set_threads
 
 SKIP = {"Method::execute", "DELEGATE_CALL", "OPERATOR_CALL", "Method::init", "Program::load_method"}
 
@@ -54,8 +57,6 @@ def _run(pte: Path, method: str, make_inputs, calls: int, threads: int | None) -
     """Per-op-kind ms per call (median over ``calls`` after one untimed call) and the method's own ms per call."""
     from executorch.extension.pybindings import portable_lib  # heavy optional backend: ExecuTorch
 
-    from mobilemllm.runtime.executorch_runner import load_kernels, set_threads
-
     load_kernels()
     set_threads(threads)
     module = portable_lib._load_for_executorch(str(pte), enable_etdump=True, debug_buffer_size=0)
@@ -80,8 +81,6 @@ def _run(pte: Path, method: str, make_inputs, calls: int, threads: int | None) -
 def profile_bundle(bundle: str | Path, prompt_tokens: int = 128, steps: int = 8,
                    threads: int | None = None) -> dict[str, Any]:
     """The three phases of a request, op kind by op kind, with the decode step's bandwidth bound."""
-    import torch  # heavy: only for the method inputs
-
     bundle = Path(bundle)
     manifest = read_bundle(bundle, "executorch")
     pte, cfg = _program_path(bundle, manifest), bundle_config(manifest)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mobilemllm.bench.timing import prefill_tokens
 from mobilemllm.errors import UserError
 
 FILLER_WORDS = (" the", " image", " a", " shape", " and", " of", " red", " is")
@@ -28,8 +29,6 @@ class BenchPrompt:
 
     @property
     def prefill_tokens(self) -> int:
-        from mobilemllm.bench.timing import prefill_tokens
-
         return prefill_tokens(self.text_tokens, self.num_visual_tokens)
 
 

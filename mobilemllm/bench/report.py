@@ -7,13 +7,17 @@ Every file is written to a temporary name and renamed, so an interrupted run lea
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from rich.table import Table
+
 from mobilemllm.bench.harness import CaseResult
+from mobilemllm.bench.timing import summarize
 from mobilemllm.errors import BackendUnavailable, UserError
 
 RESULT_FORMAT = "mobilemllm-bench/1"
@@ -54,8 +58,6 @@ CSV_COLUMNS = ["label", "backend", "target", "model", "format", "quantization", 
 
 
 def result_document(cases: Sequence[CaseResult], machine: dict[str, Any], settings: dict[str, Any]) -> dict:
-    import datetime as dt
-
     docs = []
     for c in cases:
         d = c.to_dict()
@@ -148,8 +150,6 @@ def _ratio(value: float | None, ref: float | None, higher_is_better: bool) -> st
 
 def table(cases: Sequence[CaseResult], machine: dict[str, Any], title: str | None = None):
     """A rich Table: medians with (p10–p90), and ×ratio against the first row (× > 1: faster)."""
-    from rich.table import Table
-
     t = Table(title=title or f"mobilemllm bench — {machine['device']}: {machine['cpu']}, "
                              f"{machine['threads']} thread(s)", title_justify="left")
     for col, just in (("#", "right"), ("case", "left"), ("backend", "left"), ("quant", "left"),
@@ -230,8 +230,6 @@ def footnotes(cases: Sequence[CaseResult], settings: dict[str, Any], machine: di
 
 
 def _method_summary(c: CaseResult) -> dict[str, tuple[float, float]]:
-    from mobilemllm.bench.timing import summarize
-
     names: list[str] = []
     for r in c.repetitions:
         for n in (r.methods or {}):

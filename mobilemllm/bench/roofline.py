@@ -14,6 +14,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from mobilemllm.bench.timing import now
+
 from mobilemllm.quantization import weight_bits  # bits per weight of every scheme a manifest can name
 
 _BANDWIDTH_CACHE: dict[tuple[int, int], float] = {}
@@ -24,12 +28,10 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, threads: int
 
     Measured once per process and size (the copy takes well under a second).
     """
-    import torch
 
     key = (nbytes, threads or torch.get_num_threads())
     if key in _BANDWIDTH_CACHE:
         return _BANDWIDTH_CACHE[key]
-    from mobilemllm.bench.timing import now
 
     old = torch.get_num_threads()
     if threads:

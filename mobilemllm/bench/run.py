@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from mobilemllm.bench.adb import parse_device
+from mobilemllm.bench.backends import make_backend
+from mobilemllm.bench.backends.adb_runner import AdbRunnerBackend
 from mobilemllm.bench.harness import CaseResult, run_case
 from mobilemllm.bench.plan import Case
+from mobilemllm.bench.roofline import measure_bandwidth, roofline
+from mobilemllm.errors import UserError
 
 
 @dataclass
@@ -21,8 +26,6 @@ class Settings:
     runner: str | None = None  # the phone's runner binary (adb)
 
     def check(self) -> None:
-        from mobilemllm.errors import UserError
-
         problems = []
         if self.prompt_tokens < 1:
             problems.append("--prompt-tokens must be at least 1")
@@ -44,21 +47,14 @@ class Settings:
 
 
 def make(case: Case, settings: Settings):
-    from mobilemllm.bench.adb import parse_device
-    from mobilemllm.bench.backends import make_backend
-
     kind, serial = parse_device(settings.device)
     if kind == "adb":
-        from mobilemllm.bench.backends.adb_runner import AdbRunnerBackend
-
         return AdbRunnerBackend(case.target, settings.threads, serial=serial, runner=settings.runner)
     return make_backend(case.backend, case.target, settings.threads)
 
 
 def bandwidth(settings: Settings) -> tuple[float, str] | None:
     """(bytes/s, where it came from): --bandwidth, else a copy on this host; None for a phone without it."""
-    from mobilemllm.bench.roofline import measure_bandwidth
-
     if settings.bandwidth_gbps:
         return settings.bandwidth_gbps * 1e9, "given (--bandwidth)"
     if settings.device == "host":
@@ -67,8 +63,6 @@ def bandwidth(settings: Settings) -> tuple[float, str] | None:
 
 
 def add_roofline(result: CaseResult, settings: Settings) -> None:
-    from mobilemllm.bench.roofline import roofline
-
     bpt = result.info.decode_bytes_per_token
     bw = bandwidth(settings)
     if not bpt or bw is None:

@@ -16,7 +16,7 @@ import typer
 from mobilemllm.errors import BackendUnavailable, ConfigError, UserError
 
 
-def bench(
+def bench(  # lazy: cli startup
     bundle: List[Path] = typer.Option([], "--bundle", "-b", help="An exported bundle folder (repeat for a matrix)."),
     compare: Optional[str] = typer.Option(
         None, help="Runtimes to compare on the --model checkpoint, comma-separated, each RUNTIME[:OPTION...] with "
@@ -52,14 +52,12 @@ def bench(
 ) -> None:
     """Benchmark load time, image encode, prefill, time to first token, decode tokens/s and peak memory."""
     # imported when the command runs: the command table stays light for every other command's start-up
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console  # lazy: cli startup
 
-    from mobilemllm.bench import report
-    from mobilemllm.bench.adb import parse_device
-    from mobilemllm.bench.machine import describe
-    from mobilemllm.bench.plan import plan_cases
-    from mobilemllm.bench.run import Settings, run_benchmark
+    from mobilemllm.bench.adb import parse_device  # lazy: cli startup
+    from mobilemllm.bench.machine import describe  # lazy: cli startup
+    from mobilemllm.bench.plan import plan_cases  # lazy: cli startup
+    from mobilemllm.bench.run import Settings, run_benchmark  # lazy: cli startup
 
     settings = Settings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup, repeat=repeat,
                         threads=threads, device=device, bandwidth_gbps=bandwidth,
@@ -67,7 +65,7 @@ def bench(
     settings.check()
     kind, _ = parse_device(device)
     if kind == "adb":
-        from mobilemllm.bench.adb import find_adb, find_runner
+        from mobilemllm.bench.adb import find_adb, find_runner  # lazy: cli startup
 
         find_adb()  # fail before any work when adb is missing
         find_runner(settings.runner)
@@ -78,21 +76,37 @@ def bench(
             raise BackendUnavailable("--plot needs matplotlib: pip install 'matplotlib>=3.8'") from None
     console = Console(stderr=True)
     if compare is not None:
-        from mobilemllm.bench.compare import run_interleaved
-
-        if len(model) != 1 or backend:
-            raise UserError("--compare exports one checkpoint for each runtime: give exactly one --model CKPT (a "
-                            "checkpoint folder or preset) and no --backend")
-        if kind != "host":
-            raise UserError("--compare measures on this host; for a phone use --device adb --bundle DIR")
-        specs = compare_specs(model[0], compare)
-        cases = plan_cases([str(b) for b in bundle], [], [], device, gguf) if bundle or gguf else []
-        cases = export_for_compare(model[0], specs, cache, console, quiet, force) + cases
-        runner = run_interleaved
+        cases, runner_fn = _compare_cases(model, backend, kind, compare, bundle, gguf, device, cache, console, quiet,
+                                          force)
     else:
-        cases = plan_cases([str(b) for b in bundle], model, backend, device, gguf)
-        runner = run_benchmark
-    steps_per_case = 1 + warmup + repeat
+        cases, runner_fn = plan_cases([str(b) for b in bundle], model, backend, device, gguf), run_benchmark
+    results = _measure(cases, settings, runner_fn, console, quiet, 1 + warmup + repeat)
+    run_settings = settings.to_dict()
+    if compare is not None:  # the comparison as asked, and how its requests were ordered
+        run_settings.update(compare=compare, order="interleaved (round-robin across cases)")
+    _write(results, describe(threads, device), run_settings, json_out, csv_out, plot)
+
+
+def _compare_cases(model, backend, kind, compare, bundle, gguf, device, cache, console, quiet, force):
+    """--compare's cases (exported or reused bundles of the one checkpoint, plus any --bundle/--gguf) and the
+    interleaved runner that measures them."""
+    from mobilemllm.bench.compare import run_interleaved  # lazy: cli startup
+    from mobilemllm.bench.plan import plan_cases  # lazy: cli startup
+
+    if len(model) != 1 or backend:
+        raise UserError("--compare exports one checkpoint for each runtime: give exactly one --model CKPT (a "
+                        "checkpoint folder or preset) and no --backend")
+    if kind != "host":
+        raise UserError("--compare measures on this host; for a phone use --device adb --bundle DIR")
+    specs = compare_specs(model[0], compare)
+    cases = plan_cases([str(b) for b in bundle], [], [], device, gguf) if bundle or gguf else []
+    return export_for_compare(model[0], specs, cache, console, quiet, force) + cases, run_interleaved
+
+
+def _measure(cases, settings, runner_fn, console, quiet: bool, steps_per_case: int):
+    """Run the cases with a progress bar of their steps (load, warm-up and timed runs)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # lazy: cli startup
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet, transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(cases) * steps_per_case)
@@ -100,11 +114,15 @@ def bench(
         def on_step(case, msg):
             progress.update(task, advance=1, description=f"{case.label} ({case.backend}): {msg}")
 
-        results = runner(cases, settings, on_step)
-    machine = describe(threads, device)
-    run_settings = settings.to_dict()
-    if compare is not None:  # the comparison as asked, and how its requests were ordered
-        run_settings.update(compare=compare, order="interleaved (round-robin across cases)")
+        return runner_fn(cases, settings, on_step)
+
+
+def _write(results, machine, run_settings, json_out, csv_out, plot) -> None:
+    """The table and footnotes on stdout, then the JSON / CSV / PNG files asked for."""
+    from rich.console import Console  # lazy: cli startup
+
+    from mobilemllm.bench import report  # lazy: cli startup
+
     doc = report.result_document(results, machine, run_settings)
     out = Console()
     if not out.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
@@ -125,11 +143,11 @@ def compare_specs(model: str, text: str):
     """Parse --compare and check, before any export, that every runtime can take ``model``: its recipe with the
     options, the backend installed, the model config (gguf: llama.cpp's projectors). One line for all problems."""
     # imported when the command runs (export pulls in torch)
-    from mobilemllm import api
-    from mobilemllm.bench.compare import apply_options, parse_compare
-    from mobilemllm.bench.plan import check_model
-    from mobilemllm.export.pipeline import preflight
-    from mobilemllm.export.recipes import load_recipe
+    from mobilemllm import api  # lazy: cli startup
+    from mobilemllm.bench.compare import apply_options, parse_compare  # lazy: cli startup
+    from mobilemllm.bench.plan import check_model  # lazy: cli startup
+    from mobilemllm.export.pipeline import preflight  # lazy: cli startup
+    from mobilemllm.export.recipes import load_recipe  # lazy: cli startup
 
     specs = parse_compare(text)
     check_model(model)
@@ -151,12 +169,12 @@ def compare_specs(model: str, text: str):
 def export_for_compare(model: str, specs, cache: Path, console, quiet: bool, force: bool = False) -> list:
     """Export (or reuse) each spec's bundle of ``model`` under ``cache``, with progress; the cases to measure."""
     # imported when the command runs (export pulls in torch)
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # lazy: cli startup
 
-    from mobilemllm.bench.compare import apply_options, bundle_dir, reusable
-    from mobilemllm.bench.plan import Case
-    from mobilemllm.export.pipeline import export_bundle
-    from mobilemllm.export.recipes import load_recipe
+    from mobilemllm.bench.compare import apply_options, bundle_dir, reusable  # lazy: cli startup
+    from mobilemllm.bench.plan import Case  # lazy: cli startup
+    from mobilemllm.export.pipeline import export_bundle  # lazy: cli startup
+    from mobilemllm.export.recipes import load_recipe  # lazy: cli startup
 
     cases = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -21,8 +21,8 @@ def synth(
         0.3, min=0.0, max=1.0, help="Share of detailed captions that mention an object not in the image."),
 ) -> None:
     """Write the synthetic "shapes" data set (images + LLaVA-format JSON), deterministic by seed."""
-    from mobilemllm.data.shapes import write_synthetic
-    from mobilemllm.errors import UserError
+    from mobilemllm.data.shapes import write_synthetic  # lazy: cli startup
+    from mobilemllm.errors import UserError  # lazy: cli startup
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder to write the data set into")
@@ -49,10 +49,10 @@ def filter_cmd(
         help="Let records name images outside the image folder (absolute paths, '..', links out)."),
 ) -> None:
     """Score image-caption pairs with a CLIP-style model and keep those above a threshold or the top fraction."""
-    from mobilemllm.data.filter import filter_file, keep_mask
-    from mobilemllm.training.caption_scorer import load_scorer
+    from mobilemllm.data.filter import filter_file, keep_mask  # lazy: cli startup
+    from mobilemllm.training.caption_scorer import load_scorer  # lazy: cli startup
 
-    import torch
+    import torch  # lazy: cli startup
 
     keep_mask(torch.zeros(1), threshold, top_fraction)  # one of the two, before the scorer loads
     report = filter_file(data, load_scorer(scorer), out, threshold=threshold, top_fraction=top_fraction,

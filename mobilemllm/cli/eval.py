@@ -25,24 +25,24 @@ def eval_cmd(
         help="Let records name images outside the data's images/ folder (absolute paths, '..', links out)."),
 ) -> None:
     """Evaluate checkpoints and bundles: prints a table and the JSON report."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: cli startup
 
-    from mobilemllm.evaluation import evaluate, evaluate_bundle, format_table
-    from mobilemllm.models.checkpoint import check_checkpoint_dir, load_checkpoint
+    from mobilemllm.evaluation import evaluate, evaluate_bundle, format_table  # lazy: cli startup
+    from mobilemllm.models.checkpoint import check_checkpoint_dir, load_checkpoint  # lazy: cli startup
 
     if not model and not bundle:
-        from mobilemllm.errors import UserError
+        from mobilemllm.errors import UserError  # lazy: cli startup
 
         raise UserError("give at least one --model (checkpoint folder) or --bundle (exported bundle)")
     for m in model:
         check_checkpoint_dir(m)
     if bundle:
-        from mobilemllm.bundle import load_manifest
+        from mobilemllm.bundle import load_manifest  # lazy: cli startup
 
         for b in bundle:
             load_manifest(b)  # a damaged bundle fails before any evaluation runs
     if not data.is_dir():
-        from mobilemllm.errors import DataError
+        from mobilemllm.errors import DataError  # lazy: cli startup
 
         raise DataError(f"evaluation data folder {data} does not exist; write one with "
                         f"`mobilemllm data synth --seed 1 --num-images 200 --out {data}`")
@@ -50,7 +50,7 @@ def eval_cmd(
     for m in model:
         net, tok = load_checkpoint(m)
         if tok is None:
-            from mobilemllm.errors import CheckpointError
+            from mobilemllm.errors import CheckpointError  # lazy: cli startup
 
             raise CheckpointError(f"{m} has no tokenizer files (tokenizer.json); it cannot be evaluated")
         reports[m] = evaluate(net, tok, data, limit=limit, batch_size=batch_size,

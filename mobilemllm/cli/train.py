@@ -46,12 +46,12 @@ def train(
     One run at a time may use an output folder (a second one stops at once). OpenMP threads sleep
     instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy):
     on a CPU shared with other work that is several times faster."""
-    from mobilemllm.training.threads import prefer_passive_omp_wait
+    from mobilemllm.training.threads import prefer_passive_omp_wait  # lazy: cli startup
 
     prefer_passive_omp_wait()  # before the import below loads torch and its OpenMP runtime
-    from mobilemllm.training.pipeline import print_results, run_recipe
-    from mobilemllm.training.recipes import load_recipe
-    from mobilemllm.training.stages import get_stage
+    from mobilemllm.training.pipeline import print_results, run_recipe  # lazy: cli startup
+    from mobilemllm.training.recipes import load_recipe  # lazy: cli startup
+    from mobilemllm.training.stages import get_stage  # lazy: cli startup
 
     if stage != "all":
         get_stage(stage)  # unknown stage: fail before any work
@@ -64,7 +64,7 @@ def train(
     stages = None if stage == "all" else [stage]
     results = run_recipe(rec, out, stages=stages, resume=resume, fresh=fresh, evaluate_stages=evaluate, init=init,
                          progress=progress, resume_changed=resume_changed)
-    from mobilemllm.training.distributed import dist_env
+    from mobilemllm.training.distributed import dist_env  # lazy: cli startup
 
     if dist_env().is_main:
         print_results(results)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tokenizers import Tokenizer
+
 
 def cpp_compatible_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A tokenizer.json dict rewritten into the subset the C++ tokenizer reads (unchanged if already there)."""
@@ -72,7 +74,6 @@ def cpp_compatible(tokenizer):
     A generic fast tokenizer, not the original class: transformers' ``LlamaTokenizer`` rebuilds its Metaspace
     pre-tokenizer when it loads, whatever its tokenizer.json says.
     """
-    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
+from mobilemllm.bundle.layout import IGNORE_INDEX
 from mobilemllm.config import ModelConfig
 from mobilemllm.data.images import load_image, preprocess
-from mobilemllm.templates import IMAGE, Template, get_template
 from mobilemllm.data.tokenizer import check_text, encode_segments
 from mobilemllm.errors import DataError
+from mobilemllm.templates import IMAGE, Template, get_template
 
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant")
@@ -284,8 +285,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; images stacked for the rows that have them."""
-    from mobilemllm.bundle.layout import IGNORE_INDEX
-
     n = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)

@@ -14,14 +14,14 @@ from typing import Any, Callable
 
 import torch
 
+from mobilemllm.data.dataset import image_path, read_records, validate_conversation
+from mobilemllm.data.images import load_image
 from mobilemllm.errors import DataError, UserError
 
 # ----------------------------------------------------------------------------------------- pairs
 def caption_pairs(path: Path, image_folder: Path | None = None,
                   allow_outside_images: bool = False) -> tuple[list[dict], list[str], list[Path]]:
     """(records, captions, image paths) of a LLaVA caption file: each record's first answer is its caption."""
-    from mobilemllm.data.dataset import image_path, read_records, validate_conversation
-
     records = read_records(path)
     folder = image_folder or path.parent / "images"
     texts, images = [], []
@@ -36,8 +36,6 @@ def caption_pairs(path: Path, image_folder: Path | None = None,
 
 
 def score_pairs(scorer, texts: list[str], images: list[Path], batch_size: int = 64) -> torch.Tensor:
-    from mobilemllm.data.images import load_image
-
     out = []
     for s in range(0, len(texts), batch_size):
         out.append(scorer([load_image(p) for p in images[s:s + batch_size]], texts[s:s + batch_size]).float())

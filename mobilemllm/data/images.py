@@ -15,12 +15,14 @@ composites transparency on ``ALPHA_BACKGROUND``.
 
 from __future__ import annotations
 
+import stat
 import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mobilemllm.config import VisionConfig
 from mobilemllm.errors import DataError
@@ -40,8 +42,6 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 def load_image(path: str | Path):
     """Open an image file as 8-bit RGB (``to_rgb``), with one clear error for anything unusable."""
-    from PIL import Image
-
     path = Path(path)
     _check_regular_file(path)
     try:
@@ -73,7 +73,6 @@ def _check_regular_file(path: Path) -> None:
         raise DataError(f"image not found: {path}") from None
     except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission
         raise DataError(f"cannot read image {path}: {_one_line(e)}") from None
-    import stat
 
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device?)"
@@ -101,8 +100,6 @@ def to_rgb(img):
       transparent colour: composited on ALPHA_BACKGROUND (white).
     - Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``): Pillow's conversion.
     """
-    from PIL import Image
-
     if img.mode == "RGB":
         return img
     if img.mode in _WIDE_INT_MODES:
@@ -119,8 +116,6 @@ def to_rgb(img):
 
 
 def _square(img, cfg: VisionConfig):
-    from PIL import Image
-
     if cfg.image_aspect == "resize" or img.width == img.height:
         return img
     side = max(img.width, img.height)
@@ -130,8 +125,6 @@ def _square(img, cfg: VisionConfig):
 
 
 def _resize(img, size: tuple[int, int]):
-    from PIL import Image
-
     if img.size == size:
         return img
     return img.resize(size, Image.Resampling.BICUBIC)

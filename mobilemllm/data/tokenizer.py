@@ -7,12 +7,17 @@ ExecuTorch C++ runner, ONNX Runtime GenAI and the apps read).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mobilemllm.data.cpp_tokenizer import cpp_compatible
-from mobilemllm.errors import CheckpointError
-from mobilemllm.templates import IMAGE
+from mobilemllm.data.shapes import corpus_lines
+from mobilemllm.errors import CheckpointError, DataError
+from mobilemllm.templates import IMAGE, TEMPLATES
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -25,8 +30,6 @@ def check_text(text: str, what: str) -> str:
     (surrogateescape), and JSON allows ``"\\ud800"``; a tokenizer given either fails deep inside with an
     unrelated TypeError. Call it where text enters: a prompt, a record's fields.
     """
-    from mobilemllm.errors import DataError
-
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -39,7 +42,6 @@ def check_text(text: str, what: str) -> str:
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 512):
     """Train a byte-level BPE on ``texts``; returns a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -81,8 +83,6 @@ TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_toke
 def check_tokenizer_files(path: Path) -> None:
     """Read a tokenizer folder's JSON files before transformers does, so a damaged file is named in one
     line (transformers and the Rust tokenizers library fail with a traceback, often without the name)."""
-    import json
-
     for name in TOKENIZER_JSON_FILES:
         f = path / name
         if not f.exists():
@@ -101,8 +101,6 @@ def check_tokenizer_files(path: Path) -> None:
         if not isinstance(data, dict):
             raise CheckpointError(f"{f} is damaged: expected a JSON object, got {type(data).__name__}")
         if name == "tokenizer.json":
-            from tokenizers import Tokenizer
-
             try:
                 Tokenizer.from_str(text)
             except Exception as e:  # the Rust library raises a bare Exception
@@ -113,8 +111,6 @@ def check_tokenizer_files(path: Path) -> None:
 def encode_segments(tokenizer, segments: list[tuple[str, bool]], num_image_tokens: int,
                     add_bos: bool = True, add_eos_to_answers: bool = True) -> tuple[list[int], list[int]]:
     """Template segments -> (input_ids, labels). Labels are IGNORE_INDEX except on answers (+EOS)."""
-    from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
-
     ids: list[int] = []
     labels: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
@@ -140,9 +136,6 @@ def eos_ids(tokenizer) -> list[int]:
 
 def tiny_tokenizer(vocab_size: int = 512, seed: int = 0, num_images: int = 400):
     """The tiny default's tokenizer: a BPE trained on the synthetic shapes world's text and templates."""
-    from mobilemllm.data.shapes import corpus_lines
-    from mobilemllm.templates import TEMPLATES
-
     lines = list(corpus_lines(num_images=num_images, seed=seed))
     for t in TEMPLATES.values():
         if t.question_first:  # same pieces as its image-first twin; leaves the BPE's counts as they were

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.models.llm import cache_kwargs
 
 
 @torch.inference_mode()
@@ -33,8 +34,6 @@ def _decode(model, prompts, pixel_values, *, pad_id: int, eos_ids: list[int], ma
             temperature: float = 0.0, generator: torch.Generator | None = None,
             keep_eos: bool = False) -> list[list[int]]:
     from transformers import DynamicCache
-
-    from mobilemllm.models.llm import cache_kwargs
 
     device = next(model.parameters()).device
     b = len(prompts)

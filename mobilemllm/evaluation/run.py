@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.table import Table
 
 from mobilemllm.data.dataset import check_image_name, image_path, read_records, validate_conversation
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.data.shapes import POPE_SPLITS, parse_objects
-from mobilemllm.templates import IMAGE
 from mobilemllm.data.tokenizer import eos_ids
 from mobilemllm.errors import DataError
 from mobilemllm.evaluation.generate import greedy_batch
 from mobilemllm.evaluation.metrics import caption_hallucination, exact_match, pope_metrics, yes_no
 from mobilemllm.inference import prompt_ids
+from mobilemllm.runtime import Sampling, open_runner
+from mobilemllm.templates import IMAGE
 
 QUESTIONS_FILE = "eval_questions.json"
 CAPTIONS_FILE = "eval_captions.json"
@@ -106,8 +108,6 @@ class _BundleRunner:
         return self.conversations[name]
 
     def answers(self, items: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
-        from mobilemllm.runtime import Sampling
-
         sampling = Sampling(max_new_tokens=max_new_tokens)
         return [self.runner.answer(self.conversation(name), q, sampling).text for name, q in items]
 
@@ -140,8 +140,6 @@ def evaluate_bundle(bundle: str | Path, data_dir: str | Path, *, image_folder: s
                     **runner_opts: Any) -> dict[str, Any]:
     """:func:`evaluate` for an exported bundle (ExecuTorch or ONNX), answered by its runner.
     ``runner_opts`` go to :func:`~mobilemllm.runtime.open_runner` (``providers``, ``threads``)."""
-    from mobilemllm.runtime import open_runner
-
     data_dir = Path(data_dir)
     _check_data(data_dir)
     runner = open_runner(bundle, **runner_opts)
@@ -236,8 +234,6 @@ def summarize(report: dict[str, Any]) -> dict[str, float | None]:
 
 def format_table(rows: dict[str, dict[str, Any]], title: str = "evaluation"):
     """A rich Table: one row per model/stage, from ``{name: report}``."""
-    from rich.table import Table
-
     t = Table(title=title)
     t.add_column("model")
     sums = {name: summarize(report) for name, report in rows.items()}

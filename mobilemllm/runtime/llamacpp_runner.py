@@ -22,8 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 from mobilemllm.errors import BackendUnavailable, CheckpointError
 from mobilemllm.runtime.base import Runner
+from mobilemllm.runtime.onnx_runner import pick_token
 
 INSTALL = "pip install 'mobilemllm[gguf]' (llama-cpp-python; it builds llama.cpp from source)"
 
@@ -183,8 +185,6 @@ class LlamaCppEngine:
     def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
         """Decode ``ids`` after the cache (IMAGE_TOKEN_ID runs take ``image_embeds`` rows in order); returns the
         logits after the last one."""
-        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
-
         runs: list[tuple[bool, int, int]] = []  # (is_image, start, end)
         for i, t in enumerate(ids):
             image = int(t) == IMAGE_TOKEN_ID
@@ -260,9 +260,6 @@ class LlamaCppRunner(Runner):
         self.engine.clear()
 
     def _run(self, ids, views, max_new, sampling, on_token):
-        from mobilemllm.bundle import IMAGE_TOKEN_ID
-        from mobilemllm.runtime.onnx_runner import pick_token
-
         engine = self.engine
         image_embeds = engine.encode_views(views) if IMAGE_TOKEN_ID in ids else None
         logits = engine.prefill(ids, image_embeds)

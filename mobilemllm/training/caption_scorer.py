@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from mobilemllm.data.images import preprocess
 from mobilemllm.errors import UserError
-
-from mobilemllm.training.foundations import CONTRASTIVE_NAME
+from mobilemllm.models.checkpoint import load_checkpoint
+from mobilemllm.training.foundations import CONTRASTIVE_NAME, ContrastiveModel, collate_pairs
 
 
 class FoundationsScorer:
@@ -25,12 +29,6 @@ class FoundationsScorer:
     (:class:`~mobilemllm.training.foundations.ContrastiveModel`)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        from mobilemllm.models.checkpoint import load_checkpoint
-        from mobilemllm.training.foundations import ContrastiveModel
-
         vlm, self.tok = load_checkpoint(folder)
         if self.tok is None:
             raise UserError(f"{folder} has no tokenizer; the caption scorer needs the one it was trained with")
@@ -47,11 +45,6 @@ class FoundationsScorer:
 
     @torch.no_grad()
     def __call__(self, images: list, texts: list[str]) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        from mobilemllm.data.images import preprocess
-        from mobilemllm.training.foundations import collate_pairs
-
         ids = [t[:96] for t in self.tok(texts, add_special_tokens=False)["input_ids"]]
         pix = [preprocess(im, self.config.vision)[0] for im in images]
         b = collate_pairs(list(zip(pix, ids)), self.tok.pad_token_id or 0)
@@ -72,8 +65,6 @@ class TransformersScorer:
 
     @torch.no_grad()
     def __call__(self, images: list, texts: list[str]) -> torch.Tensor:
-        import torch.nn.functional as F
-
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding="max_length",
                                 truncation=True)
         img = self.model.get_image_features(pixel_values=inputs["pixel_values"])

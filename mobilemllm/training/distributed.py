@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     """Join the process group once (no-op for a single process or when already joined)."""
     if not env.distributed:
         return
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -51,16 +51,12 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        import torch.distributed as dist
-
         init_distributed(env, pick_device(env))
         dist.barrier()
 
@@ -68,7 +64,6 @@ def barrier(env: DistEnv) -> None:
 def broadcast_object(obj, env: DistEnv):
     if not env.distributed:
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=0)

@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from mobilemllm.data.dataset import Sample, check_image_name, collate, image_path, read_records, validate_conversation
 from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.errors import DataError
-from mobilemllm.training.trainer import Trainer, TrainConfig
+from mobilemllm.training.losses import LMObjective
+from mobilemllm.training.trainer import TrainConfig, Trainer
 
 
 # ---------------------------------------------------------------------------- language modelling
@@ -185,8 +187,6 @@ CONTRASTIVE_NAME = "contrastive.safetensors"
 
 def save_contrastive(model, folder: str | Path) -> None:
     """The foundations stage's contrastive text tower and projections (the vision tower is in the checkpoint)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("vision.")}
     tmp = folder / (CONTRASTIVE_NAME + ".tmp")
@@ -207,7 +207,6 @@ def train_foundations(model, tokenizer, data_dir: str | Path, run_dir: str | Pat
 
     model.set_trainable(vision=False, connector=False, llm=True)
     text = TextBlocks(corpus_text(data_dir), tokenizer, seq_len=seq_len, seed=text_cfg.seed)
-    from mobilemllm.training.losses import LMObjective
 
     pad = tokenizer.pad_token_id
     t = Trainer(model, LMObjective(), text, lambda s: collate(s, pad), text_cfg, run_dir / "text",

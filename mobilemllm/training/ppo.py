@@ -32,9 +32,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
+from mobilemllm.data.dataset import check_image_name, image_path, read_records, validate_conversation
+from mobilemllm.data.images import load_image, preprocess
 from mobilemllm.errors import ConfigError, DataError
+from mobilemllm.evaluation.generate import sample_batch
+from mobilemllm.inference import prompt_ids
+from mobilemllm.templates import IMAGE
 from mobilemllm.training.reward import last_hidden
 from mobilemllm.training.trainer import Trainer
 
@@ -140,9 +146,6 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, image_folder: str | Path | None, tokenizer, config, template=None,
                  allow_outside_images: bool = False):
-        from mobilemllm.data.dataset import check_image_name, read_records, validate_conversation
-        from mobilemllm.templates import IMAGE
-
         self.path = Path(path)
         self.image_folder = Path(image_folder) if image_folder else self.path.parent / "images"
         self.tok, self.config, self.template = tokenizer, config, template
@@ -166,10 +169,6 @@ class PromptDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from mobilemllm.data.dataset import image_path
-        from mobilemllm.data.images import load_image, preprocess
-        from mobilemllm.inference import prompt_ids
-
         name, question = self.items[i]
         if name not in self._cache:
             where = f"{self.path}: record {i}"
@@ -202,8 +201,6 @@ class PPOObjective:
     def rollout(self, policy: PolicyWithValue, items: list[dict], generator: torch.Generator,
                 device: torch.device) -> dict[str, torch.Tensor]:
         """Sample answers and lay prompt + answer out as [left pad | prompt | answer | right pad]."""
-        from mobilemllm.evaluation.generate import sample_batch
-
         prompts = [it["prompt_ids"] for it in items]
         pix = torch.stack([it["pixel_values"] for it in items])
         policy.eval()
@@ -330,8 +327,6 @@ class PPOTrainer(Trainer):
 
 def save_value_head(policy: PolicyWithValue, folder: str | Path) -> None:
     """The value head beside the policy checkpoint (not needed to run the policy; kept to continue PPO)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tmp = folder / (VALUE_HEAD_NAME + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(tmp))

@@ -40,11 +40,12 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BeforeValidator, Field, field_validator
 
-from mobilemllm.config import PRESETS, override_schema
+from mobilemllm.config import PRESETS, ModelConfig, override_schema
 from mobilemllm.data.shapes import QUESTION_WORDINGS
 from mobilemllm.errors import ConfigError
 from mobilemllm.overrides import Bool, Int, Number, Section, apply_overrides, section_from_dataclass, show, validate
-from mobilemllm.training.stages import ORDER
+from mobilemllm.templates import TEMPLATES
+from mobilemllm.training.stages import ORDER, get_stage
 from mobilemllm.training.trainer import PRECISIONS, TrainConfig
 
 # foundations.vision keys that are not TrainConfig fields: what the contrastive image embedding is built from
@@ -79,8 +80,6 @@ Files = Annotated[Union[str, list[str], None], BeforeValidator(_files)]  # file(
 
 
 def _template(value: str | None) -> str | None:
-    from mobilemllm.templates import TEMPLATES
-
     if value is not None and value not in TEMPLATES:
         raise ValueError(f"must be one of {', '.join(TEMPLATES)}, got {show(value)}")
     return value
@@ -296,8 +295,6 @@ def validate_recipe(recipe: dict[str, Any], where: str = "recipe", errors: list[
 def _model_override_errors(recipe: dict[str, Any]) -> list[str]:
     """What ModelConfig.validate finds in the preset with the recipe's overrides (unknown connector, sizes
     that do not divide); overrides on a checkpoint folder would be ignored, so they are refused."""
-    from mobilemllm.config import ModelConfig
-
     overrides = recipe.get("model_overrides") or {}
     model = recipe.get("model", "tiny")
     if model not in PRESETS:
@@ -316,8 +313,6 @@ def _defaults(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_train_config(recipe: dict[str, Any], stage: str) -> TrainConfig:
-    from mobilemllm.training.stages import get_stage
-
     section = dict(recipe.get(stage) or {})
     st = get_stage(stage)
     base = {"lr": st.lr, "global_batch": st.global_batch, **_defaults(recipe)}

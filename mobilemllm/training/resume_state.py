@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from mobilemllm.errors import UserError
 
@@ -100,8 +101,6 @@ def plain(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ files
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path))
 
 
@@ -141,8 +140,6 @@ def _cannot_read(folder: Path, why: str) -> UserError:
 def read_state(folder: Path, check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The state saved in ``folder``. ``check(state without tensors)`` runs before the tensors load, so a
     settings mismatch is reported without reading gigabytes of optimizer state."""
-    from safetensors.torch import load_file
-
     if not (folder / STATE_JSON).exists() and (folder / LEGACY_PICKLE).exists():
         raise UserError(f"{folder / LEGACY_PICKLE} is a resumable state in the pickle format of earlier versions, "
                         "which is not loaded because a pickle can run code; delete the folder to start this "

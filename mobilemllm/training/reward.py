@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mobilemllm.data.dataset import collate
 from mobilemllm.errors import UserError
+from mobilemllm.models.checkpoint import load_checkpoint
 
 HEAD_NAME = "reward_head.safetensors"
 
@@ -90,8 +93,6 @@ class RewardObjective:
 # ------------------------------------------------------------------------------------------ files
 def save_reward_head(model: RewardModel, folder: str | Path) -> None:
     """Write the head beside the VLM checkpoint (atomically: a temporary name, then renamed)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tmp = folder / (HEAD_NAME + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
@@ -100,10 +101,6 @@ def save_reward_head(model: RewardModel, folder: str | Path) -> None:
 
 def load_reward_model(folder: str | Path) -> tuple[RewardModel, Any]:
     """(reward model, tokenizer) from an ``rm`` stage folder."""
-    from safetensors.torch import load_file
-
-    from mobilemllm.models.checkpoint import load_checkpoint
-
     folder = Path(folder)
     if not (folder / HEAD_NAME).is_file():
         raise UserError(f"{folder} is not a reward model (no {HEAD_NAME}); train one with "
@@ -120,8 +117,6 @@ def load_reward_model(folder: str | Path) -> tuple[RewardModel, Any]:
 @torch.no_grad()
 def pair_accuracy(model: RewardModel, dataset, pad_id: int, batch_size: int = 32) -> dict[str, float]:
     """Held-out preference pairs: the share the reward model ranks right, and the mean margin."""
-    from mobilemllm.data.dataset import collate
-
     model.eval()
     device = next(model.parameters()).device
     right, margin, n = 0, 0.0, 0

@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Callable, Iterator
 
+import torch
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask; all cores where that is unknown)."""
@@ -108,8 +110,6 @@ class ThreadTuner:
                  sample: Callable[[], tuple[float, float] | None] | None = None,
                  clock: Callable[[], float] = time.monotonic, cores: int | None = None,
                  set_threads: Callable[[int], None] | None = None, get_threads: Callable[[], int] | None = None):
-        import torch
-
         self.world_size = world_size
         self.every_s = every_s
         self.sample = sample or CpuMeter()

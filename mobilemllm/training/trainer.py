@@ -42,13 +42,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.atomic import OutputKind, abort_dir, atomic_dir, commit_dir, probe_dir
+from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.training.distributed import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, pick_device
-from mobilemllm.training.resume_state import (append_line, has_state, log, plain, read_state, saved_step,
-                                              trim_metrics, write_state)
+from mobilemllm.training.resume_state import (append_line, has_state, log, plain, read_state, saved_step, trim_metrics,
+                                              write_state)
 from mobilemllm.training.threads import ThreadTuner, adaptive
 
 STATE_DIR = "last"
@@ -136,8 +141,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def apply_fsdp(model: nn.Module) -> nn.Module:
     """FSDP2: shard every decoder / encoder layer, then the root (for models that do not fit one GPU)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if torch.cuda.is_available() else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
@@ -286,16 +289,12 @@ class Trainer:
     def _trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return {k: v for k, v in full.items() if k in names}
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def _optim_state(self) -> dict:
         if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
             return get_optimizer_state_dict(self.model, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
@@ -363,9 +362,6 @@ class Trainer:
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
             opts = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(self.model, state["model"], options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
@@ -418,8 +414,6 @@ class Trainer:
         if self.env.distributed and self.cfg.fsdp:
             return apply_fsdp(self.model)
         if self.env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return self.model
 
@@ -549,8 +543,6 @@ class Trainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on CPU (gathered from every rank under FSDP: call on all ranks)."""
         if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
@@ -564,9 +556,6 @@ class _Bar:
     """A rich progress bar with loss, lr, steps/s (smoothed over the last steps), tokens/s and CPU threads."""
 
     def __init__(self, desc: str, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
         self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                           transient=False)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 from mobilemllm.bench import adb as A
 from mobilemllm.bench.backends.bundle_common import bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
+from mobilemllm.data.tokenizer import load_tokenizer
 
 
 class AdbRunnerBackend(Backend):
@@ -28,8 +31,6 @@ class AdbRunnerBackend(Backend):
         self.runner_path = runner
 
     def load(self) -> None:
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         self.bundle = Path(self.target)
         self.manifest = read_bundle(self.bundle, "executorch")
         runner = A.find_runner(self.runner_path)
@@ -38,7 +39,6 @@ class AdbRunnerBackend(Backend):
         self.info = case_info(self.bundle, self.manifest)
         self.info.notes.append(f"on Android device {serial}")
         self.tmp = Path(tempfile.mkdtemp(prefix="mobilemllm-adb-"))
-        from PIL import Image
 
         pre = self.manifest["preprocessing"]
         Image.fromarray(bench_image(pre["image_size"])[0].transpose(1, 2, 0)).save(self.tmp / "image.png")

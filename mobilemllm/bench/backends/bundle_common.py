@@ -7,26 +7,23 @@ from pathlib import Path
 from typing import Any
 
 from mobilemllm.bench import timing
+from mobilemllm.bench.backends import DEFAULT_FOR_FORMAT
 from mobilemllm.bench.harness import CaseInfo
 from mobilemllm.bench.prompt import BenchPrompt, build_prompt, check_context, filler_ids
+from mobilemllm.bundle import QUESTION, load_manifest
+from mobilemllm.config import ModelConfig
 from mobilemllm.errors import UserError
 
 
 def read_bundle(path: str | Path, expect_format: str) -> dict[str, Any]:
-    from mobilemllm.bundle import load_manifest
-
     manifest = load_manifest(path)
     if manifest["format"] != expect_format:
-        from mobilemllm.bench.backends import DEFAULT_FOR_FORMAT
-
         raise UserError(f"{path} is a {manifest['format']} bundle; this backend reads {expect_format} bundles "
                         f"(use --backend {DEFAULT_FOR_FORMAT.get(manifest['format'], '?')} for it)")
     return manifest
 
 
 def bundle_config(manifest: dict[str, Any]):
-    from mobilemllm.config import ModelConfig
-
     return ModelConfig.from_dict(manifest["model"]["config"])
 
 
@@ -39,8 +36,6 @@ def quant_label(manifest: dict[str, Any], part: str = "text_decoder") -> str:
 
 def bundle_prompt(manifest: dict[str, Any], tokenizer, text_tokens: int, filler_index: int = 0) -> BenchPrompt:
     """The benchmark prompt in the manifest's segment layout: [BOS] text <image> filler... text."""
-    from mobilemllm.bundle import QUESTION
-
     segs = manifest["prompt"]["segments"]
     at = next((i for i, s in enumerate(segs) if s["type"] == "image"), None)
     if at is None:

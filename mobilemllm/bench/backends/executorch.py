@@ -20,15 +20,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from mobilemllm.bench import timing
+from mobilemllm.bench.adb import parse_observer_lines
 from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
 from mobilemllm.bench.roofline import decoder_weight_bytes, kv_cache_bytes
+from mobilemllm.bundle import sha256_file
+from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import BackendUnavailable, UserError
+from mobilemllm.runtime.executorch_runner import load_kernels, set_threads
+from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir
 
 PROGRAM = "model.pte"
 MAX_FILLER_TRIES = 8
@@ -43,8 +51,6 @@ def _program_path(bundle: Path, manifest: dict) -> Path:
 
 def image_input_tensor(manifest: dict, seed: int = 0):
     """The vision_encoder's input as the apps build it: uint8 views stacked (1, 3, V*S, S)."""
-    import torch
-
     pre = manifest["preprocessing"]
     s, views = pre["image_size"], pre.get("views", 1)
     x = torch.from_numpy(bench_image(s, views, seed))
@@ -66,11 +72,7 @@ def decode_bytes_per_token(manifest: dict, position: int) -> int:
 
 class _ExecuTorchBase(Backend):
     def open(self) -> None:
-        from mobilemllm.data.tokenizer import load_tokenizer
-
         try:
-            from mobilemllm.runtime.executorch_runner import load_kernels
-
             load_kernels()  # custom SDPA / cache update and the quantized embedding kernels
         except ImportError as e:
             raise BackendUnavailable(f"the executorch backend needs the executorch package ({e}): "
@@ -81,7 +83,6 @@ class _ExecuTorchBase(Backend):
         self.tokenizer_dir = self.bundle / self.manifest["tokenizer"]["dir"]
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.info = case_info(self.bundle, self.manifest)
-        from mobilemllm.runtime.executorch_runner import set_threads
 
         with _CapturedOutput():  # the threadpool logs its CPU probing to stderr
             used = set_threads(self.threads)
@@ -104,8 +105,6 @@ class _CapturedOutput:
     """Send the process's fds 1 and 2 (the C++ runner's printf()s and ET_LOG lines) to a temporary file."""
 
     def __enter__(self):
-        import sys
-
         sys.stdout.flush()
         sys.stderr.flush()
         self.file = tempfile.TemporaryFile(mode="w+b")
@@ -158,9 +157,6 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
     def load(self) -> None:
         from executorch.extension.llm.runner import MultimodalRunner
 
-        from mobilemllm.bundle import sha256_file
-        from mobilemllm.runtime.piece_tokenizer import decode_only_tokenizer_dir
-
         # the same vocabulary, but every piece is ASCII: the per-token callback (µs timestamps) then works for
         # byte-level BPE too, whose raw pieces can end inside a UTF-8 character and abort pybind11's str()
         pieces = decode_only_tokenizer_dir(self.tokenizer, sha256_file(self.tokenizer_dir / "tokenizer.json"))
@@ -177,8 +173,6 @@ class ExecuTorchRunnerBackend(_ExecuTorchBase):
 
     def run_once(self) -> Repetition:
         from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_token_input
-
-        from mobilemllm.bench.adb import parse_observer_lines
 
         p = self.prompt
         inputs = [make_token_input(p.prefix_ids), make_image_input(self.image), make_token_input(p.suffix_ids)]
@@ -255,8 +249,6 @@ class ExecuTorchMethodsBackend(_ExecuTorchBase):
         return self.prompt
 
     def run_once(self) -> Repetition:
-        import torch
-
         p = self.prompt
         spent = {n: {"calls": 0, "seconds": 0.0} for n in self.METHODS}
 

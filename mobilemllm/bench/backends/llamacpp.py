@@ -24,7 +24,9 @@ from mobilemllm.bench.harness import Backend, CaseInfo, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image, build_prompt, check_context
 from mobilemllm.bench.roofline import kv_cache_bytes
 from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import UserError
+from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine, bundle_files, check_gguf, import_llama_cpp
 
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 # tensors a decode step does not read in full (one row of the token embedding; unless it is also the output)
@@ -72,8 +74,6 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
 
     def open(self) -> None:
-        from mobilemllm.runtime.llamacpp_runner import bundle_files, check_gguf, import_llama_cpp
-
         import_llama_cpp()  # one line when llama-cpp-python is missing
         if is_gguf_pair(self.target):
             self.model_path, self.mmproj_path = split_pair(self.target)
@@ -90,8 +90,6 @@ class LlamaCppBackend(Backend):
         self.text_meta, self.mmproj_meta = _fields(self.model_path), _fields(self.mmproj_path)
 
     def load(self) -> None:
-        from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
-
         self.engine = LlamaCppEngine(self.model_path, self.mmproj_path, self._context(), threads=self.threads)
         self.threads = self.engine.threads
 
@@ -103,8 +101,6 @@ class LlamaCppBackend(Backend):
     def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
         self.new_tokens = new_tokens
         if self.manifest is not None:
-            from mobilemllm.data.tokenizer import load_tokenizer
-
             self.info = case_info(self.target, self.manifest)
             tokenizer = load_tokenizer(Path(self.target) / self.manifest["tokenizer"]["dir"])
             self.prompt = bundle_prompt(self.manifest, tokenizer, prompt_tokens)

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+import mobilemllm.runtime.onnx_runner
 from mobilemllm.bench import timing
 from mobilemllm.bench.backends.bundle_common import bundle_config, bundle_prompt, case_info, check_fits, read_bundle
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image
 from mobilemllm.bench.roofline import kv_cache_bytes
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import BackendUnavailable
+from mobilemllm.runtime import open_runner
 
 GRAPHS = ("vision_encoder", "token_embedding", "text_decoder")
 
@@ -34,15 +40,11 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime  # noqa: F401
         except ImportError:
             raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from None
-        import mobilemllm.runtime.onnx_runner  # noqa: F401
-        from mobilemllm.data.tokenizer import load_tokenizer  # noqa: F401
 
         self.bundle = Path(self.target)
         self.manifest = read_bundle(self.bundle, "onnx")
 
     def load(self) -> None:
-        from mobilemllm.runtime import open_runner
-
         self.runner = open_runner(self.bundle, threads=self.threads).load().engine
         self.tokenizer = self.runner.tokenizer
         self.info = case_info(self.bundle, self.manifest)
@@ -60,10 +62,6 @@ class OnnxRuntimeBackend(Backend):
         return self.prompt
 
     def run_once(self) -> Repetition:
-        import numpy as np
-
-        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
-
         r, p = self.runner, self.prompt
         spent = {n: {"calls": 0, "seconds": 0.0} for n in GRAPHS}
 

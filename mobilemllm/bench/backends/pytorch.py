@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+import mobilemllm.api
+from mobilemllm.api import load
 from mobilemllm.bench import timing
 from mobilemllm.bench.harness import Backend, Repetition
 from mobilemllm.bench.prompt import BenchPrompt, bench_image, build_prompt, check_context, filler_ids
+from mobilemllm.bench.roofline import kv_cache_bytes
+from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
+from mobilemllm.data.images import normalize
+from mobilemllm.models.llm import cache_kwargs
+from mobilemllm.templates import get_template
 
 
 def eager_decode_bytes_per_token(model, position: int) -> int:
     """Bytes one decode step reads: every LLM weight except the input embedding table (one row is read),
     plus the KV cache up to ``position``. With tied embeddings the table is read whole by the LM head."""
-    from mobilemllm.bench.roofline import kv_cache_bytes
-
     llm = model.llm
     emb = llm.get_input_embeddings().weight
     seen: set[int] = set()
@@ -38,17 +45,10 @@ class PyTorchBackend(Backend):
     name = "pytorch"
 
     def open(self) -> None:
-        import torch
         import transformers  # noqa: F401
         from transformers import LlamaForCausalLM  # noqa: F401  (imports its modelling code, untimed)
 
-        import mobilemllm.api  # noqa: F401
-
     def load(self) -> None:
-        import torch
-
-        from mobilemllm.api import load
-
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model, self.tokenizer = load(self.target)
@@ -65,11 +65,6 @@ class PyTorchBackend(Backend):
         self.info.num_visual_tokens = cfg.num_visual_tokens
 
     def prepare(self, prompt_tokens: int, new_tokens: int) -> BenchPrompt:
-        import torch
-
-        from mobilemllm.data.images import normalize
-        from mobilemllm.templates import get_template
-
         cfg = self.model.config
         tok = self.tokenizer
         tpl = get_template(cfg.template)
@@ -88,11 +83,7 @@ class PyTorchBackend(Backend):
         return self.prompt
 
     def run_once(self) -> Repetition:
-        import torch
         from transformers import DynamicCache
-
-        from mobilemllm.models.llm import cache_kwargs
-        from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 
         model, p = self.model, self.prompt
         ids = torch.tensor([p.prefix_ids + [IMAGE_TOKEN_ID] * p.num_visual_tokens + p.suffix_ids])
