@@ -19,7 +19,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 
 from conftest import make_tiny_config
-from mobilemllm.export.gguf import probe
+from mobilemllm.runtime import llamacpp_probe as probe
 
 # Tiny towers llama.cpp's clip.cpp runs exactly: SigLIP (no class token; see docs/gguf.md for CLIP's) at 32 px
 # for mlp2x_gelu, and at the 24x24 patch grid clip.cpp's MobileVLM projectors are built for (48 px, 2 px patches).
@@ -230,13 +230,14 @@ def test_missing_llama_cpp_is_one_line(tmp_path, monkeypatch, capsys):
     """Without llama-cpp-python, export stops before loading weights and the runner says what to install."""
     from mobilemllm.cli import main
     from mobilemllm.errors import BackendUnavailable
-    from mobilemllm.runtime.llamacpp_runner import import_llama_cpp
+    from mobilemllm.runtime.llamacpp_engine import import_llama_cpp
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
     assert main(["export", "--target", "gguf", "--model", "tiny", "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "llama-cpp-python" in err[0] and "pip install 'mobilemllm[gguf]'" in err[0]
-    with pytest.raises(BackendUnavailable, match=r"pip install 'mobilemllm\[gguf\]'"):
+    assert "python scripts/install_llama_cpp.py" in err[0]  # the build with the CLIP fix
+    with pytest.raises(BackendUnavailable, match=r"install_llama_cpp\.py.*pip install 'mobilemllm\[gguf\]'"):
         import_llama_cpp()
 
 
@@ -389,6 +390,8 @@ def test_unfixed_llama_cpp_refuses_a_clip_tower_in_one_line(tmp_path, tiny_token
     from mobilemllm.cli import main
     from mobilemllm.errors import ConfigError
     from mobilemllm.models.checkpoint import save_checkpoint
+    from mobilemllm.export import parity as P
+    from mobilemllm.runtime import open_runner
 
     model = gguf_model("mlp2x_gelu", vision={})
     with pytest.raises(ConfigError) as e:
@@ -405,7 +408,15 @@ def test_unfixed_llama_cpp_refuses_a_clip_tower_in_one_line(tmp_path, tiny_token
     out = export(model, tiny_tokenizer, tmp_path / "b", log=lines.append, force=True)
     assert load_manifest(out)["format"] == "gguf"
     assert any(line.startswith("warning: ") and "#25814" in line and "--force" in line for line in lines)
-    export(gguf_model("mlp2x_gelu"), tiny_tokenizer, tmp_path / "siglip")  # no class token: no refusal
+    siglip = export(gguf_model("mlp2x_gelu"), tiny_tokenizer, tmp_path / "siglip")  # no class token: no refusal
+    # the runner still runs such a bundle, with one warning naming the issue and the fix; a SigLIP one, none
+    for bundle, expected in ((out, 1), (siglip, 0)):
+        notes: list[str] = []
+        runner = open_runner(bundle, warn=notes.append).load()
+        runner.generate(P.parity_image(model.config.vision), "What is in the image?", max_new_tokens=2)
+        runner.close()
+        assert len(notes) == expected, notes
+        assert all("#25814" in n and "install_llama_cpp.py" in n and "\n" not in n for n in notes)
 
 
 def test_install_script_patches_the_class_token_order(tmp_path):
@@ -440,7 +451,7 @@ def test_damaged_gguf_is_one_line(tmp_path, f16_bundle):
     from mobilemllm.bundle import BundleError
     from mobilemllm.errors import CheckpointError
     from mobilemllm.runtime import open_runner
-    from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
+    from mobilemllm.runtime.llamacpp_engine import LlamaCppEngine
 
     _, bundle = f16_bundle
     mmproj = bundle / "mmproj.gguf"
@@ -470,7 +481,7 @@ def test_llama_cpp_tokenizes_like_the_bundle_tokenizer(tmp_path, tiny_tokenizer,
     from mobilemllm.data.shapes import corpus_lines
     from mobilemllm.export import manifest_sections as S
     from mobilemllm.export.gguf.text import write_text_gguf
-    from mobilemllm.runtime.llamacpp_runner import import_llama_cpp
+    from mobilemllm.runtime.llamacpp_engine import import_llama_cpp
 
     if kind == "llama":
         from test_importers import write_spm_tokenizer

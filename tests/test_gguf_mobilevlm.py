@@ -18,7 +18,7 @@ from mobilemllm.bundle import load_manifest
 from mobilemllm.cli import main
 from mobilemllm.data.images import preprocess
 from mobilemllm.export import parity as P
-from mobilemllm.export.gguf.probe import FIX, class_token_first
+from mobilemllm.runtime.llamacpp_probe import FIX, class_token_first
 from mobilemllm.inference import answer
 from mobilemllm.models.checkpoint import load_checkpoint
 from mobilemllm.models.importers import import_checkpoint
@@ -52,7 +52,7 @@ def v2_checkpoint(tmp_path_factory):
 
 
 def test_installed_llama_cpp_keeps_the_class_token_first():
-    """The llama.cpp the project installs runs CLIP towers right (the probe of mobilemllm.export.gguf.probe)."""
+    """The llama.cpp the project installs runs CLIP towers right (the probe of mobilemllm.runtime.llamacpp_probe)."""
     need_llama_cpp()
     assert class_token_first(), f"this llama.cpp has ggml-org/llama.cpp#25814; install the fixed build: {FIX}"
 

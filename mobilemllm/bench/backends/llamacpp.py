@@ -1,6 +1,6 @@
 """llama.cpp backend: a ``gguf`` bundle, or a bare GGUF pair made elsewhere, run by llama.cpp itself.
 
-Uses :class:`mobilemllm.runtime.llamacpp_runner.LlamaCppEngine` (llama-cpp-python's C API, what ``mobilemllm
+Uses :class:`mobilemllm.runtime.llamacpp_engine.LlamaCppEngine` (llama-cpp-python's C API, what ``mobilemllm
 generate`` runs): clip.cpp / mtmd encodes the image (``mtmd_encode_chunk``, timed as the image encode), one
 ``llama_decode`` prefills the text runs and the image embeddings, then ``new_tokens`` single-token decodes,
 greedy with EOS ignored.
@@ -26,7 +26,7 @@ from mobilemllm.bench.roofline import kv_cache_bytes
 from mobilemllm.bundle.layout import IMAGE_TOKEN_ID
 from mobilemllm.data.tokenizer import load_tokenizer
 from mobilemllm.errors import UserError
-from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine, bundle_files, check_gguf, import_llama_cpp
+from mobilemllm.runtime.llamacpp_engine import LlamaCppEngine, bundle_files, check_gguf, import_llama_cpp
 
 KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 # tensors a decode step does not read in full (one row of the token embedding; unless it is also the output)

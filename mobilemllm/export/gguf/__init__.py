@@ -7,6 +7,7 @@ model.
 - :mod:`.text`: the LLaMA GGUF (hyperparameters, tensors, tokenizer metadata from :mod:`.vocab`).
 - :mod:`.mmproj`: the mmproj GGUF (tower, projector, image geometry and normalisation).
 - :mod:`.quantize`: q8_0 / q4_0 / q4_k_m through llama.cpp's own quantizer.
-- :mod:`.probe`: whether the installed llama.cpp runs CLIP towers (class token) right.
+- whether the installed llama.cpp runs CLIP towers (class token) right is asked by
+  :mod:`mobilemllm.runtime.llamacpp_probe` (the GGUF runner warns with it too).
 - :mod:`.format`: the export pipeline's plug-in (``format: gguf`` recipes, export/gguf.yaml).
 """

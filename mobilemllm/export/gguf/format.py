@@ -1,5 +1,5 @@
 """``format: gguf`` in the export pipeline: write the text GGUF and the mmproj, quantize the text model with
-llama.cpp, and check both against eager through llama.cpp itself (:mod:`mobilemllm.runtime.llamacpp_runner`).
+llama.cpp, and check both against eager through llama.cpp itself (:mod:`mobilemllm.runtime.llamacpp_engine`).
 
 The bundle holds ``model.gguf`` (LLaMA architecture, its tokenizer and chat template inside), ``mmproj.gguf``
 (tower + connector), ``tokenizer/`` and ``manifest.json`` like every other format; ``graphs`` names the two
@@ -30,7 +30,7 @@ from mobilemllm.data.images import preprocess
 from mobilemllm.errors import BackendUnavailable, ConfigError
 from mobilemllm.export import manifest_sections as S, parity as P
 from mobilemllm.export.gguf.mmproj import write_mmproj_gguf
-from mobilemllm.export.gguf.probe import clip_problem
+from mobilemllm.runtime.llamacpp_probe import clip_problem
 from mobilemllm.export.gguf.quantize import quantize_text_gguf, tensor_type, tensor_types
 from mobilemllm.export.gguf.support import problems
 from mobilemllm.export.gguf.text import write_text_gguf
@@ -38,7 +38,7 @@ from mobilemllm.export.gguf.vocab import chat_template, tokenizer_kind, tokenize
 from mobilemllm.export.plugin import PARITY_KEYS, ExportFormat, Job
 from mobilemllm.inference import prompt_ids
 from mobilemllm.runtime.base import bundle_views
-from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
+from mobilemllm.runtime.llamacpp_engine import LlamaCppEngine
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"

@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import pre_tokenizers
 
 from mobilemllm.errors import BackendUnavailable
-from mobilemllm.runtime.llamacpp_runner import LlamaCppEngine
+from mobilemllm.runtime.llamacpp_engine import LlamaCppEngine
 
 ISSUE = "ggml-org/llama.cpp#25814"
 FIX = "python scripts/install_llama_cpp.py (in mobilemllm's source; docs/gguf.md)"
