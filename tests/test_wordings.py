@@ -96,3 +96,17 @@ def test_compositional_split_changes_only_wordings_and_adds_copies(tmp_path: Pat
     assert (ev / "eval_questions.json").read_bytes() == (canon / "eval_questions.json").read_bytes()
     corpus = " | ".join(normalize(line) for line in (comp / "corpus.txt").read_text().splitlines())
     assert not [o for o in OBJECTS if normalize(POPE_WORDING.format(obj=o)) in corpus]
+
+
+def test_canonical_questions_file_is_the_canonical_split_s_first_questions(tmp_path: Path):
+    """questions_canonical.json (the tiny recipe's curriculum) holds the canonical split's questions, word for
+    word, whatever the wording setting; only a train split has it; its texts are in the tokenizer's corpus."""
+    canon, comp, ev = tmp_path / "c", tmp_path / "x", tmp_path / "ev"
+    write_synthetic(canon, num_images=12, seed=3)
+    write_synthetic(comp, num_images=12, seed=3, question_wordings="compositional", question_copies=3)
+    write_synthetic(ev, num_images=12, seed=3, split="eval")
+    base = _load(canon, "eval_questions.json")
+    assert _load(canon, "questions_canonical.json") == base == _load(comp, "questions_canonical.json")
+    assert not (ev / "questions_canonical.json").exists()
+    comp_corpus = set((comp / "corpus.txt").read_text().splitlines())
+    assert {r["conversations"][0]["value"].removeprefix("<image>\n") for r in base} <= comp_corpus

@@ -59,7 +59,7 @@ from mobilemllm.data.shapes_text import (DETAIL_PROMPT, PARAPHRASE_TYPES, POPE_S
                                          sample_questions)
 from mobilemllm.data.wordings import Composed, detail_prompt
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a train split has questions_canonical.json
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -140,6 +140,8 @@ def write_synthetic(
     mobilemllm.data.wording_grammar: thousands per type); the content and answers are those of ``canonical``.
     ``question_copies``: questions of each type per image in a train split's eval_questions.json (each drawn
     and worded anew; ids ``<id>_<type>_<j>`` after the first), more wordings for the same steps.
+    A train split also writes ``questions_canonical.json``: its first question of each type in the canonical
+    wording, whatever ``question_wordings`` is (a curriculum learns the look-ups on it before the wordings).
     The evaluation files of an ``eval`` split keep the canonical wording and one question per type;
     ``eval_paraphrase.json`` (every split) asks in held-out wordings never used in training.
 
@@ -154,7 +156,7 @@ def write_synthetic(
     popularity = object_popularity(scenes)
     files: dict[str, list[dict[str, Any]]] = {name: [] for name in (
         "pretrain.json", "instruct.json", "dpo.json", "eval_questions.json",
-        *(f"eval_pope_{s}.json" for s in POPE_SPLITS), "eval_captions.json", "eval_paraphrase.json")}
+        *(("questions_canonical.json",) if split == "train" else ()), *(f"eval_pope_{s}.json" for s in POPE_SPLITS), "eval_captions.json", "eval_paraphrase.json")}
     corpus: list[str] = []
     hallucinated = 0
     bar, task = _progress(num_images) if progress else (None, None)
@@ -232,7 +234,17 @@ def _instruct_part(scene: Scene, i: int, image: str, wording, files: dict[str, l
 
 def _question_part(scene: Scene, i: int, image: str, wording, files: dict[str, list], corpus: list[str],
                    opts: dict[str, Any]) -> None:
-    """eval_questions.json: one question of each askable type (``question_copies`` of each in a train split)."""
+    """eval_questions.json: one question of each askable type (``question_copies`` of each in a train split);
+    a train split's questions_canonical.json: the first of each type, canonically worded."""
+    if opts["split"] == "train":
+        rng = _rng(opts["seed"], i, "eval")
+        for qtype in QUESTION_TYPES:
+            q = ask(scene, rng, qtype, None)
+            if q is not None:
+                files["questions_canonical.json"].append(
+                    _single_turn(f"{scene.id}_{qtype}", image, q.text, q.answer, type=qtype))
+                if wording is not None:  # canonical: the same texts as eval_questions.json's
+                    corpus += [q.text, q.answer]
     rng = _rng(opts["seed"], i, "eval")
     copies = opts["question_copies"] if opts["split"] == "train" else 1
     for j in range(copies):
