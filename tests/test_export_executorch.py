@@ -117,6 +117,28 @@ def test_vision_encoder_matches_the_model_in_eager_and_after_export(hires):
     assert want.shape == (1, cfg.num_visual_tokens, cfg.llm.hidden_size)
 
 
+def test_exported_vision_encoder_has_no_safe_softmax_ops():
+    """The ExecuTorch vision program is traced with eager attention: SDPA's exported form wraps softmax in
+    eq / any / logical_not / where (which XNNPACK leaves to slow portable kernels); the tower's own setting is
+    back to SDPA afterwards, and the program gives the model's embeddings."""
+    from mobilemllm.data.images import normalize
+    from mobilemllm.export.executorch import _example_image, build_modules, export_programs
+
+    model = make_tiny_model(make_tiny_config(), seed=3)  # the tiny preset's CLIP tower
+    assert model.config.vision.kind == "clip"
+    programs = export_programs(model, build_modules(model, 64), max_seq_len=64)
+    assert model.vision.model.config._attn_implementation == "sdpa"
+    ops = {str(n.target) for n in programs["vision_encoder"].run_decompositions().graph.nodes
+           if n.op == "call_function"}
+    assert "aten._softmax.default" in ops
+    assert not ops & {"aten.any.dim", "aten.where.self", "aten.logical_not.default", "aten.eq.Scalar"}, ops
+    image = _example_image(model.config)
+    with torch.no_grad():
+        want = model.encode_images(normalize(image.view(3, 1, *image.shape[-2:]).transpose(0, 1),
+                                             model.config.vision).unsqueeze(0))
+        torch.testing.assert_close(programs["vision_encoder"].module()(image), want, rtol=1e-5, atol=1e-5)
+
+
 def test_token_embedding_shares_the_weight_and_reads_placeholders_as_row_zero():
     from torch.export import Dim
 
@@ -242,6 +264,8 @@ def test_android_bundle_manifest_and_program(android_bundle):
     checks = {c["name"]: c for c in m["parity"]["checks"]}
     assert checks["logit_cosine"]["value"] >= 0.9 and checks["cpp_tokenizer_matches"]["value"] is True
     assert m["methods"]["text_decoder"]["delegate_calls"] > 0  # XNNPACK took the decoder's linears
+    leftover = {op.split("::")[-1].split(".")[0] for op in m["methods"]["vision_encoder"]["kernel_operators"]}
+    assert not leftover & {"where", "any", "eq", "logical_not"}, leftover  # no safe-softmax ops (eager attention)
     names = load_program(android_bundle / "model.pte").method_names
     for method in ("vision_encoder", "token_embedding", "text_decoder", "get_max_seq_len", "get_max_context_len",
                    "get_bos_id", "get_eos_ids", "get_vocab_size", "use_kv_cache", "enable_dynamic_shape"):

@@ -86,8 +86,10 @@ def export_programs(model, modules: dict[str, torch.nn.Module], max_seq_len: int
     seq_dim = Dim("seq", min=1, max=max_seq_len)
     with torch.no_grad():
         # transformers' vision models use context managers dynamo cannot trace; the encoder has no state,
-        # so non-strict export is exact here (only the stateful decoder needs strict export).
-        ep_v = export(modules["vision_encoder"], (_example_image(model.config),), strict=False)
+        # so non-strict export is exact here (only the stateful decoder needs strict export). Eager attention:
+        # SDPA's exported form adds ops XNNPACK does not delegate (VisionTower.attention).
+        with model.vision.attention("eager"):
+            ep_v = export(modules["vision_encoder"], (_example_image(model.config),), strict=False)
         ep_t = export(modules["token_embedding"], (torch.zeros(1, 4, dtype=torch.long),),
                       dynamic_shapes=({1: tok_dim},), strict=True)
         dec_in = (torch.zeros(1, 4, hidden), torch.tensor([0], dtype=torch.long))
@@ -150,6 +152,8 @@ def methods_section(cfg, summary: dict[str, dict[str, Any]], constants: dict[str
         if name in summary:
             methods[name]["delegate_calls"] = summary[name]["delegate_calls"]
             methods[name]["backends"] = summary[name].get("backends", [])
+            # what runs outside the delegates (ExecuTorch's own kernels): where a slow op would hide
+            methods[name]["kernel_operators"] = summary[name].get("operators", [])
     for name, value in constants.items():
         methods[name] = {"value": value}
     return methods

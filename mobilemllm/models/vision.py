@@ -7,6 +7,7 @@ global view through the encoder (see ``mobilemllm.data.images``); the connector 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -86,6 +87,21 @@ class VisionTower(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
+
+    @contextlib.contextmanager
+    def attention(self, implementation: str):
+        """Run the tower with transformers' ``implementation`` of attention ("eager", "sdpa") inside the block.
+
+        Why: exported, SDPA decomposes into a "safe" softmax (eq / any / logical_not / where around softmax, for
+        fully masked rows a vision tower never has) that XNNPACK does not delegate; on CLIP ViT-L/336 those
+        ops were half of the ExecuTorch image encode. "eager" (matmul, softmax, matmul) is the same math."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = implementation
+        try:
+            yield self
+        finally:
+            config._attn_implementation = before
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
