@@ -103,25 +103,25 @@ def _tiny_alignment(files: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _tiny_robust(files: dict[str, Any]) -> list[str]:
-    """The tiny pipeline's table for a run whose instruct stage continued on compositional wordings, then
-    which of the targets each seed of seeds.json (mobilemllm.training.seeds) meets."""
+def _tiny_seeds(files: dict[str, Any]) -> list[str]:
+    """The default recipe on several seeds (seeds.json of mobilemllm.training.seeds): each seed's numbers per
+    stage, and how many seeds meet each target."""
     runs = files["seeds"]["runs"]
     met = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
-    rows = ["", "Per seed (seeds.json):", "",
-            "| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
-            "caption halluc. objects | captions with one | train s (all stages) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
+            "caption halluc. objects | captions with one | RM pairs | train s (all stages) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for stage in ("instruct", "dpo", "ppo"):
             st = run["stages"][stage]
             three = {k: " / ".join(f"{100 * st['pope'][p][k]:.1f}" for p in ("random", "popular", "adversarial"))
                      + " %" for k in ("accuracy", "f1", "yes_ratio")}
+            rm = _pct(run.get("rm_pair_accuracy")) if stage == "ppo" else ""
             rows.append(f"| {run['seed']} | {stage} | {_pct(st['vqa'])} | {_pct(st['paraphrase'])} | "
                         f"{three['accuracy']} | {three['f1']} | {three['yes_ratio']} | "
-                        f"{_pct(st['caption_object_halluc'])} | {_pct(st['caption_halluc_captions'])} | "
+                        f"{_pct(st['caption_object_halluc'])} | {_pct(st['caption_halluc_captions'])} | {rm} | "
                         f"{run['train_wall_s']:.0f} |")
-    return _tiny_alignment(files) + rows + [
+    return rows + [
         "", f"Seeds tried: {len(runs)} ({', '.join(str(r['seed']) for r in runs)}); seeds meeting each target: "
         + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in met.items()) + "."]
 
@@ -257,15 +257,15 @@ SPECS: dict[str, Spec] = {
         "one NVIDIA H100 80GB, torch 2.11 + CUDA 13, bf16 autocast, MobileVLM V2 1.7B shapes (random weights), "
         "513-token samples", _train_bench),
     "tiny-pipeline": Spec(
-        "tiny_pipeline", "mobilemllm train --recipe tiny --stage all --out runs/tiny  (results: runs/tiny/results.json)",
-        "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_alignment),
-    "tiny-robust": Spec(
-        "tiny_robust", "mobilemllm train --recipe tiny --out runs/tiny-robust --init runs/tiny/instruct "
-        "'stages=[instruct,dpo,rm,ppo]' synthetic.question_wordings=compositional synthetic.question_copies=4 "
-        "instruct.max_steps=1000 instruct.curriculum_steps=0 instruct.warmup_ratio=0 num_threads=2  (results: "
-        "runs/tiny-robust/results.json; seed 1: the same with seed=1 into runs/tiny-robust-seed1; seeds.json: "
-        "python -m mobilemllm.training.seeds runs/tiny-robust runs/tiny-robust-seed1)",
-        "x86_64 AMD EPYC VM, 2 cores shared with other jobs, no GPU; torch 2.13.0", _tiny_robust),
+        "tiny_pipeline", "mobilemllm train --recipe tiny --out runs/s0 seed=0  (results: runs/s0/results.json)",
+        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU, otherwise idle but for a 4-minute test job during "
+        "instruct; torch 2.13.0", _tiny_alignment),
+    "tiny-seeds": Spec(
+        "tiny_seeds", "mobilemllm train --recipe tiny --out runs/s$S seed=$S num_threads=1 for S in 1 2 3 4 (the four "
+        "at once), seed 0 the tiny-pipeline run above; python -m mobilemllm.training.seeds runs/s0 runs/s1 runs/s2 "
+        "runs/s3 runs/s4 > docs/results/tiny_seeds/seeds.json",
+        "x86_64 AMD EPYC VM, 2 cores, no GPU, seeds 1-4 trained side by side at one thread each (so each one's wall "
+        "time is about three times what it is alone); torch 2.13.0", _tiny_seeds),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (load average ~4: "

@@ -555,10 +555,18 @@ def test_tiny_pipeline_runs_and_learns(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_pipeline_meets_the_issue_targets(tmp_path_factory):
-    """The issue's targets: >= 90% VQA after instruct; DPO lowers hallucination, costs <= 1 point."""
+    """The issue's targets: >= 90% VQA after instruct; DPO lowers hallucination, costs <= 1 point; after DPO and
+    after PPO, POPE accuracy and F1 >= 85 % on every split and the held-out paraphrases >= 90 % (seed 0 at two
+    threads meets them; docs/training.md has the seeds that do not)."""
     from _trained import trained_tiny
 
-    table = trained_tiny(tmp_path_factory)["results"]["table"]
+    from mobilemllm.training.seeds import stage_numbers, targets
+
+    results = trained_tiny(tmp_path_factory)["results"]
+    table = results["table"]
+    met = targets({s: stage_numbers(e["eval"]) for s, e in results["stages"].items()
+                   if s in ("instruct", "dpo", "ppo")})
+    assert all(met[f"{s}_{t}"] for s in ("dpo", "ppo") for t in ("pope", "paraphrase")), met
     assert table["instruct"]["vqa_accuracy"] >= 0.90, table
     assert table["dpo"]["vqa_accuracy"] >= table["instruct"]["vqa_accuracy"] - 0.01, table
     assert table["dpo"]["caption_object_halluc"] < table["instruct"]["caption_object_halluc"], table
