@@ -251,6 +251,20 @@ def _bench_compare(files: dict[str, Any]) -> list[str]:
     return rows + _compare_targets(report) + _compare_profile(files.get("profile"))
 
 
+
+def _vision_attention(files: dict[str, Any]) -> list[str]:
+    """The ExecuTorch image encode traced with SDPA and with eager attention (benchmarks/vision_attention.py)."""
+    r = files["report"]
+    enc = r["image_encode_s"]
+    rows = ["| vision encoder traced with | image encode ms (median) | runs ms |", "|---|---|---|"]
+    for name, label in (("sdpa", "SDPA (before)"), ("eager", "eager attention (now)")):
+        rows.append(f"| {label} | {1000 * enc[name]['median']:,.0f} | "
+                    + ", ".join(f"{1000 * t:,.0f}" for t in enc[name]["all"]) + " |")
+    return rows + ["", f"{enc['sdpa']['median'] / enc['eager']['median']:.1f}x faster at {r['threads']} threads "
+                       f"({r['quantization']}, `{r['preset']}` shapes, random weights; outputs within "
+                       f"{100 * r['max_rel_diff_eager_vs_sdpa']:.1f} % of each other's largest value)."]
+
+
 SPECS: dict[str, Spec] = {
     "train-bench-h100": Spec(
         "train_bench_h100", "OUT=docs/results/train_bench_h100 bash benchmarks/gpu_train_bench.sh",
@@ -266,6 +280,11 @@ SPECS: dict[str, Spec] = {
         "runs/s3 runs/s4 > docs/results/tiny_seeds/seeds.json",
         "x86_64 AMD EPYC VM, 2 cores, no GPU, seeds 1-4 trained side by side at one thread each (so each one's wall "
         "time is about three times what it is alone); torch 2.13.0", _tiny_seeds),
+    "vision-attention": Spec(
+        "vision_attention_1.4b", "python benchmarks/vision_attention.py --preset mobilellama-1.4b --threads 2 "
+        "--repeat 5 --json docs/results/vision_attention_1.4b/report.json",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, otherwise idle (load average in the JSON); torch 2.13.0, "
+        "executorch 1.5.1", _vision_attention),
     "bench-preset": Spec(
         "bench_preset", "OUT=/tmp/bench-preset bash benchmarks/bench_preset.sh  (report: $OUT/bench.json)",
         "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (load average ~4: "
