@@ -38,7 +38,7 @@ from mobilemllm.export.gguf.vocab import chat_template, tokenizer_kind, tokenize
 from mobilemllm.export.plugin import PARITY_KEYS, ExportFormat, Job
 from mobilemllm.inference import prompt_ids
 from mobilemllm.runtime.base import bundle_views
-from mobilemllm.runtime.llamacpp_engine import LlamaCppEngine
+from mobilemllm.runtime.llamacpp_engine import INSTALL, LlamaCppEngine
 
 TEXT_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
@@ -46,7 +46,6 @@ F16_TEXT = "_model-f16.gguf"  # the converter's output before llama.cpp quantize
 PARITY_QUESTION = "What is in the image?"
 # f16 gates: the mmproj's embeddings and the logits within fp16 rounding of eager's, the same greedy answer.
 F16_GATES = {"image_max_rel_diff": 2e-2, "logits_max_rel_diff": 2e-2, "min_cosine": 0.9999, "min_greedy": 1.0}
-INSTALL = "python scripts/install_llama_cpp.py (llama.cpp with the CLIP fix), then pip install 'mobilemllm[gguf]'"
 
 
 def scheme_of(job_or_plan) -> str:
