@@ -136,6 +136,19 @@ def test_ratios_compare_with_the_first_row_of_the_same_model():
 
 
 # ---- the stats line ----------------------------------------------------------------------------------
+def test_busy_warning_discounts_the_benchmark_s_own_threads():
+    """The load average is read after the run: a quiet 2-core box benched at 2 threads shows ~2.3 of its own;
+    only load beyond the benchmark's threads makes the machine busy."""
+    from mobilemllm.bench.report import busy_warning
+
+    assert busy_warning({"load_average": [2.3, 2.0, 2.2], "cores_usable": 2, "threads": 2}) is None
+    assert busy_warning({"load_average": [1.2, 1.0, 1.0], "cores_usable": 2, "threads": 1}) is None
+    line = busy_warning({"load_average": [4.1, 3.9, 3.5], "cores_usable": 2, "threads": 2})
+    assert line.startswith("warning: the machine was busy (load average 4.1 on 2 cores, 2 of it")
+    assert busy_warning({"load_average": [2.6, 2.0, 2.0], "cores_usable": 2, "threads": 1})  # 1.6 not ours
+    assert busy_warning({"load_average": None, "cores_usable": 2}) is None
+
+
 def test_parser_reads_real_runner_output():
     from mobilemllm.bench.adb import parse_observer_lines, stats_to_repetition
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from mobilemllm.bench.timing import cpu_threads_default
 
-PACKAGES = ("mobilemllm", "torch", "executorch", "torchao", "transformers", "onnxruntime", "numpy")
+PACKAGES = ("mobilemllm", "torch", "executorch", "torchao", "transformers", "onnxruntime", "onnxruntime-genai",
+            "llama_cpp_python", "numpy")
 
 
 def cpu_model() -> str:

@@ -186,11 +186,17 @@ def table(cases: Sequence[CaseResult], machine: dict[str, Any], title: str | Non
 
 
 def busy_warning(machine: dict[str, Any]) -> str | None:
-    """A line when other work competed for the CPUs (load average above the usable cores) during the run."""
+    """A line when other work competed for the CPUs during the run. The load average is read at the end of the
+    run, so it holds the benchmark's own busy threads (one request at a time, ``threads`` of them): the machine
+    was busy when the load beyond those is more than half a core and the total exceeds the usable cores."""
     load, cores = machine.get("load_average"), machine.get("cores_usable") or machine.get("cores")
-    if load and cores and load[0] > cores:
-        return (f"warning: the machine was busy (load average {load[0]:.1f} on {cores} cores): numbers are noisy, "
-                "and multi-threaded runtimes suffer most (their threads wait on each other); --threads 1 is steadier")
+    if not (load and cores):
+        return None
+    own = min(machine.get("threads") or cores, cores)
+    if load[0] > cores and load[0] - own > 0.5:
+        return (f"warning: the machine was busy (load average {load[0]:.1f} on {cores} cores, {own} of it this "
+                "benchmark's threads): numbers are noisy, and multi-threaded runtimes suffer most (their threads "
+                "wait on each other); --threads 1 is steadier")
     return None
 
 
