@@ -298,8 +298,9 @@ SPECS: dict[str, Spec] = {
         "--json docs/results/bench_compare_1.4b/bench.json  (bundles exported with --force: random weights; "
         "profile: python -m mobilemllm.bench.profile BUNDLE --threads 2 --prompt-tokens 128 --json "
         "docs/results/bench_compare_1.4b/profile.json)",
-        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, shared with other jobs during the run (see the load average "
-        "in the JSON); torch 2.13.0, executorch 1.5.1, onnxruntime 1.32, llama-cpp-python 0.3.36",
+        "x86_64 AMD EPYC VM, 2 cores, 24 GB, no GPU, otherwise idle (load average 0.8 before the run, 2.3 after it: "
+        "its own two threads); torch 2.13.0, executorch 1.5.1, onnxruntime 1.32, onnxruntime-genai 0.18, "
+        "llama-cpp-python 0.3.36 with the CLIP class-token fix (scripts/install_llama_cpp.py)",
         _bench_compare),
 }
 
