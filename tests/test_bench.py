@@ -135,7 +135,6 @@ def test_ratios_compare_with_the_first_row_of_the_same_model():
     assert doc["cases"][3]["ratios"]["decode_tok_s"] == pytest.approx(4.0)
 
 
-# ---- the stats line ----------------------------------------------------------------------------------
 def test_busy_warning_discounts_the_benchmark_s_own_threads():
     """The load average is read after the run: a quiet 2-core box benched at 2 threads shows ~2.3 of its own;
     only load beyond the benchmark's threads makes the machine busy."""
@@ -149,6 +148,7 @@ def test_busy_warning_discounts_the_benchmark_s_own_threads():
     assert busy_warning({"load_average": None, "cores_usable": 2}) is None
 
 
+# ---- the stats line ----------------------------------------------------------------------------------
 def test_parser_reads_real_runner_output():
     from mobilemllm.bench.adb import parse_observer_lines, stats_to_repetition
 
