@@ -149,6 +149,13 @@ def test_ppo_stage_logs_rl_metrics_and_resumes_exactly(world, tmp_path, monkeypa
 
         shutil.copytree(tmp_path / "full" / "rm", tmp_path / d / "rm")
     full = _run(recipe, tmp_path / "full", ["ppo"], world / "instruct", evaluate_stages=False)
+    # `--stage ppo` keeps the reward model's entry in results.json (same checkpoint, same settings) ...
+    written = json.loads((tmp_path / "full" / "results.json").read_text())["stages"]
+    assert list(written) == ["rm", "ppo"] and written["rm"]["fingerprint"]
+    # ... but not one written for other settings of the stage
+    (tmp_path / "full" / "results.json").write_text(json.dumps({"stages": {"rm": dict(written["rm"], fingerprint="0")}}))
+    _run(recipe, tmp_path / "full", ["ppo"], world / "instruct", evaluate_stages=False)
+    assert list(json.loads((tmp_path / "full" / "results.json").read_text())["stages"]) == ["ppo"]
     rows = _metrics(tmp_path / "full" / "logs" / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "pg_loss", "vf_loss", "loss"):

@@ -555,9 +555,9 @@ def test_tiny_pipeline_runs_and_learns(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_pipeline_meets_the_issue_targets(tmp_path_factory):
-    """The issue's targets: >= 90% VQA after instruct; DPO lowers hallucination, costs <= 1 point; after DPO and
-    after PPO, POPE accuracy and F1 >= 85 % on every split and the held-out paraphrases >= 90 % (seed 0 at two
-    threads meets them; docs/training.md has the seeds that do not)."""
+    """The issue's targets: >= 90% VQA after instruct; DPO and PPO each lower caption hallucination at a cost of
+    <= 1 point of VQA; after DPO and after PPO, POPE accuracy and F1 >= 85 % on every split and the held-out
+    paraphrases >= 90 % (seed 0 at two threads meets them; docs/training.md has the seeds that do not)."""
     from _trained import trained_tiny
 
     from mobilemllm.training.seeds import stage_numbers, targets
@@ -566,8 +566,10 @@ def test_tiny_pipeline_meets_the_issue_targets(tmp_path_factory):
     table = results["table"]
     met = targets({s: stage_numbers(e["eval"]) for s, e in results["stages"].items()
                    if s in ("instruct", "dpo", "ppo")})
-    assert all(met[f"{s}_{t}"] for s in ("dpo", "ppo") for t in ("pope", "paraphrase")), met
+    # "lowers hallucination" also needs the captions to keep naming the image's objects (a hacked reward does not)
+    assert all(met[f"{s}_{t}"] for s in ("dpo", "ppo") for t in ("pope", "paraphrase", "lowers_hallucination")), met
     assert table["instruct"]["vqa_accuracy"] >= 0.90, table
     assert table["dpo"]["vqa_accuracy"] >= table["instruct"]["vqa_accuracy"] - 0.01, table
     assert table["dpo"]["caption_object_halluc"] < table["instruct"]["caption_object_halluc"], table
+    assert table["ppo"]["vqa_accuracy"] >= table["instruct"]["vqa_accuracy"] - 0.01, table
     assert table["dpo"]["pope_hallucination"] <= table["instruct"]["pope_hallucination"] + 0.01, table

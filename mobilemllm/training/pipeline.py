@@ -558,6 +558,7 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
         eval_opts["allow_outside_images"] = True
 
     results: dict[str, Any] = {"recipe": recipe.get("name"), "out_dir": str(out_dir), "stages": {}}
+    earlier = _earlier_results(out_dir)
     fps: dict[str, str] = {}
     ordered = [s for s in ORDER if s in set(plan) | set(todo)]
     for stage in ordered:
@@ -566,6 +567,9 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
         before = "/".join(str(fps.get(s)) for s in ([prev] + (["rm"] if stage == "ppo" else [])))
         fp = fps[stage] = _fingerprint(recipe, stage, before if prev or stage == "ppo" else None, data_dir)
         if stage not in todo:
+            kept = _still_valid(earlier.get(stage), out_dir, stage, fp)
+            if kept is not None:
+                results["stages"][stage] = kept
             continue
         state = stage_state(out_dir, stage)
         if resume and state and state.get("fingerprint") == fp:
@@ -585,8 +589,8 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
                               progress=progress, fingerprint=fp, resume_changed=resume_changed)
         if env.is_main:  # the run folder says which checkpoint it stands for (a reward model is not one)
             record_run_stage(out_dir, stage, policy=get_stage(stage).objective != "rm")
-        entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "train_wall_s": state.get("wall_s"),
-                                 "train_cpu_s": state.get("cpu_s")}
+        entry: dict[str, Any] = {"checkpoint": str(out_dir / stage), "fingerprint": fp,
+                                 "train_wall_s": state.get("wall_s"), "train_cpu_s": state.get("cpu_s")}
         if evaluate_stages and eval_dir is not None and stage != "foundations" and env.is_main:
             t0, cpu0 = time.perf_counter(), time.process_time()
             report = evaluate_stage(out_dir, stage, eval_dir, eval_opts)
@@ -604,6 +608,26 @@ def _run_recipe(recipe: dict[str, Any], out_dir: Path, *, stages: list[str] | No
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out_dir / RESULTS_NAME)
     return results
+
+
+def _earlier_results(out_dir: Path) -> dict[str, Any]:
+    """The stages of the folder's results.json from an earlier run (empty when there is none or it is unreadable:
+    it is rewritten at the end of this run either way)."""
+    try:
+        stages = json.loads((out_dir / RESULTS_NAME).read_text()).get("stages")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
+def _still_valid(entry: Any, out_dir: Path, stage: str, fp: str) -> dict[str, Any] | None:
+    """An earlier run's entry for a stage this run does not train, kept in results.json when it describes the
+    checkpoint that is in the folder now, for these settings (``--stage ppo`` must not drop the other stages'
+    numbers, and must not keep numbers of a checkpoint that was retrained or of other settings)."""
+    if not isinstance(entry, dict) or entry.get("fingerprint") != fp:
+        return None
+    state = stage_state(out_dir, stage)
+    return entry if state is not None and state.get("fingerprint") == fp else None
 
 
 def print_results(results: dict[str, Any], console=None) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 from mobilemllm.data.shapes import POPE_SPLITS
 
 ALIGNED = ("dpo", "ppo")
-# the tiny recipe's targets after alignment (docs/training.md)
-POPE_MIN, PARAPHRASE_MIN = 0.85, 0.90
+# the tiny recipe's targets after alignment (docs/training.md); an aligned model that names fewer of the
+# image's objects than this below its instruct model has stopped describing (a reward hacked), not improved
+POPE_MIN, PARAPHRASE_MIN, RECALL_DROP_MAX = 0.85, 0.90, 0.10
 
 
 def stage_numbers(report: dict[str, Any]) -> dict[str, Any]:
@@ -26,21 +27,28 @@ def stage_numbers(report: dict[str, Any]) -> dict[str, Any]:
             "paraphrase_by_type": report["paraphrase"]["by_type"],
             "pope": {s: {k: pope[s][k] for k in ("accuracy", "f1", "yes_ratio")} for s in POPE_SPLITS if s in pope},
             "caption_object_halluc": report["captions"]["object_rate"],
-            "caption_halluc_captions": report["captions"]["caption_rate"]}
+            "caption_halluc_captions": report["captions"]["caption_rate"],
+            "caption_recall": report["captions"].get("recall")}
 
 
 def targets(stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
     """Which targets a run meets, per aligned stage: POPE accuracy and F1 >= 85 % on every split, paraphrases
-    >= 90 %, and fewer hallucinated caption objects than the instruct model."""
+    >= 90 %, and fewer hallucinated caption objects than the instruct model while still naming the image's
+    objects (caption recall at most 10 points below the instruct model's: a policy that stops describing has no
+    hallucinated objects either)."""
     out = {}
     base = stages["instruct"]["caption_object_halluc"]
+    base_recall = stages["instruct"].get("caption_recall")
     for stage in ALIGNED:
         s = stages.get(stage)
         if s is None:
             continue
         out[f"{stage}_pope"] = all(p["accuracy"] >= POPE_MIN and p["f1"] >= POPE_MIN for p in s["pope"].values())
         out[f"{stage}_paraphrase"] = s["paraphrase"] >= PARAPHRASE_MIN
-        out[f"{stage}_lowers_hallucination"] = s["caption_object_halluc"] < base
+        recall, kept = s.get("caption_recall"), True
+        if recall is not None and base_recall is not None:
+            kept = recall >= base_recall - RECALL_DROP_MAX
+        out[f"{stage}_lowers_hallucination"] = s["caption_object_halluc"] < base and kept
     return out
 
 
