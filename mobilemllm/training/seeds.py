@@ -16,7 +16,7 @@ from mobilemllm.data.shapes import POPE_SPLITS
 
 ALIGNED = ("dpo", "ppo")
 # the tiny recipe's targets after alignment (docs/training.md); an aligned model that names fewer of the
-# image's objects than this below its instruct model has stopped describing (a reward hacked), not improved
+# image's objects than this below its instruct model has stopped describing (a hacked reward), not improved
 POPE_MIN, PARAPHRASE_MIN, RECALL_DROP_MAX = 0.85, 0.90, 0.10
 
 
