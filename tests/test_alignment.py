@@ -116,10 +116,13 @@ def test_bad_alignment_configs_are_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------- the stages
 def test_rm_stage_learns_reports_pair_accuracy_and_resumes_exactly(world, tmp_path, monkeypatch):
-    recipe = _recipe(world, tmp_path / "r.yaml")
+    recipe = _recipe(world, tmp_path / "r.yaml", "rm.data=[dpo.json,dpo_omissions.json]")
     full = _run(recipe, tmp_path / "full", ["rm"], world / "instruct")
     report = full["stages"]["rm"]["eval"]["reward"]
-    assert report["n"] == 8 and 0.0 <= report["pair_accuracy"] <= 1.0
+    # held out: each file it was trained on, 8 pairs each (eval.limit), and pooled
+    assert sorted(report["by_file"]) == ["dpo.json", "dpo_omissions.json"] and report["n"] == 16
+    assert report["pair_accuracy"] == pytest.approx(sum(r["pair_accuracy"] for r in report["by_file"].values()) / 2)
+    assert 0.0 <= report["pair_accuracy"] <= 1.0
     rows = _metrics(tmp_path / "full" / "logs" / "rm" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "rewards/accuracies" in rows[0]
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=0.05)  # a fresh head scores both answers alike
@@ -138,6 +141,12 @@ def test_rm_stage_learns_reports_pair_accuracy_and_resumes_exactly(world, tmp_pa
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), n
     assert resumed["stages"]["rm"]["checkpoint"].endswith("rm")
+
+    from mobilemllm.training.pipeline import _evaluate_reward_model
+    state = json.loads((tmp_path / "full" / "rm" / "training_state.json").read_text())
+    state["config"]["eval_pairs"] = "dpo.json"  # rm.eval_pairs names the held-out file(s)
+    one = _evaluate_reward_model(tmp_path / "full" / "rm", world / "data", state, {"limit": 8, "batch_size": 8})
+    assert list(one["reward"]["by_file"]) == ["dpo.json"] and one["reward"]["n"] == 8
 
 
 def test_ppo_stage_logs_rl_metrics_and_resumes_exactly(world, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from mobilemllm.data.shapes import (
     ask,
     caption,
     detailed_caption,
+    omission_pair,
     parse_objects,
     pope_probes,
     preference_pair,
@@ -156,6 +157,21 @@ def test_preference_pair_rejected_adds_one_absent_object() -> None:
         extra = parse_objects(pair["rejected"]) - set(scene.objects)
         assert len(extra) == 1 and pair["chosen"] != pair["rejected"]
         assert len(pair["rejected"].split(". ")) == len(pair["chosen"].split(". ")) + 1
+
+
+def test_omission_pair_rejected_leaves_an_object_out_or_describes_nothing() -> None:
+    kinds = set()
+    for i, scene in enumerate(scenes(200)):
+        pair = omission_pair(scene, random.Random(i))
+        assert pair["chosen"] == preference_pair(scene, random.Random(i))["chosen"]  # the faithful caption
+        named = parse_objects(pair["rejected"])
+        assert named <= set(scene.objects) and set(pair["omitted"]) <= set(scene.objects)
+        sentences = pair["rejected"].count(" is in the ")
+        assert sentences < len(scene.shapes) == pair["chosen"].count(" is in the ")
+        kinds.add("one left out" if sentences == len(scene.shapes) - 1 and sentences else "no description")
+        if sentences == 0:
+            assert pair["rejected"] in ("yes", "no", pair["chosen"].split(". ")[0] + ".")
+    assert kinds == {"one left out", "no description"}
 
 
 def check_answer(scene: Scene, question: str, answer: str, qtype: str) -> None:
@@ -332,6 +348,13 @@ def test_files_are_llava_format_and_answers_right(split: Path) -> None:
         assert parse_objects(rec["chosen"]) == set(scene.objects)
         assert len(parse_objects(rec["rejected"]) - set(scene.objects)) == 1
 
+    chosen = {rec["image"]: rec["chosen"] for rec in load(split, "dpo.json")}
+    omissions = load(split, "dpo_omissions.json")
+    assert len(omissions) == len(chosen)
+    for rec in omissions:
+        assert rec["id"].endswith("_omission") and rec["chosen"] == chosen[rec["image"]]
+        assert rec["rejected"].count(" is in the ") < rec["chosen"].count(" is in the ")
+
     for rec in load(split, "eval_captions.json"):
         assert rec["objects"] == by_image[rec["image"]].objects
         assert rec["prompt"] == "Describe the image in detail."
@@ -377,8 +400,8 @@ def test_varied_wordings_change_only_the_training_questions_wording(split: Path,
     out = tmp_path / "varied"
     write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, question_wordings="varied")
     a, b = tree(split), tree(out)
-    assert sorted(n for n in a if a[n] != b[n]) == ["corpus.txt", "dpo.json", "eval_questions.json",
-                                                   "instruct.json", "meta.json"]
+    assert sorted(n for n in a if a[n] != b[n]) == ["corpus.txt", "dpo.json", "dpo_omissions.json",
+                                                   "eval_questions.json", "instruct.json", "meta.json"]
     base, varied = load(split, "eval_questions.json"), load(out, "eval_questions.json")
     assert [r["conversations"][1] for r in base] == [r["conversations"][1] for r in varied]  # same answers
     patterns = {t: [re.compile(re.escape(w).replace(r"\{pos\}", ".+").replace(r"\{obj\}", ".+") + "$")

@@ -113,6 +113,25 @@ def preference_pair(scene: Scene, rng: random.Random, prompt: str = DETAIL_PROMP
     }
 
 
+def omission_pair(scene: Scene, rng: random.Random, prompt: str = DETAIL_PROMPT) -> dict[str, Any]:
+    """A preference pair against describing too little: chosen = the faithful detailed caption, rejected = the
+    same caption without one shape's sentence (scenes of 2+ shapes, 3 times in 4), else an answer that describes
+    nothing (the count alone, "yes" or "no").
+
+    preference_pair's rejected captions only ever add an object, so a model trained on those pairs alone can
+    score well by naming less, or nothing; these pairs put that failure on the rejected side."""
+    chosen = _detailed_text(scene, None)
+    if len(scene.shapes) > 1 and rng.random() < 0.75:
+        left_out = rng.randrange(len(scene.shapes))
+        kept = [s for j, s in enumerate(scene.shapes) if j != left_out]
+        rejected = " ".join([_count_sentence(len(scene.shapes))] + [_sentence(s) for s in kept])
+        omitted = [scene.shapes[left_out].object]
+    else:
+        rejected = rng.choice([_count_sentence(len(scene.shapes)), "yes", "no"])
+        omitted = list(scene.objects)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "omitted": omitted}
+
+
 def parse_objects(text: str) -> set[str]:
     """Every "colour kind" object mentioned in ``text`` (case-insensitive, plurals accepted)."""
     return {f"{c.lower()} {k.lower()}" for c, k in _OBJECT_RE.findall(text)}

@@ -94,7 +94,8 @@ def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
         m = json.loads(meta.read_text())
         if (m.get("num_images") == n and m.get("seed") == seed
                 and all(m.get(k, SYNTHETIC_OPTIONS[k]) == v for k, v in opts.items())
-                and (path / "eval_paraphrase.json").exists()):  # folders written before it get it now
+                and (path / "eval_paraphrase.json").exists()  # folders written before these get them now
+                and (path / "dpo_omissions.json").exists()):
             return
     if dist_env().is_main:
         log(f"writing {n} synthetic images (seed {seed}) to {path}")
@@ -460,19 +461,33 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
 
 
 def _evaluate_reward_model(folder: Path, eval_dir: Path, state: dict[str, Any], eval_opts: dict[str, Any]):
-    """Held-out pair accuracy of an rm stage folder on the evaluation data's preference pairs."""
+    """Held-out pair accuracy of an rm stage folder on the evaluation data's preference pairs, pooled and per
+    file: ``eval_pairs`` (a file or a list), by default each file the reward model was trained on that the
+    evaluation folder has too (dpo.json when none is): a reward model trained on two kinds of pairs is judged
+    on both."""
+    cfg = state.get("config") or {}
+    names = _file_list(cfg.get("eval_pairs")) or [
+        n for n in _file_list(cfg.get("data")) if not Path(n).is_absolute() and (eval_dir / n).is_file()]
+    paths = [Path(n) if Path(n).is_absolute() else eval_dir / n for n in names or ["dpo.json"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        return {"reward": None, "note": f"no held-out pairs ({', '.join(missing)})"}
     rm, tok = load_reward_model(folder)
-    name = (state.get("config") or {}).get("eval_pairs") or "dpo.json"
-    path = Path(name) if Path(name).is_absolute() else eval_dir / name
-    if not path.is_file():
-        return {"reward": None, "note": f"no held-out pairs ({path})"}
-    ds = PreferenceDataset(path, eval_opts.get("image_folder"), tok, rm.config,
-                           template=(state.get("config") or {}).get("template"),
-                           allow_outside_images=bool(eval_opts.get("allow_outside_images")))
-    if eval_opts.get("limit"):
-        ds.records = ds.records[:eval_opts["limit"]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return {"reward": {"data": str(path), **pair_accuracy(rm, ds, pad, eval_opts.get("batch_size", 32))}}
+    by_file = {}
+    for path in paths:
+        ds = PreferenceDataset(path, eval_opts.get("image_folder"), tok, rm.config, template=cfg.get("template"),
+                               allow_outside_images=bool(eval_opts.get("allow_outside_images")))
+        if eval_opts.get("limit"):
+            ds.records = ds.records[:eval_opts["limit"]]
+        by_file[path.name] = pair_accuracy(rm, ds, pad, eval_opts.get("batch_size", 32))
+    n = sum(r["n"] for r in by_file.values())
+    pooled = {k: sum(r[k] * r["n"] for r in by_file.values()) / max(1, n) for k in ("pair_accuracy", "mean_margin")}
+    return {"reward": {"data": ", ".join(str(p) for p in paths), "n": n, **pooled, "by_file": by_file}}
+
+
+def _file_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 # ----------------------------------------------------------------------------------------- run folder

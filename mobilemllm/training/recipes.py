@@ -123,9 +123,9 @@ class DPOSection(StageSection):
 
 class RMSection(StageSection):
     """rm: the reward model's data is the preference pairs; its held-out pair accuracy is measured on the
-    evaluation folder's ``eval_pairs`` file."""
+    evaluation folder's ``eval_pairs`` file(s)."""
 
-    eval_pairs: str | None = None  # default: dpo.json of the evaluation data
+    eval_pairs: Files = None  # default: the evaluation folder's files of the stage's data (dpo.json when none)
 
 
 class PPOSection(StageSection):
