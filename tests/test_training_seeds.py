@@ -41,3 +41,43 @@ def test_a_policy_that_stops_naming_objects_does_not_lower_hallucination(tmp_pat
     assert hacked["stages"]["ppo"]["caption_object_halluc"] < hacked["stages"]["instruct"]["caption_object_halluc"]
     assert hacked["targets"]["ppo_lowers_hallucination"] is False
     assert hacked["targets"]["dpo_lowers_hallucination"] is True
+
+
+def _sweep():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_sweep.py"
+    spec = importlib.util.spec_from_file_location("seed_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_sweep_reads_its_arguments_and_a_run_folder(tmp_path, monkeypatch, capsys):
+    """benchmarks/seed_sweep.py: seeds and settings parsed, data overrides refused before any work, and a run's
+    results.json reduced to the look-up targets (a stopped run: the stage and step it reached)."""
+    import pytest
+
+    sweep = _sweep()
+    assert sweep._seeds("0-2,5") == [0, 1, 2, 5]
+    assert sweep._setting("wd=instruct.weight_decay=0.1 ppo.lr=3e-5") == (
+        "wd", ["instruct.weight_decay=0.1", "ppo.lr=3e-5"])
+    assert sweep._setting("base=") == ("base", [])
+    monkeypatch.setattr("sys.argv", ["seed_sweep.py", "--setting", "x=synthetic.train_images=10", "--out",
+                                     str(tmp_path), "--json", str(tmp_path / "s.json")])
+    with pytest.raises(SystemExit):
+        sweep.main()
+    assert "put synthetic/data overrides in --common" in capsys.readouterr().err
+    assert not (tmp_path / "shared").exists()
+
+    run = tmp_path / "run"
+    (run / "logs" / "dpo").mkdir(parents=True)
+    (run / "instruct").mkdir()
+    (run / "instruct" / "training_state.json").write_text("{}")
+    (run / "logs" / "dpo" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 7}\n')
+    assert sweep._stage_reached(run, ["instruct", "dpo"]) == {"finished": "instruct", "stage": "dpo", "step": 7}
+    (run / "results.json").write_text(json.dumps({"stages": {"instruct": {"train_wall_s": 3, "eval": _report(
+        0.95, 0.9, 0.3)}}}))
+    out = sweep._summary(run, "instruct")
+    assert out["meets_lookup_targets"] and out["pope_accuracy"]["adversarial"] == 0.9
+    assert sweep._summary(run, "dpo") == {}
