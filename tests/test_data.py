@@ -265,6 +265,32 @@ def test_sample_longer_than_the_context(folder, tiny_tokenizer):
                              None, tiny_tokenizer, cfg)
     with pytest.raises(DataError, match="exceed the context of 40"):
         ds[0]
+    with pytest.raises(DataError, match="exceed the context of 40"):  # not cached: every read says so
+        ds[0]
+
+
+def test_samples_are_tokenised_once(folder, tiny_config, tiny_tokenizer, monkeypatch):
+    """A sample is read every epoch; its tokens come from the first read (the same ids and labels)."""
+    import mobilemllm.data.dataset as dataset
+
+    ds = ConversationDataset(write_json(folder / "d.json", [record(0), record(1)]), None, tiny_tokenizer,
+                             tiny_config)
+    first = [ds[i] for i in range(2)]
+    calls = []
+    monkeypatch.setattr(dataset, "encode_segments", lambda *a, **k: calls.append(a) or ([], []))
+    again = [ds[i] for i in range(2)]
+    assert not calls
+    assert [(s.input_ids, s.labels) for s in again] == [(s.input_ids, s.labels) for s in first]
+    assert all(isinstance(t, int) for t in again[0].input_ids + again[0].labels)
+    again[0].input_ids.append(7)  # a caller's change does not reach the cache
+    assert ds[0].input_ids == first[0].input_ids
+    monkeypatch.undo()
+    capped = ConversationDataset(write_json(folder / "e.json", [record(0), record(1)]), None, tiny_tokenizer,
+                                 tiny_config)
+    capped.TOKEN_CACHE_SAMPLES = 1  # past the cap a sample is tokenised on every read, the same tokens
+    assert [(capped[i].input_ids, capped[i].labels) for i in (0, 1, 1)] == [
+        (s.input_ids, s.labels) for s in (first[0], first[1], first[1])]
+    assert list(capped._token_cache) == [0]
 
 
 # ---------------------------------------------------------------------------------------- images
