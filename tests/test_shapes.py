@@ -25,6 +25,7 @@ from mobilemllm.data.shapes import (
     preference_pair,
     render,
     sample_scene,
+    substitution_pair,
     write_synthetic,
 )
 
@@ -172,6 +173,23 @@ def test_omission_pair_rejected_leaves_an_object_out_or_describes_nothing() -> N
         if sentences == 0:
             assert pair["rejected"] in ("yes", "no", pair["chosen"].split(". ")[0] + ".")
     assert kinds == {"one left out", "no description"}
+
+
+def test_substitution_pair_rejected_misnames_one_shape() -> None:
+    changed = set()
+    for i, scene in enumerate(scenes(200)):
+        pair = substitution_pair(scene, random.Random(i))
+        assert pair["chosen"] == preference_pair(scene, random.Random(i))["chosen"]
+        good, bad = pair["chosen"].split(". "), pair["rejected"].split(". ")
+        diff = [(a, b) for a, b in zip(good, bad) if a != b]
+        assert len(good) == len(bad) and len(diff) == 1  # same count, same quadrants, one sentence differs
+        (a, b), = diff
+        was, now = pair["misnamed"]
+        assert was in a and now in b and was != now
+        same = [x == y for x, y in zip(was.split(" "), now.split(" "))]
+        assert sum(same) == 1  # the colour or the kind, not both
+        changed.add("kind" if same[0] else "colour")
+    assert changed == {"colour", "kind"}
 
 
 def check_answer(scene: Scene, question: str, answer: str, qtype: str) -> None:
@@ -354,6 +372,9 @@ def test_files_are_llava_format_and_answers_right(split: Path) -> None:
     for rec in omissions:
         assert rec["id"].endswith("_omission") and rec["chosen"] == chosen[rec["image"]]
         assert rec["rejected"].count(" is in the ") < rec["chosen"].count(" is in the ")
+    swaps = load(split, "dpo_substitutions.json")
+    assert [r["chosen"] for r in swaps] == [chosen[r["image"]] for r in swaps] and len(swaps) == len(chosen)
+    assert all(r["id"].endswith("_substitution") and r["rejected"] != r["chosen"] for r in swaps)
 
     for rec in load(split, "eval_captions.json"):
         assert rec["objects"] == by_image[rec["image"]].objects
@@ -401,7 +422,8 @@ def test_varied_wordings_change_only_the_training_questions_wording(split: Path,
     write_synthetic(out, num_images=N, seed=3, hallucination_rate=0.5, question_wordings="varied")
     a, b = tree(split), tree(out)
     assert sorted(n for n in a if a[n] != b[n]) == ["corpus.txt", "dpo.json", "dpo_omissions.json",
-                                                   "eval_questions.json", "instruct.json", "meta.json"]
+                                                   "dpo_substitutions.json", "eval_questions.json",
+                                                   "instruct.json", "meta.json"]
     base, varied = load(split, "eval_questions.json"), load(out, "eval_questions.json")
     assert [r["conversations"][1] for r in base] == [r["conversations"][1] for r in varied]  # same answers
     patterns = {t: [re.compile(re.escape(w).replace(r"\{pos\}", ".+").replace(r"\{obj\}", ".+") + "$")

@@ -21,6 +21,7 @@ and scene ``i`` does not depend on how many images are generated.
     out_dir/instruct.json                 multi-turn questions + noisy detailed captions (SFT)
     out_dir/dpo.json                      {id, image, prompt, chosen, rejected} preference pairs
     out_dir/dpo_omissions.json            preference pairs whose rejected caption leaves an object out
+    out_dir/dpo_substitutions.json        preference pairs whose rejected caption misnames a shape
     out_dir/eval_questions.json           single-answer questions with a "type" field
     out_dir/eval_pope_<split>.json        POPE yes/no probes (random, popular, adversarial), "object"
     out_dir/eval_captions.json            detailed-caption prompts with the objects truly present
@@ -59,10 +60,11 @@ from mobilemllm.data.shapes_text import (DETAIL_PROMPT, PARAPHRASE_TYPES, POPE_S
                                          Question, absent_objects, adversarial_candidates, ask, caption,
                                          corpus_lines, detailed_caption, object_popularity, paraphrase_questions,
                                          omission_pair, parse_objects, pope_probes, pope_question, preference_pair,
+                                         substitution_pair,
                                          sample_questions)
 from mobilemllm.data.wordings import Composed, detail_prompt
 
-FORMAT_VERSION = 3  # 2: a train split has questions_canonical.json; 3: dpo_omissions.json
+FORMAT_VERSION = 4  # 2: a train split has questions_canonical.json; 3: dpo_omissions.json; 4: dpo_substitutions.json
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -158,7 +160,8 @@ def write_synthetic(
     scenes = [sample_scene(_rng(seed, i, "scene"), i, seed) for i in range(num_images)]
     popularity = object_popularity(scenes)
     files: dict[str, list[dict[str, Any]]] = {name: [] for name in (
-        "pretrain.json", "instruct.json", "dpo.json", "dpo_omissions.json", "eval_questions.json",
+        "pretrain.json", "instruct.json", "dpo.json", "dpo_omissions.json", "dpo_substitutions.json",
+        "eval_questions.json",
         *(("questions_canonical.json",) if split == "train" else ()), *(f"eval_pope_{s}.json" for s in POPE_SPLITS), "eval_captions.json", "eval_paraphrase.json")}
     corpus: list[str] = []
     hallucinated = 0
@@ -216,10 +219,14 @@ def _write_scene(scene: Scene, i: int, out: Path, files: dict[str, list], corpus
     files["dpo.json"].append({"id": scene.id, "image": image, "prompt": pair["prompt"],
                               "chosen": pair["chosen"], "rejected": pair["rejected"]})
     corpus += [pair["prompt"], pair["chosen"], pair["rejected"]]
-    # its own rng stream, and no new text for the corpus (its texts are the pair's): every other file stays as it was
+    # their own rng streams, and no new text for the corpus: every other file stays as it was
     omit = omission_pair(scene, _rng(seed, i, "omission"), pair["prompt"])
     files["dpo_omissions.json"].append({"id": f"{scene.id}_omission", "image": image, "prompt": omit["prompt"],
                                         "chosen": omit["chosen"], "rejected": omit["rejected"]})
+    swap = substitution_pair(scene, _rng(seed, i, "substitution"), pair["prompt"])
+    files["dpo_substitutions.json"].append({"id": f"{scene.id}_substitution", "image": image,
+                                            "prompt": swap["prompt"], "chosen": swap["chosen"],
+                                            "rejected": swap["rejected"]})
     _question_part(scene, i, image, wording, files, corpus, opts)
     _evaluation_part(scene, i, image, pair["chosen"], files, popularity, seed)
     return hallucinated

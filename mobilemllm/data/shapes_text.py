@@ -132,6 +132,24 @@ def omission_pair(scene: Scene, rng: random.Random, prompt: str = DETAIL_PROMPT)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "omitted": omitted}
 
 
+def substitution_pair(scene: Scene, rng: random.Random, prompt: str = DETAIL_PROMPT) -> dict[str, Any]:
+    """A preference pair against misnaming a shape that is there: chosen = the faithful detailed caption,
+    rejected = the same caption with one shape's colour or kind (one of the two, at random) changed.
+
+    A captioning model's own hallucinations are mostly of this kind (a real shape in the wrong colour or
+    kind), where preference_pair's rejected caption adds a shape that is not there at all."""
+    j = rng.randrange(len(scene.shapes))
+    old = scene.shapes[j]
+    if rng.random() < 0.5:
+        new = Shape(old.kind, rng.choice([c for c in COLOURS if c != old.colour]), old.size, old.position)
+    else:
+        new = Shape(rng.choice([k for k in KINDS if k != old.kind]), old.colour, old.size, old.position)
+    shapes = [new if i == j else s for i, s in enumerate(scene.shapes)]
+    rejected = " ".join([_count_sentence(len(shapes))] + [_sentence(s) for s in shapes])
+    return {"prompt": prompt, "chosen": _detailed_text(scene, None), "rejected": rejected,
+            "misnamed": [old.object, new.object]}
+
+
 def parse_objects(text: str) -> set[str]:
     """Every "colour kind" object mentioned in ``text`` (case-insensitive, plurals accepted)."""
     return {f"{c.lower()} {k.lower()}" for c, k in _OBJECT_RE.findall(text)}
