@@ -62,6 +62,21 @@ def _summary(run: Path, stage: str) -> dict:
             and min(pope.values()) >= POPE_MIN and min(f1.values()) >= POPE_MIN}
 
 
+def _loss_windows(run: Path, stage: str, window: int = 100) -> list[float]:
+    """The stage's training loss as means over ``window`` steps: where a late transition (the look-ups) lands."""
+    try:
+        lines = (run / "logs" / stage / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    loss = []
+    for line in lines:  # a run stopped at the timeout can leave half a line
+        try:
+            loss.append(json.loads(line)["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [round(sum(loss[i:i + window]) / len(loss[i:i + window]), 4) for i in range(0, len(loss), window)]
+
+
 def _stage_reached(run: Path, stages: list[str]) -> dict:
     """The last finished stage, and the step the one after it had reached (for runs stopped at the timeout)."""
     done = [s for s in stages if (run / s / "training_state.json").exists()]
@@ -128,7 +143,8 @@ def main() -> int:
         log.close()
         run = args.out / f"{name}_s{seed}"
         runs.append({"setting": name, "seed": seed, "exit": p.returncode, "command": " ".join(cmd[1:]),
-                     "reached": _stage_reached(run, stages), **_summary(run, last)})
+                     "reached": _stage_reached(run, stages), **_summary(run, last),
+                     "loss_per_100_steps": _loss_windows(run, last)})
     per_setting = {}
     for name, _ in args.setting:
         mine = [r for r in runs if r["setting"] == name]

@@ -81,3 +81,7 @@ def test_seed_sweep_reads_its_arguments_and_a_run_folder(tmp_path, monkeypatch, 
     out = sweep._summary(run, "instruct")
     assert out["meets_lookup_targets"] and out["pope_accuracy"]["adversarial"] == 0.9
     assert sweep._summary(run, "dpo") == {}
+    rows = [{"step": i + 1, "loss": 1.0 if i < 100 else 0.5} for i in range(150)] + [{"event": "saved"}]
+    (run / "logs" / "dpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep._loss_windows(run, "dpo") == [1.0, 0.5]  # means over 100 steps, non-loss lines skipped
+    assert sweep._loss_windows(run, "ppo") == []

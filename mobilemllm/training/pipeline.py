@@ -95,7 +95,7 @@ def _synth(path: Path, n: int, seed: int, syn: dict, log) -> None:
         if (m.get("num_images") == n and m.get("seed") == seed
                 and all(m.get(k, SYNTHETIC_OPTIONS[k]) == v for k, v in opts.items())
                 and (path / "eval_paraphrase.json").exists()  # folders written before these get them now
-                and (path / "dpo_omissions.json").exists()):
+                and (path / "dpo_substitutions.json").exists()):
             return
     if dist_env().is_main:
         log(f"writing {n} synthetic images (seed {seed}) to {path}")
@@ -443,7 +443,8 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
     """Evaluate ``out_dir/stage`` on ``eval_dir`` (cached in the stage folder's eval.json)."""
     folder = out_dir / stage
     state = json.loads((folder / STATE_NAME).read_text())
-    key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(eval_dir), "opts": eval_opts}
+    # the real path: the same run reached through a symlink or a relative --out reuses its evaluations too
+    key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(Path(eval_dir).resolve()), "opts": eval_opts}
     cache = folder / EVAL_NAME
     if reuse and cache.exists():
         cached = json.loads(cache.read_text())

@@ -77,6 +77,7 @@ class TrainConfig:
     lr: float = 1e-3
     connector_lr: float | None = None  # a separate lr for the connector (MobileVLM v2 style)
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95-0.98: faster to follow a changing gradient scale)
     global_batch: int = 64
     micro_batch: int = 16
     epochs: float = 1.0
@@ -160,6 +161,10 @@ def sample_lengths(dataset) -> list[int]:
         raise ConfigError(f"group_by_length needs sample lengths, which a {type(dataset).__name__} does not "
                           "provide; set group_by_length=false for this stage")
     return list(dataset.lengths)
+
+
+# what a run saved before a setting existed ran with (so adding a setting does not block old resumes)
+_DEFAULT_SETTINGS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 class Trainer:
@@ -332,7 +337,9 @@ class Trainer:
 
     def _setting_changes(self, saved: dict[str, Any], allow: bool) -> dict[str, list]:
         """The settings that differ from the saved state's: ``{key: [old, new]}``; refused unless ``allow``."""
-        old, new = saved.get("settings") or {}, self.settings()
+        new = self.settings()
+        # a state saved before a setting existed ran with its default
+        old = {**{k: v for k, v in _DEFAULT_SETTINGS.items() if k in new}, **(saved.get("settings") or {})}
         changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         if changes and not allow:
             listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items())
@@ -398,6 +405,7 @@ class Trainer:
         if not groups:
             raise ConfigError("nothing to train: every parameter is frozen")
         self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                           betas=(0.9, self.cfg.adam_beta2),
                                            foreach=False if self.cfg.fsdp else None)
         for g in self.optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
