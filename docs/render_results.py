@@ -277,15 +277,20 @@ SPECS: dict[str, Spec] = {
         "513-token samples", _train_bench),
     "tiny-pipeline": Spec(
         "tiny_pipeline", "mobilemllm train --recipe tiny --out runs/s0 seed=0  (results: runs/s0/results.json)",
-        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU; trained by the test suite's fixture (tests/_trained.py: "
-        "the same stages and bit-identical weights as the command) with the box otherwise idle; torch 2.13.0",
+        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU, the box otherwise idle; torch 2.13.0. The test suite's "
+        "fixture (tests/_trained.py) trains the same stages to bit-identical weights; this run's foundations and "
+        "pretrain stages were reused from the run before the recipe took AdamW's beta2 0.95 (the same settings "
+        "and checkpoints, their times from that run)",
         _tiny_alignment),
     "tiny-seeds": Spec(
         "tiny_seeds", "mobilemllm train --recipe tiny --out runs/s$S seed=$S num_threads=1 for S in 1 2 3 4, seed 0 "
         "the tiny-pipeline run above; python -m mobilemllm.training.seeds runs/s0 runs/s1 runs/s2 runs/s3 runs/s4 > "
         "docs/results/tiny_seeds/seeds.json",
-        "x86_64 AMD EPYC VM, 2 cores, no GPU, seeds 1-4 trained side by side at one thread each, with up to five "
-        "jobs on the two cores (each one's wall time is three to four times what it is alone); torch 2.13.0",
+        "x86_64 AMD EPYC VM, 2 cores, no GPU; torch 2.13.0. Seeds 1-4 trained side by side at one thread each, "
+        "with up to five jobs on the two cores (each one's wall time is three to four times what it is alone), "
+        "their instruct and later stages started from the pretrain checkpoints of the same seeds' earlier runs "
+        "(`--init runs/s$S/pretrain`, the same foundations and pretrain settings), so their train times leave out "
+        "foundations and pretrain (about 170 s at one thread under that load)",
         _tiny_seeds),
     "vision-attention": Spec(
         "vision_attention_1.4b", "python benchmarks/vision_attention.py --preset mobilellama-1.4b --threads 2 "
