@@ -109,12 +109,14 @@ def _tiny_alignment(files: dict[str, Any]) -> list[str]:
 
 def _tiny_seeds(files: dict[str, Any]) -> list[str]:
     """The default recipe on several seeds (seeds.json of mobilemllm.training.seeds): each seed's numbers per
-    stage, and how many seeds meet each target."""
+    stage, each aligned stage's change of the hallucinated-object rate with its 95 % interval, and how many
+    seeds meet each target."""
     runs = files["seeds"]["runs"]
     met = {k: sum(r["targets"][k] for r in runs) for k in runs[0]["targets"]}
     rows = ["| seed | stage | VQA | paraphrase VQA | POPE acc. (rand./pop./adv.) | POPE F1 | POPE yes-ratio | "
-            "caption halluc. objects | captions with one | objects named | RM pairs | train s (all stages) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "caption halluc. objects | change (95 % interval) | captions with one | objects named | RM pairs | "
+            "train s (all stages) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for stage in ("instruct", "dpo", "ppo"):
             st = run["stages"][stage]
@@ -123,12 +125,27 @@ def _tiny_seeds(files: dict[str, Any]) -> list[str]:
             rm = _pct(run.get("rm_pair_accuracy")) if stage == "ppo" else ""
             rows.append(f"| {run['seed']} | {stage} | {_pct(st['vqa'])} | {_pct(st['paraphrase'])} | "
                         f"{three['accuracy']} | {three['f1']} | {three['yes_ratio']} | "
-                        f"{_pct(st['caption_object_halluc'])} | {_pct(st['caption_halluc_captions'])} | "
+                        f"{_pct(st['caption_object_halluc'])} | {_change(run, stage)} | "
+                        f"{_pct(st['caption_halluc_captions'])} | "
                         f"{_pct(st.get('caption_recall'))} | {rm} | "
                         f"{run['train_wall_s']:.0f} |")
+    clear = {s: sum(((r.get("halluc_change") or {}).get(s) or {}).get("ci", [0, 0])[1] < 0 for r in runs)
+             for s in ("dpo", "ppo")}
     return rows + [
         "", f"Seeds tried: {len(runs)} ({', '.join(str(r['seed']) for r in runs)}); seeds meeting each target: "
-        + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in met.items()) + "."]
+        + ", ".join(f"{k.replace('_', ' ')} {v}/{len(runs)}" for k, v in met.items())
+        + f"; hallucinated-object rate lower with a 95 % interval below zero: dpo {clear['dpo']}/{len(runs)}, "
+        f"ppo {clear['ppo']}/{len(runs)}."]
+
+
+def _change(run: dict[str, Any], stage: str) -> str:
+    """An aligned stage's change of the hallucinated-object rate against its instruct model, in points, with
+    the paired bootstrap interval (mobilemllm.evaluation.metrics.object_rate_change)."""
+    c = (run.get("halluc_change") or {}).get(stage)
+    if not c:
+        return ""
+    ci = c.get("ci")
+    return f"{100 * c['change']:+.1f}" + (f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
 
 
 def _bench_table(report: dict[str, Any]) -> list[str]:

@@ -60,6 +60,35 @@ def test_caption_hallucination_by_hand():
     assert m["object_rate"] == pytest.approx(1 / 3)  # 1 of 3 mentioned objects is not there
     assert m["caption_rate"] == pytest.approx(1 / 3)
     assert m["recall"] == pytest.approx(2 / 4)
+    assert m["per_caption"] == {"mentioned": [2, 1, 0], "hallucinated": [1, 0, 0], "objects": [1, 2, 1],
+                                "named": [1, 1, 0]}
+
+
+def _captions(n: int, wrong_every: int) -> dict:
+    """n captions naming two objects each (both there) plus, every ``wrong_every``-th, an absent one."""
+    said = [{"red circle", "blue square"} | ({"green diamond"} if i % wrong_every == 0 else set()) for i in range(n)]
+    return caption_hallucination(said, [["red circle", "blue square"]] * n)
+
+
+def test_hallucination_rate_interval_and_paired_change():
+    """The object rate's 95 % bootstrap interval holds the rate and is reproducible; a model that hallucinates
+    on a third of the captions against one on every second has a change whose interval is below zero, and a
+    change of one caption in 200 has an interval that spans zero (noise, not an improvement)."""
+    from mobilemllm.evaluation.metrics import object_rate_change
+
+    worse, better = _captions(200, 2), _captions(200, 3)
+    lo, hi = worse["object_rate_ci"]
+    assert lo < worse["object_rate"] < hi and hi - lo < 0.15
+    assert _captions(200, 2)["object_rate_ci"] == worse["object_rate_ci"]
+    clear = object_rate_change(worse, better)
+    assert clear["change"] == pytest.approx(better["object_rate"] - worse["object_rate"]) and clear["ci"][1] < 0
+    said = [{"red circle", "blue square"} | ({"green diamond"} if i % 2 == 0 or i == 1 else set()) for i in range(200)]
+    one_more = caption_hallucination(said, [["red circle", "blue square"]] * 200)
+    noise = object_rate_change(worse, one_more)
+    assert noise["change"] > 0 and noise["ci"][0] <= 0 <= noise["ci"][1]
+    assert object_rate_change(worse, worse) == {"change": 0.0, "ci": [0.0, 0.0]}
+    assert object_rate_change(worse, _captions(100, 3)) is None  # not the same captions
+    assert object_rate_change({"object_rate": 0.1}, better) is None  # a report without per-caption counts
 
 
 def test_batched_greedy_equals_per_prompt_generate(small):

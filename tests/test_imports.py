@@ -42,6 +42,7 @@ LAZY_MODULES: dict[str, str] = {
     "transformers": "seconds to load (model registry, torch); configs and helpers of models/ load without it",
     "matplotlib": "only `bench --plot` needs it; slow to load",
     "selenium": "dev extra; only the browser test of the web demo needs it",
+    "scipy": "scipy.stats takes seconds to load; only the caption hallucination intervals need it",
 }
 LAZY_TAG = re.compile(r"#\s*lazy:\s*\S")
 MAX_FUNCTION_LINES = 80

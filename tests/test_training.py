@@ -105,6 +105,30 @@ def test_dpo_loss_matches_hand_computation():
     assert rrew.tolist() == pytest.approx([-0.25, 0.5])
 
 
+def test_rpo_adds_the_chosen_answers_mean_token_nll(small_world):
+    """dpo.rpo_alpha (RPO, trl's rpo_alpha): the DPO loss plus alpha x each chosen answer's mean token NLL;
+    0 leaves plain DPO, and the rejected answers do not enter the added term."""
+    model, tok = _load(small_world)
+    ref, _ = _load(small_world)
+    ds = PreferenceDataset(small_world / "data" / "dpo.json", None, tok, model.config)
+    pairs = [ds[i] for i in range(3)]
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], tok.pad_token_id)
+    with torch.no_grad():
+        plain, _ = DPOObjective(ref, 0.1).loss(model, batch)
+        rpo, metrics = DPOObjective(ref, 0.1, rpo_alpha=0.5).loss(model, batch)
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]).logits
+    means = []
+    for row in range(3):  # by hand: log-softmax at each position that predicts a labelled token
+        logp = torch.log_softmax(logits[row, :-1].float(), -1)
+        target = batch["labels"][row, 1:]
+        keep = target != -100
+        means.append(-logp[keep].gather(-1, target[keep].unsqueeze(-1)).mean())
+    assert plain.item() == pytest.approx(3 * math.log(2), abs=1e-4)  # policy == reference
+    assert metrics["nll/chosen"].item() == pytest.approx(sum(means).item(), rel=1e-4)
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * sum(means).item(), rel=1e-4)
+
+
 def test_sequence_logps_sums_only_labelled_tokens():
     logits = torch.log_softmax(torch.randn(1, 4, 5), -1)
     labels = torch.tensor([[-100, 3, -100, 1]])

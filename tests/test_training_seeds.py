@@ -35,6 +35,25 @@ def test_collect_reports_each_seeds_numbers_and_targets(tmp_path):
     assert runs[0]["rm_pair_accuracy"] == 1.0 and runs[0]["train_wall_s"] == 12 and runs[0]["train_cpu_s"] == 24
 
 
+def test_collect_gives_each_aligned_stage_its_hallucination_change_with_an_interval(tmp_path):
+    """With per-caption counts in the reports (evaluation reports of version 2) each aligned stage gets its
+    paired change against the instruct model; an older report without them gets None, not a made-up interval."""
+    from mobilemllm.evaluation.metrics import caption_hallucination
+
+    truth = [["red circle", "blue square"]] * 100
+    folder = _run(tmp_path / "a", 0, 0.1, 0.99)
+    res = json.loads((folder / "results.json").read_text())
+    for stage, every in (("instruct", 2), ("dpo", 4)):
+        said = [{"red circle"} | ({"green diamond"} if i % every == 0 else set()) for i in range(100)]
+        res["stages"][stage]["eval"]["captions"] = caption_hallucination(said, truth)
+    (folder / "results.json").write_text(json.dumps(res))
+    run = collect([folder])["runs"][0]
+    dpo = run["halluc_change"]["dpo"]
+    assert dpo["change"] < 0 and dpo["ci"][0] <= dpo["change"] <= dpo["ci"][1] < 0
+    assert run["halluc_change"]["ppo"] is None
+    assert run["stages"]["dpo"]["caption_object_halluc_ci"][1] < run["stages"]["instruct"]["caption_object_halluc_ci"][0]
+
+
 def test_a_policy_that_stops_naming_objects_does_not_lower_hallucination(tmp_path):
     """A reward-hacked policy (captions answered "no": no objects named, none hallucinated) misses the target."""
     hacked = collect([_run(tmp_path / "a", 0, 0.1, 0.99, ppo_recall=0.0)])["runs"][0]

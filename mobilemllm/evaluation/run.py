@@ -35,6 +35,8 @@ from mobilemllm.templates import IMAGE
 QUESTIONS_FILE = "eval_questions.json"
 CAPTIONS_FILE = "eval_captions.json"
 PARAPHRASE_FILE = "eval_paraphrase.json"
+# bumped when a report gains fields, so cached reports (a stage folder's eval.json) are made again
+REPORT_VERSION = 2  # 2: the caption hallucination rate's bootstrap interval and per-caption counts
 
 
 def pope_file(split: str) -> str:
@@ -185,7 +187,9 @@ def _evaluate(run, data_dir: Path, limit: int | None, answer_tokens: int, captio
         stats = caption_hallucination([parse_objects(c) for c in caps], [r["objects"] for r in recs])
         stats["examples"] = [{"objects": r["objects"], "caption": c} for r, c in list(zip(recs, caps))[:3]]
         report["captions"] = stats
-        say(f"captions: hallucinated objects {stats['object_rate']:.3f}")
+        ci = stats["object_rate_ci"]
+        say(f"captions: hallucinated objects {stats['object_rate']:.3f}"
+            + (f" (95 % interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
     report["eval_s"] = round(time.perf_counter() - t0, 2)
     return report
 

@@ -67,11 +67,12 @@ class DPOObjective:
 
     name = "dpo"
 
-    def __init__(self, reference, beta: float = 0.1):
+    def __init__(self, reference, beta: float = 0.1, rpo_alpha: float = 0.0):
         self.reference = reference.eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.beta = beta
+        self.rpo_alpha = rpo_alpha
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -79,7 +80,9 @@ class DPOObjective:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].shape[0] // 2
         inputs = _model_inputs(batch)
-        logps = sequence_logps(model(**inputs).logits, batch["labels"])
+        logits = model(**inputs).logits
+        nll = token_nll(logits, batch["labels"])
+        logps = -nll.sum(-1)
         with torch.no_grad():
             ref = sequence_logps(self.reference(**inputs).logits, batch["labels"])
         losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
@@ -91,6 +94,14 @@ class DPOObjective:
             "logps/chosen": logps[:n].detach().sum(),
             "logps/rejected": logps[n:].detach().sum(),
         }
+        if self.rpo_alpha:
+            # RPO (Pang et al. 2024; trl's rpo_alpha): plus the chosen answer's mean token NLL. DPO pushes
+            # down every token of the rejected answer, the template words it shares with the chosen one too
+            # ("is in the"), and captions lose them; the NLL term keeps the chosen answer likely
+            tokens = (batch["labels"][:n, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            chosen_nll = nll[:n].sum(-1) / tokens
+            losses = losses + self.rpo_alpha * chosen_nll
+            metrics["nll/chosen"] = chosen_nll.detach().sum()
         return losses.sum(), metrics
 
 

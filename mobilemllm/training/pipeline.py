@@ -39,7 +39,7 @@ from mobilemllm.data.shapes import write_synthetic
 from mobilemllm.data.tokenizer import eos_ids, load_tokenizer, tiny_tokenizer
 from mobilemllm.errors import ConfigError, UserError
 from mobilemllm.evaluation import evaluate
-from mobilemllm.evaluation.run import format_table, summarize
+from mobilemllm.evaluation.run import REPORT_VERSION, format_table, summarize
 from mobilemllm.models.checkpoint import load_checkpoint, record_run_stage, save_checkpoint
 from mobilemllm.models.vlm import MobileVLM
 from mobilemllm.training.distributed import barrier, dist_env
@@ -231,6 +231,7 @@ def _run_keys(recipe: dict[str, Any], stage: str, cfg, opts: dict[str, Any], dat
             "curriculum_data": opts.get("curriculum_data") if cfg.curriculum_steps else None,
             "lora": opts.get("lora") if stage == "instruct" else None,
             "beta": float(opts.get("beta", 0.1)) if get_stage(stage).objective == "dpo" else None,
+            **({"rpo_alpha": float(opts["rpo_alpha"])} if opts.get("rpo_alpha") else {}),
             **(_ppo_keys(opts) if stage == "ppo" else {}),
             "init": start or str(init or recipe.get("model", "tiny"))}
 
@@ -368,7 +369,8 @@ def _stage_data(recipe: dict[str, Any], objective: str, model, tok, init, opts: 
             loss = RewardObjective()
         else:
             reference, _ = load_checkpoint(init, with_tokenizer=False)
-            loss = DPOObjective(reference, beta=float(opts.get("beta", 0.1)))
+            loss = DPOObjective(reference, beta=float(opts.get("beta", 0.1)),
+                                rpo_alpha=float(opts.get("rpo_alpha", 0.0)))
         return dataset, loss, lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)
     dataset = _concat([ConversationDataset(p, opts.get("image_folder"), tok, model.config, template=template,
                                            max_length=opts.get("max_length"), allow_outside_images=allow)
@@ -444,7 +446,8 @@ def evaluate_stage(out_dir: Path, stage: str, eval_dir: Path, eval_opts: dict[st
     folder = out_dir / stage
     state = json.loads((folder / STATE_NAME).read_text())
     # the real path: the same run reached through a symlink or a relative --out reuses its evaluations too
-    key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(Path(eval_dir).resolve()), "opts": eval_opts}
+    key = {"fingerprint": state.get("fingerprint"), "eval_dir": str(Path(eval_dir).resolve()), "opts": eval_opts,
+           "report_version": REPORT_VERSION}
     cache = folder / EVAL_NAME
     if reuse and cache.exists():
         cached = json.loads(cache.read_text())

@@ -120,6 +120,7 @@ class InstructSection(LMStageSection):
 
 class DPOSection(StageSection):
     beta: Number = Field(0.1, gt=0)
+    rpo_alpha: Number = Field(0.0, ge=0)  # weight of the chosen answer's mean token NLL (RPO; 0: plain DPO)
 
 
 class RMSection(StageSection):

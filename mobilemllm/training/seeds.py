@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemllm.data.shapes import POPE_SPLITS
+from mobilemllm.evaluation.metrics import object_rate_change
 
 ALIGNED = ("dpo", "ppo")
 # the tiny recipe's targets after alignment (docs/training.md); an aligned model that names fewer of the
@@ -27,6 +28,7 @@ def stage_numbers(report: dict[str, Any]) -> dict[str, Any]:
             "paraphrase_by_type": report["paraphrase"]["by_type"],
             "pope": {s: {k: pope[s][k] for k in ("accuracy", "f1", "yes_ratio")} for s in POPE_SPLITS if s in pope},
             "caption_object_halluc": report["captions"]["object_rate"],
+            "caption_object_halluc_ci": report["captions"].get("object_rate_ci"),
             "caption_halluc_captions": report["captions"]["caption_rate"],
             "caption_recall": report["captions"].get("recall")}
 
@@ -52,6 +54,14 @@ def targets(stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
     return out
 
 
+def halluc_change(captions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each aligned stage's change of the hallucinated-object rate against the instruct model, with its
+    paired 95 % bootstrap interval (None for reports made before they kept per-caption counts)."""
+    base = captions.get("instruct")
+    return {stage: object_rate_change(base, captions[stage]) if base else None
+            for stage in ALIGNED if stage in captions}
+
+
 def collect(run_dirs: list[Path]) -> dict[str, Any]:
     """Every run folder's results.json, reduced to the seeds table's numbers."""
     runs = []
@@ -61,10 +71,13 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
         stages = {name: stage_numbers(e["eval"]) for name, e in res["stages"].items()
                   if e.get("eval") and "vqa" in e["eval"]}
         rm = ((res["stages"].get("rm") or {}).get("eval") or {}).get("reward") or {}
+        captions = {name: e["eval"]["captions"] for name, e in res["stages"].items()
+                    if (e.get("eval") or {}).get("captions")}
         train_wall = sum(e.get("train_wall_s") or 0 for e in res["stages"].values())
         train_cpu = sum(e.get("train_cpu_s") or 0 for e in res["stages"].values())
         runs.append({"seed": (state.get("config") or {}).get("seed"), "run": str(folder), "stages": stages,
                      "rm_pair_accuracy": rm.get("pair_accuracy"), "targets": targets(stages),
+                     "halluc_change": halluc_change(captions),
                      "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
                      "torch_threads": res.get("torch_threads")})
     return {"runs": runs}
