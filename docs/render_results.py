@@ -297,7 +297,8 @@ SPECS: dict[str, Spec] = {
         "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU, the box otherwise idle; torch 2.13.0. The test suite's "
         "fixture (tests/_trained.py) trains the same stages to bit-identical weights; this run's foundations and "
         "pretrain stages were reused from the run before the recipe took AdamW's beta2 0.95 (the same settings "
-        "and checkpoints, their times from that run)",
+        "and checkpoints, their times from that run), and its dpo stage was retrained when the recipe took "
+        "`dpo.rpo_alpha`",
         _tiny_alignment),
     "tiny-seeds": Spec(
         "tiny_seeds", "mobilemllm train --recipe tiny --out runs/s$S seed=$S num_threads=1 for S in 1 2 3 4, seed 0 "
@@ -307,7 +308,8 @@ SPECS: dict[str, Spec] = {
         "with up to five jobs on the two cores (each one's wall time is three to four times what it is alone), "
         "their instruct and later stages started from the pretrain checkpoints of the same seeds' earlier runs "
         "(`--init runs/s$S/pretrain`, the same foundations and pretrain settings), so their train times leave out "
-        "foundations and pretrain (about 170 s at one thread under that load)",
+        "foundations and pretrain (about 170 s at one thread under that load); their dpo stages were retrained two "
+        "side by side when the recipe took `dpo.rpo_alpha`",
         _tiny_seeds),
     "vision-attention": Spec(
         "vision_attention_1.4b", "python benchmarks/vision_attention.py --preset mobilellama-1.4b --threads 2 "
