@@ -96,8 +96,9 @@ class DPOObjective:
         }
         if self.rpo_alpha:
             # RPO (Pang et al. 2024; trl's rpo_alpha): plus the chosen answer's mean token NLL. DPO pushes
-            # down every token of the rejected answer, the template words it shares with the chosen one too
-            # ("is in the"), and captions lose them; the NLL term keeps the chosen answer likely
+            # down the tokens where the rejected answer departs from the chosen one; in caption pairs those
+            # are a sentence of the words every caption uses ("is in the"), which the captions then lose
+            # elsewhere too. The NLL term keeps the chosen answer likely
             tokens = (batch["labels"][:n, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
             chosen_nll = nll[:n].sum(-1) / tokens
             losses = losses + self.rpo_alpha * chosen_nll
