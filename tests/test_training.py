@@ -488,6 +488,24 @@ def test_adam_beta2_reaches_the_optimizer_and_is_checked(small_world, tmp_path):
             load_recipe("tiny", [f"instruct.adam_beta2={bad}"])
 
 
+def test_warmup_steps_overrides_the_ratio_so_a_longer_run_starts_alike(small_world, tmp_path):
+    """warmup_steps: a fixed warmup, whatever max_steps is, so the first steps of a longer or shorter run see
+    the same learning rates (warmup_ratio scales with max_steps); negative is a one-line recipe error."""
+    short = _instruct_trainer(small_world, tmp_path / "a", max_steps=6, warmup_ratio=0.5)
+    longer = _instruct_trainer(small_world, tmp_path / "b", max_steps=12, warmup_ratio=0.5)
+    assert (short.warmup_steps, longer.warmup_steps) == (3, 6)
+    pinned = [_instruct_trainer(small_world, tmp_path / n, max_steps=m, warmup_ratio=0.5, warmup_steps=3)
+              for n, m in (("c", 6), ("d", 12))]
+    assert [t.warmup_steps for t in pinned] == [3, 3]
+    for t in pinned:
+        t._build_optimizer(t.model)
+    lrs = [[g["lr"] for g in t.optimizer.param_groups] for t in pinned]
+    assert lrs[0] == lrs[1] and lrs[0][0] == pytest.approx(3e-3 / 3)  # the same first lr, 1/3 of lr, in both
+    assert load_recipe("tiny", ["instruct.warmup_steps=165"])["instruct"]["warmup_steps"] == 165
+    with pytest.raises(ConfigError, match="instruct.warmup_steps must be >= 0"):
+        load_recipe("tiny", ["instruct.warmup_steps=-1"])
+
+
 def test_contrastive_image_features_patches_keep_the_layout_inside_a_quadrant():
     """foundations.vision.image_features: quadrant_mean averages each quadrant's patches, patches keeps them all
     (so the contrastive loss sees a shape's outline, not only its colour); a bad value is a one-line error."""

@@ -83,6 +83,9 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     warmup_ratio: float = 0.03
+    # overrides warmup_ratio when set: a run with other max_steps then keeps the same first learning rates
+    # (and, with the same data order, the same first steps)
+    warmup_steps: int | None = None
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -119,6 +122,8 @@ class TrainConfig:
             errors.append(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.precision not in PRECISIONS:
             errors.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if errors:
@@ -219,7 +224,8 @@ class Trainer:
             raise ConfigError(f"curriculum sample indices must lie in [0, {n})")
         self._orders: dict[tuple[str, int], torch.Tensor] = {}
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
+        self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
+                             else int(round(cfg.warmup_ratio * self.total_steps)))
         self.save_every = cfg.save_every or max(1, self.total_steps // 10)
         self.autocast_dtype = torch.bfloat16 if (
             self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) else None
