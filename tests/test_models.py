@@ -12,12 +12,16 @@ import torch.nn.functional as F
 from conftest import make_tiny_config, make_tiny_model
 from mobilemllm.config import ConnectorConfig
 from mobilemllm.templates import get_template
+from mobilemllm.data.dataset import Sample, collate
 from mobilemllm.data.tokenizer import encode_segments
 from mobilemllm.errors import CheckpointError, UserError
 from mobilemllm.inference import answer, prompt_ids
 from mobilemllm.models.checkpoint import (WEIGHTS_NAME, check_checkpoint_dir, load_checkpoint, record_run_stage,
                                          save_checkpoint)
 from mobilemllm.models.connectors import CONNECTORS, build_connector, output_tokens
+from mobilemllm.models.vlm import shared_prefix_length
+from mobilemllm.training.losses import LMObjective
+from mobilemllm.training.trainer import enable_gradient_checkpointing
 from mobilemllm.bundle.layout import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 QUESTIONS = ["What colour is the circle?", "Describe the image in detail.", "How many shapes are there?"]
@@ -271,6 +275,58 @@ def test_loss_is_only_on_labelled_tokens(tiny_model, tiny_tokenizer):
         first = int(labelled.nonzero()[0])
         labels3[0, first] = (labels3[0, first] + 1) % cfg.llm.vocab_size
         assert not torch.isclose(tiny_model(ids, pix, labels=labels3).loss, out.loss)
+
+
+@pytest.mark.parametrize("template", ["vicuna_short_qfirst", "vicuna_v1"])
+def test_the_lean_forward_gives_the_same_loss_and_gradients(tiny_tokenizer, template):
+    """The training objectives' lean forward: the prompt text every row begins with goes through the LLM once
+    per batch and the LM head runs at the labelled positions only; the loss and every gradient equal the
+    full forward's (padding, the image and each question kept per row)."""
+    cfg = make_tiny_config(template=template)
+    model = make_tiny_model(cfg).train()
+    questions = ["What colour is the circle?", "How many shapes are there?", "Is there a blue square?"]
+    samples = []
+    for q, a in zip(questions, ["red", "two", "no"]):
+        segments = get_template(template).segments([(f"<image>\n{q}", a)])
+        ids, labels = encode_segments(tiny_tokenizer, segments, cfg.num_visual_tokens)
+        samples.append(Sample(ids, labels, pixels(cfg)[0]))
+    batch = collate(samples, tiny_tokenizer.pad_token_id)
+    assert len({len(s.input_ids) for s in samples}) > 1  # right padding is exercised
+    prefix = shared_prefix_length(batch["input_ids"], batch["attention_mask"])
+    first_image = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
+    assert 2 <= prefix <= first_image
+    assert shared_prefix_length(batch["input_ids"][:1]) == 0
+
+    rows_seen, head_rows = [], []
+    hook = model.llm.model.layers[0].register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:2]))
+    head_hook = model.llm.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[:-1]))
+
+    def loss_and_grads(share):
+        model.zero_grad()
+        loss, _ = LMObjective(lean=share).loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    shared_loss, shared_grads = loss_and_grads(True)
+    hook.remove()
+    head_hook.remove()
+    b, t = batch["input_ids"].shape
+    assert rows_seen == [(b, t), (1, prefix), (b, t - prefix)]
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert head_rows == [(b, t), (labelled,)]  # the lean LM head: the answers' positions only
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and any(n.startswith("llm.") for n in plain_grads)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(shared_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # gradient checkpointing turns the KV cache off in training: the forward then runs row by row
+    enable_gradient_checkpointing(model)
+    rows_seen.clear()
+    hook = model.llm.model.layers[0].register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:2]))
+    checkpointed_loss, _ = loss_and_grads(True)
+    hook.remove()
+    assert rows_seen[0] == (b, t)
+    torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_set_trainable_freezes_exactly_the_named_parts(tiny_tokenizer):

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mobilemllm.config import ModelConfig
 from mobilemllm.errors import UserError
@@ -86,10 +87,46 @@ class MobileVLM(nn.Module):
         return emb.masked_scatter(mask.unsqueeze(-1), image_embeds.to(emb.dtype))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
-        """Training forward: returns transformers' CausalLMOutput (``.loss`` on labelled tokens only)."""
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                share_prefix: bool = False, logits_at: torch.Tensor | None = None, **kwargs):
+        """Training forward: returns transformers' CausalLMOutput (``.loss`` on labelled tokens only).
+
+        Two ways to spend fewer FLOPs on the same numbers (training objectives use them; not with ``labels``):
+
+        - ``share_prefix``: the text every row starts with (the template's system prompt, about a third of a
+          short question's tokens) goes through the LLM once, not once per row; the other positions attend
+          to its keys and values, and its gradient is the sum over the rows, as when each row computes it;
+        - ``logits_at`` (B, T) bool: logits only at those positions, ``(N, vocab)`` in row-major order: the
+          LM head at the tokens a loss reads (an answer's few), not at every prompt token.
+        """
         emb = self.embed(input_ids, pixel_values)
-        return self.llm(inputs_embeds=emb, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is not None or not (share_prefix or logits_at is not None):
+            return self.llm(inputs_embeds=emb, attention_mask=attention_mask, labels=labels, **kwargs)
+        share = share_prefix and not self._checkpointing()
+        hidden = self._hidden(emb, attention_mask, shared_prefix_length(input_ids, attention_mask) if share else 0)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        return CausalLMOutputWithPast(logits=self.llm.get_output_embeddings()(hidden))
+
+    def _hidden(self, emb: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int) -> torch.Tensor:
+        """The decoder's last hidden states (B, T, H); the first ``prefix`` positions computed once for all rows."""
+        decoder = self.llm.get_decoder()
+        if prefix == 0:
+            return decoder(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        head = decoder(inputs_embeds=emb[:1, :prefix], use_cache=True, **cache_kwargs(cache)).last_hidden_state
+        cache.batch_repeat_interleave(emb.shape[0])
+        rest = decoder(inputs_embeds=emb[:, prefix:], attention_mask=attention_mask, use_cache=True,
+                       **cache_kwargs(cache)).last_hidden_state
+        return torch.cat([head.expand(emb.shape[0], -1, -1), rest], dim=1)
+
+    def _checkpointing(self) -> bool:
+        """Gradient checkpointing turns the KV cache off in training, which the shared prefix needs."""
+        # transformers marks the decoder's modules (the test behind its is_activation_checkpointing, which a
+        # LoRA-wrapped LLM does not have under that name)
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.llm.modules())
 
     # ---- generation --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -135,6 +172,21 @@ class MobileVLM(nn.Module):
             if not use_cache:
                 seq_emb = torch.cat([seq_emb, step_in], dim=1)
         return out_tokens
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    """How many leading tokens every row has in common, up to the first image token and short of each row's
+    last real token (so every row keeps at least one position of its own); 0 for a single row or when only
+    BOS is shared."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != IMAGE_TOKEN_ID)
+    if attention_mask is not None:
+        same &= attention_mask.bool().all(0)  # left padding is never part of the prefix
+    limit = int(attention_mask.sum(1).min()) - 1 if attention_mask is not None else input_ids.shape[1] - 1
+    differs = (~same[:limit]).nonzero()
+    n = int(differs[0]) if len(differs) else max(limit, 0)
+    return n if n >= 2 else 0  # one token (BOS) saves less than the second call costs
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

@@ -21,6 +21,20 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask") if k in batch}
 
 
+def labelled_nll(model, batch: dict[str, torch.Tensor], lean: bool = False) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T-1) of the batch's shifted labels; 0 where labels are ignored.
+
+    ``lean`` (``model`` a :class:`~mobilemllm.models.vlm.MobileVLM`): the same numbers from a forward that runs
+    the prompt text all rows share once and the LM head only where a label is read (see its ``forward``)."""
+    if not lean:
+        return token_nll(model(**_model_inputs(batch)).logits, batch["labels"])
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = model(**_model_inputs(batch), share_prefix=True, logits_at=F.pad(keep, (0, 1))).logits
+    nll = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    return torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood (B, T-1) of the shifted labels; 0 where labels are ignored."""
     logits = logits[:, :-1].float()
@@ -49,16 +63,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 class LMObjective:
-    """Next-token cross-entropy on labelled tokens (answers; captions in pretraining)."""
+    """Next-token cross-entropy on labelled tokens (answers; captions in pretraining).
+
+    ``lean``: the model is a :class:`~mobilemllm.models.vlm.MobileVLM` and takes its leaner forward (the
+    same loss; :func:`labelled_nll`)."""
 
     name = "lm"
+
+    def __init__(self, lean: bool = False):
+        self.lean = lean
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(**_model_inputs(batch))
-        return token_nll(out.logits, batch["labels"]).sum(), {}
+        return labelled_nll(model, batch, self.lean).sum(), {}
 
 
 class DPOObjective:
@@ -67,7 +86,8 @@ class DPOObjective:
 
     name = "dpo"
 
-    def __init__(self, reference, beta: float = 0.1, rpo_alpha: float = 0.0):
+    def __init__(self, reference, beta: float = 0.1, rpo_alpha: float = 0.0, lean: bool = False):
+        self.lean = lean  # both models are MobileVLMs: their leaner forward (the same numbers)
         self.reference = reference.eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
@@ -79,12 +99,10 @@ class DPOObjective:
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].shape[0] // 2
-        inputs = _model_inputs(batch)
-        logits = model(**inputs).logits
-        nll = token_nll(logits, batch["labels"])
+        nll = labelled_nll(model, batch, self.lean)
         logps = -nll.sum(-1)
         with torch.no_grad():
-            ref = sequence_logps(self.reference(**inputs).logits, batch["labels"])
+            ref = -labelled_nll(self.reference, batch, self.lean).sum(-1)
         losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
         metrics = {
             "rewards/chosen": rc.sum(),

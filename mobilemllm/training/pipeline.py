@@ -370,12 +370,12 @@ def _stage_data(recipe: dict[str, Any], objective: str, model, tok, init, opts: 
         else:
             reference, _ = load_checkpoint(init, with_tokenizer=False)
             loss = DPOObjective(reference, beta=float(opts.get("beta", 0.1)),
-                                rpo_alpha=float(opts.get("rpo_alpha", 0.0)))
+                                rpo_alpha=float(opts.get("rpo_alpha", 0.0)), lean=True)
         return dataset, loss, lambda items: collate([c for c, _ in items] + [r for _, r in items], pad)
     dataset = _concat([ConversationDataset(p, opts.get("image_folder"), tok, model.config, template=template,
                                            max_length=opts.get("max_length"), allow_outside_images=allow)
                        for p in data_paths])
-    return dataset, LMObjective(), lambda items: collate(items, pad)
+    return dataset, LMObjective(lean=True), lambda items: collate(items, pad)
 
 
 def _trained_model(trainer, model, objective: str, cfg, lora, run_dir: Path):

@@ -56,7 +56,8 @@ IMAGE_FEATURES = ("quadrant_mean", "patches")
 TRAIN_RULES = {
     "lr": Field(gt=0), "connector_lr": Field(gt=0), "weight_decay": Field(ge=0), "adam_beta2": Field(gt=0, lt=1),
     "global_batch": Field(ge=1),
-    "micro_batch": Field(ge=1), "epochs": Field(ge=0), "max_steps": Field(ge=1), "warmup_ratio": Field(ge=0, lt=1), "warmup_steps": Field(ge=0),
+    "micro_batch": Field(ge=1), "micro_batch_tokens": Field(ge=1), "epochs": Field(ge=0), "max_steps": Field(ge=1),
+    "warmup_ratio": Field(ge=0, lt=1), "warmup_steps": Field(ge=0),
     "min_lr_ratio": Field(ge=0, le=1), "max_grad_norm": Field(gt=0), "seed": Field(ge=0), "save_every": Field(ge=0),
     "log_every": Field(ge=1), "num_threads": Field(ge=1), "curriculum_steps": Field(ge=0),
 }

@@ -7,7 +7,8 @@
 - The data order is a pure function of (seed, epoch), so the *data position* is just the step.
   ``group_by_length`` (after transformers' option of that name) sorts each run of 64 global batches of the
   shuffled order into coarse length buckets (a factor of 4 apart; the shuffled order is kept inside a
-  bucket) and shuffles the batches, so one-line questions are not padded to a conversation's length.
+  bucket) and shuffles the batches, so one-line questions are not padded to a conversation's length;
+  ``micro_batch_tokens`` cuts each global batch, longest first, into micro-batches of a bounded padded size.
 - A *curriculum* (``curriculum_steps`` and the samples it draws from, e.g. the short questions of a stage
   whose data also holds captions) makes the first steps use only those samples, in their own seeded
   order; the later steps then go through the whole data set as usual. Still a pure function of the step.
@@ -80,6 +81,11 @@ class TrainConfig:
     adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95-0.98: faster to follow a changing gradient scale)
     global_batch: int = 64
     micro_batch: int = 16
+    # when set, a global batch is cut, longest samples first, into micro-batches of at most micro_batch rows
+    # whose padded size (rows x the longest row) stays within this many tokens: short questions go 64 at a
+    # time, long captions fewer, and little is spent on padding (the same gradient: losses are normalised
+    # over the global batch)
+    micro_batch_tokens: int | None = None
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     warmup_ratio: float = 0.03
@@ -114,6 +120,8 @@ class TrainConfig:
             errors.append(f"lr must be > 0, got {self.lr}")
         if self.global_batch < 1 or self.micro_batch < 1:
             errors.append("global_batch and micro_batch must be >= 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            errors.append(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         if self.max_steps is None and not self.epochs > 0:
             errors.append(f"epochs must be > 0, got {self.epochs}")
         if self.curriculum_steps < 0:
@@ -166,6 +174,13 @@ def sample_lengths(dataset) -> list[int]:
         raise ConfigError(f"group_by_length needs sample lengths, which a {type(dataset).__name__} does not "
                           "provide; set group_by_length=false for this stage")
     return list(dataset.lengths)
+
+
+def sample_tokens(sample) -> int:
+    """A sample's padded row length: its token ids (a preference pair: the longer answer, both rows pad to it)."""
+    if isinstance(sample, (tuple, list)):
+        return max(sample_tokens(s) for s in sample) * len(sample)
+    return len(sample.input_ids)
 
 
 # what a run saved before a setting existed ran with (so adding a setting does not block old resumes)
@@ -286,12 +301,29 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         mine = self.step_indices(step)[self.env.rank::self.env.world_size]
-        mb = self.cfg.micro_batch
+        samples = [self.dataset[j] for j in mine]
         out = []
-        for i in range(0, len(mine), mb):
-            batch = self.collate_fn([self.dataset[j] for j in mine[i:i + mb]])
+        for part in self._split(samples):
+            batch = self.collate_fn(part)
             out.append({k: v.to(self.device) for k, v in batch.items()})
         return out
+
+    def _split(self, samples: list) -> list[list]:
+        """A process's share of the global batch as micro-batches: ``micro_batch`` rows each in data order, or,
+        with ``micro_batch_tokens``, longest first, each within that padded size."""
+        mb, budget = self.cfg.micro_batch, self.cfg.micro_batch_tokens
+        if budget is None:
+            return [samples[i:i + mb] for i in range(0, len(samples), mb)]
+        samples = sorted(samples, key=sample_tokens, reverse=True)
+        parts: list[list] = []
+        for s in samples:
+            part = parts[-1] if parts else None
+            # the part's first sample is its longest: rows x that length is the padded size
+            if part is None or len(part) == mb or (len(part) + 1) * sample_tokens(part[0]) > budget:
+                parts.append([s])
+            else:
+                part.append(s)
+        return parts
 
     # ---- state ---------------------------------------------------------------------------------
     def trainable_params(self) -> list[nn.Parameter]:
