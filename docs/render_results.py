@@ -274,6 +274,21 @@ def _bench_compare(files: dict[str, Any]) -> list[str]:
 
 
 
+def _train_step_speed(files: dict[str, Any]) -> list[str]:
+    """Seconds per instruct step of the tiny recipe per phase: the plain forward against the lean one and
+    micro_batch_tokens (benchmarks/train_step_speed.py), with the ratio to the plain forward."""
+    r = files["cpu"]
+    names = {"curriculum": "curriculum (one-line questions)", "mixed": "mixed (conversations, captions, reworded questions)"}
+    rows = ["| phase | plain forward, 64-row micro-batches | lean forward | lean + `micro_batch_tokens: 4096` (recipe) |",
+            "|---|---|---|---|"]
+    for phase, label in names.items():
+        cells = [f"{r['median_s_per_step']['full'][phase]:.3f} s"]
+        for setting in ("lean", "lean+tokens"):
+            cells.append(f"{r['median_s_per_step'][setting][phase]:.3f} s ({r['ratio_to_full'][setting][phase]:.2f} x)")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def _vision_attention(files: dict[str, Any]) -> list[str]:
     """The ExecuTorch image encode traced with SDPA and with eager attention (benchmarks/vision_attention.py)."""
     r = files["report"]
@@ -293,24 +308,27 @@ SPECS: dict[str, Spec] = {
         "one NVIDIA H100 80GB, torch 2.11 + CUDA 13, bf16 autocast, MobileVLM V2 1.7B shapes (random weights), "
         "513-token samples", _train_bench),
     "tiny-pipeline": Spec(
-        "tiny_pipeline", "mobilemllm train --recipe tiny --out runs/s0 seed=0  (results: runs/s0/results.json)",
-        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU, the box otherwise idle; torch 2.13.0. The test suite's "
-        "fixture (tests/_trained.py) trains the same stages to bit-identical weights; this run's foundations and "
-        "pretrain stages were reused from the run before the recipe took AdamW's beta2 0.95 (the same settings "
-        "and checkpoints, their times from that run), and its dpo stage was retrained when the recipe took "
-        "`dpo.rpo_alpha`",
+        "tiny_pipeline", "mobilemllm train --recipe tiny --out runs/fixture0 seed=0 num_threads=2  (results: "
+        "runs/fixture0/results.json)",
+        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU; torch 2.13.0; the box otherwise idle but for a test "
+        "process at nice 19. The test suite's fixture (tests/_trained.py) trains the same stages to bit-identical "
+        "weights; this run's foundations stage was reused from a run of the same settings made minutes before "
+        "(its time from that run)",
         _tiny_alignment),
     "tiny-seeds": Spec(
-        "tiny_seeds", "mobilemllm train --recipe tiny --out runs/s$S seed=$S num_threads=1 for S in 1 2 3 4, seed 0 "
-        "the tiny-pipeline run above; python -m mobilemllm.training.seeds runs/s0 runs/s1 runs/s2 runs/s3 runs/s4 > "
-        "docs/results/tiny_seeds/seeds.json",
-        "x86_64 AMD EPYC VM, 2 cores, no GPU; torch 2.13.0. Seeds 1-4 trained side by side at one thread each, "
-        "with up to five jobs on the two cores (each one's wall time is three to four times what it is alone), "
-        "their instruct and later stages started from the pretrain checkpoints of the same seeds' earlier runs "
-        "(`--init runs/s$S/pretrain`, the same foundations and pretrain settings), so their train times leave out "
-        "foundations and pretrain (about 170 s at one thread under that load); their dpo stages were retrained two "
-        "side by side when the recipe took `dpo.rpo_alpha`",
+        "tiny_seeds", "mobilemllm train --recipe tiny --out runs/b$S seed=$S num_threads=1 for S in 1 2 3 4 (two at "
+        "a time), seed 0 the tiny-pipeline run above; python -m mobilemllm.training.seeds runs/fixture0 runs/b1 "
+        "runs/b2 runs/b3 runs/b4 > docs/results/tiny_seeds/seeds.json",
+        "x86_64 AMD EPYC VM, 2 cores, no GPU; torch 2.13.0. Seeds 1-4 trained two side by side at one thread each "
+        "(seeds 3 and 4 for a while beside three more jobs), so their wall times are not the budget's; each "
+        "seed's foundations stage was reused from a run of the same settings made before (its time from that run)",
         _tiny_seeds),
+    "train-step-speed": Spec(
+        "train_step_speed", "python benchmarks/train_step_speed.py --run runs/fixture0 --threads 2 --steps 20 "
+        "--rounds 6 --json docs/results/train_step_speed/cpu.json",
+        "x86_64 AMD EPYC VM, 2 cores (2 threads), no GPU, otherwise idle; torch 2.13.0; median over 120 steps "
+        "per phase and setting, the settings alternating within each round, each leading one round in turn",
+        _train_step_speed),
     "vision-attention": Spec(
         "vision_attention_1.4b", "python benchmarks/vision_attention.py --preset mobilellama-1.4b --threads 2 "
         "--repeat 5 --json docs/results/vision_attention_1.4b/report.json",
